@@ -1,0 +1,243 @@
+//! Step 9: the audit line — one JSON object per request, tunnel or refusal, schema version 1.
+//!
+//! [`AuditRecord`] borrows every field from the request context and is serialised once, when the
+//! request ends. Lines go through a bounded queue to one writer task: when the writer falls behind,
+//! requests wait for queue space instead of dropping lines (the audit trail is lossless by design).
+
+use std::net::SocketAddr;
+
+use serde::{Serialize, Serializer};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::target::Host;
+
+/// Schema version written in every line's `v` field.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Longest path written to an audit line, in bytes (cut at a char boundary, marked with `…`).
+pub const MAX_PATH_BYTES: usize = 512;
+
+/// Lines that may wait for the writer before requests start to wait.
+pub const QUEUE_LINES: usize = 8192;
+
+/// One audit line, schema v1. Field names and order are a contract (see README).
+#[derive(Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// When the request arrived, RFC 3339 UTC with milliseconds.
+    pub ts: &'a str,
+    /// `connect`, `http`, or `reject` (refused before a target was known).
+    pub event: &'static str,
+    /// Unique, time-sortable id of this request (ULID).
+    pub request_id: &'a str,
+    /// The agent, once identified.
+    pub agent: Option<&'a str>,
+    /// The agent's policy.
+    pub policy: Option<&'a str>,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The HTTP method; null when the request head never parsed.
+    pub method: Option<&'a str>,
+    /// The normalised target host.
+    #[serde(serialize_with = "host_field")]
+    pub host: Option<&'a Host>,
+    /// The target port.
+    pub port: Option<u16>,
+    /// For plain HTTP, the request path without its query string (queries often carry secrets).
+    pub path: Option<&'a str>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The reason token (see `outcome::Reason`).
+    pub reason: &'static str,
+    /// The allow rule that admitted the request.
+    pub rule: Option<&'a str>,
+    /// `enforce` (report mode comes with per-agent policies).
+    pub mode: &'static str,
+    /// The vetted address that was dialled.
+    pub upstream: Option<SocketAddr>,
+    /// The status sent to the client (for tunnels: the CONNECT response); null if none was sent.
+    pub status: Option<u16>,
+    /// Bytes from client to upstream (request body or tunnel payload).
+    pub bytes_up: u64,
+    /// Bytes from upstream to client (response body or tunnel payload).
+    pub bytes_down: u64,
+    /// Time from request arrival to the end of the exchange.
+    pub duration_ms: u64,
+}
+
+fn host_field<S: Serializer>(host: &Option<&Host>, s: S) -> Result<S::Ok, S::Error> {
+    match host {
+        None => s.serialize_none(),
+        Some(Host::Name(n)) => s.serialize_str(n),
+        // Without brackets: the field holds a host, not an authority.
+        Some(Host::Ip(ip)) => s.collect_str(ip),
+    }
+}
+
+/// Where finished requests send their audit lines. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditSink {
+    tx: mpsc::Sender<String>,
+}
+
+/// The writer task; await [`AuditWriter::finish`] after every sink is dropped to flush the tail.
+#[derive(Debug)]
+pub struct AuditWriter {
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Start the writer task on `out` (stdout in the binary).
+pub fn spawn<W>(out: W) -> (AuditSink, AuditWriter)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(QUEUE_LINES);
+    let task = tokio::spawn(write_lines(rx, out));
+    (AuditSink { tx }, AuditWriter { task })
+}
+
+async fn write_lines<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<String>,
+    out: W,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    while let Some(line) = rx.recv().await {
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+        // Flush when the queue is momentarily empty: batches under load, prompt when quiet.
+        if rx.is_empty() {
+            out.flush().await?;
+        }
+    }
+    out.flush().await
+}
+
+// === impl AuditRecord ===
+
+impl AuditRecord<'_> {
+    /// The JSON line (no trailing newline).
+    pub fn to_line(&self) -> String {
+        // Serialising plain strings, numbers and addresses cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"v":{SCHEMA_VERSION},"event":"audit_encode_error","error":"{e}"}}"#)
+        })
+    }
+}
+
+// === impl AuditSink ===
+
+impl AuditSink {
+    /// Queue a line, waiting for space if the writer is behind.
+    pub async fn send(&self, line: String) {
+        if self.tx.send(line).await.is_err() {
+            tracing::error!("audit writer has stopped; audit line lost");
+        }
+    }
+
+    /// Queue a line from a synchronous context (a `Drop` or a body's `poll`): never drops it;
+    /// when the queue is full, a task waits for space instead.
+    pub fn send_now(&self, line: String) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(line)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if tx.send(line).await.is_err() {
+                        tracing::error!("audit writer has stopped; audit line lost");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer has stopped; audit line lost");
+            }
+        }
+    }
+}
+
+// === impl AuditWriter ===
+
+impl AuditWriter {
+    /// Wait until every queued line is written and flushed (all sinks must be dropped first).
+    pub async fn finish(self) -> std::io::Result<()> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Cut `path` to at most [`MAX_PATH_BYTES`] at a char boundary.
+pub fn truncate_path(path: &str) -> &str {
+    if path.len() <= MAX_PATH_BYTES {
+        return path;
+    }
+    let mut end = MAX_PATH_BYTES;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_serialises_schema_v1_in_order() {
+        let host = Host::Ip("2001:db8::1".parse().unwrap());
+        let rec = AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: "2026-11-22T10:00:00.123Z",
+            event: "connect",
+            request_id: "01J0000000000000000000000",
+            agent: Some("a"),
+            policy: Some("p"),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            method: Some("CONNECT"),
+            host: Some(&host),
+            port: Some(443),
+            path: None,
+            decision: "allow",
+            reason: "allowed",
+            rule: Some("[2001:db8::1]:443"),
+            mode: "enforce",
+            upstream: Some("[2001:db8::1]:443".parse().unwrap()),
+            status: Some(200),
+            bytes_up: 1,
+            bytes_down: 2,
+            duration_ms: 3,
+        };
+        let line = rec.to_line();
+        assert!(
+            line.starts_with(r#"{"v":1,"ts":"2026-11-22T10:00:00.123Z","event":"connect""#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#""host":"2001:db8::1","port":443,"path":null"#),
+            "{line}"
+        );
+        assert!(line.contains(r#""upstream":"[2001:db8::1]:443""#), "{line}");
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        let long = "é".repeat(400);
+        let cut = truncate_path(&long);
+        assert!(cut.len() <= MAX_PATH_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(truncate_path("/short"), "/short");
+    }
+
+    #[tokio::test]
+    async fn writer_flushes_every_line_on_finish() {
+        let (sink, writer) = spawn(Vec::new());
+        for i in 0..100 {
+            sink.send(format!("{{\"n\":{i}}}")).await;
+        }
+        drop(sink);
+        writer.finish().await.unwrap();
+    }
+}

@@ -1,0 +1,76 @@
+//! The serde mirror of the TOML file: exactly the file's shape, every table
+//! `deny_unknown_fields`, and every value that needs a semantic check kept `Spanned` so its
+//! line can be reported.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A string value with its byte span in the file.
+pub(crate) type Str = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub(crate) server: RawServer,
+    #[serde(default)]
+    pub(crate) timeouts: RawTimeouts,
+    #[serde(default)]
+    pub(crate) dns: RawDns,
+    #[serde(default)]
+    pub(crate) destinations: RawDestinations,
+    #[serde(default)]
+    pub(crate) agents: Vec<RawAgent>,
+    #[serde(default)]
+    pub(crate) policies: BTreeMap<Str, RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub(crate) listen: Str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub(crate) request_header: Option<Str>,
+    pub(crate) connect: Option<Str>,
+    pub(crate) dns: Option<Str>,
+    pub(crate) idle: Option<Str>,
+    pub(crate) shutdown_grace: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub(crate) nameservers: Option<Vec<Str>>,
+    #[serde(default)]
+    pub(crate) hosts: BTreeMap<Str, Vec<Str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDestinations {
+    #[serde(default)]
+    pub(crate) deny_cidrs: Vec<Str>,
+    #[serde(default)]
+    pub(crate) allow_cidrs: Vec<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAgent {
+    pub(crate) name: Str,
+    #[serde(default)]
+    pub(crate) source_cidrs: Vec<Str>,
+    pub(crate) policy: Str,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPolicy {
+    #[serde(default)]
+    pub(crate) allow: Vec<Str>,
+}

@@ -1,0 +1,101 @@
+use super::*;
+
+fn parse_str(src: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("test.toml"), src)
+}
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:3128"
+
+[[agents]]
+name = "local"
+source_cidrs = ["127.0.0.0/8"]
+policy = "default"
+
+[policies.default]
+allow = ["example.com"]
+"#;
+
+#[test]
+fn minimal_config_has_defaults() {
+    let c = parse_str(MINIMAL).unwrap();
+    assert_eq!(c.timeouts, Timeouts::default());
+    assert_eq!(c.agents.len(), 1);
+    assert_eq!(c.policies[0].allowlist.len(), 1);
+    assert!(c.dns.nameservers.is_none());
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let src = MINIMAL.replace("[server]\n", "[server]\nlisten_addr = \"x\"\n");
+    let e = parse_str(&src).unwrap_err().to_string();
+    assert!(
+        e.starts_with("test.toml:3:1: unknown field `listen_addr`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_issue_is_reported_at_once() {
+    let src = r#"
+[server]
+listen = "nope"
+
+[timeouts]
+connect = "5 parsecs"
+idle = "0s"
+
+[destinations]
+deny_cidrs = ["10.0.0.1/8", "banana"]
+
+[[agents]]
+name = "a"
+source_cidrs = ["127.0.0.0/8"]
+policy = "missing"
+
+[[agents]]
+name = "a"
+source_cidrs = ["127.0.0.0/8"]
+policy = "p"
+
+[policies.p]
+allow = ["*", "API.example.com", "ok.example.com", "ok.example.com"]
+"#;
+    let ConfigError::Invalid(issues) = parse_str(src).unwrap_err() else {
+        panic!("expected validation issues");
+    };
+    let keys: Vec<(usize, &str)> = issues.iter().map(|i| (i.line, i.key.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            (3, "server.listen"),
+            (6, "timeouts.connect"),
+            (7, "timeouts.idle"),
+            (10, "destinations.deny_cidrs[0]"),
+            (10, "destinations.deny_cidrs[1]"),
+            (23, "policies.p.allow[0]"),
+            (23, "policies.p.allow[1]"),
+            (23, "policies.p.allow[3]"),
+            (15, "agents[0].policy"),
+            (18, "agents[1].name"),
+        ]
+    );
+    let text = ConfigError::Invalid(issues).to_string();
+    assert!(text.contains("test.toml:10:15: destinations.deny_cidrs[0]: `10.0.0.1/8` has host bits set; did you mean `10.0.0.0/8`?"), "{text}");
+    assert!(
+        text.contains("write the name normalised, as `api.example.com`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn static_hosts_are_normalised() {
+    let src =
+        format!("{MINIMAL}\n[dns]\nhosts = {{ \"Tools.Internal.Test.\" = [\"127.0.0.2\"] }}\n");
+    let c = parse_str(&src).unwrap();
+    assert_eq!(
+        c.dns.hosts["tools.internal.test"],
+        ["127.0.0.2".parse::<IpAddr>().unwrap()]
+    );
+}

@@ -1,0 +1,112 @@
+//! chokepoint: an egress gateway for AI agents.
+//!
+//! An HTTP/1.1 forward proxy (CONNECT tunnels and absolute-form requests) that decides, for every
+//! request, which agent is asking, whether that agent may reach the destination, and whether the
+//! destination's addresses are safe to reach; and writes one JSON audit line per decision.
+//!
+//! # Pipeline
+//!
+//! ```text
+//! accept ─► read request head (bounded, timed; hyper) ─► target: parse + normalise
+//!        ─► identity: which agent ─► policy: allowlist(host, port)
+//!        ─► resolve (static hosts, then DNS; timed) ─► vet addresses (deny ranges, exceptions)
+//!        ─► connect (timed, only to a vetted address)
+//!        ─► CONNECT: 200, then tunnel bytes both ways (counted, idle-timed)
+//!           HTTP:    forward request (hop-by-hop stripped), stream the response back (counted)
+//!        ─► audit line (always: allow, deny, error, client gone)
+//! ```
+//!
+//! # Layout
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`outcome`] | the refusal vocabulary: `Reason`, `Decision`, `Deny` |
+//! | [`config`] | read and validate the TOML file into domain values |
+//! | [`target`] | step: parse and normalise the request target |
+//! | [`identity`] | step: match the client to an agent |
+//! | [`policy`] | step: the agent's allowlist |
+//! | [`resolve`] | step: static hosts and DNS, with a deadline |
+//! | [`vet`] | step: refuse private, loopback, metadata and operator-denied addresses |
+//! | [`connect`] | step: dial a vetted address (the only upstream dialer) |
+//! | [`proxy`] | accept loop, request driver; `tunnel`, `forward`, `respond` |
+//! | [`io`] | byte counting and idle tracking |
+//! | [`audit`] | the audit line and its lossless writer |
+//! | [`shutdown`] | signals |
+
+pub mod audit;
+pub mod config;
+pub mod connect;
+pub mod identity;
+pub mod io;
+pub mod outcome;
+pub mod policy;
+pub mod proxy;
+pub mod resolve;
+pub mod shutdown;
+pub mod target;
+pub mod vet;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWrite;
+use tokio::net::TcpListener;
+
+use config::Config;
+use proxy::Shared;
+use resolve::Resolver;
+
+/// How long tasks still open at the end of the grace period get to write their audit lines.
+const ABORT_WAIT: Duration = Duration::from_secs(2);
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The resolver could not be set up.
+    #[error(transparent)]
+    Resolver(#[from] resolve::ResolverError),
+    /// Audit lines could not be written.
+    #[error("writing audit lines")]
+    Audit(#[source] std::io::Error),
+}
+
+/// Serve the proxy on `listener` until `shutdown` completes, then drain.
+///
+/// Draining: stop accepting, let open requests and tunnels finish for up to
+/// `timeouts.shutdown_grace`, then end what is left (tunnels are audited with reason `shutdown`)
+/// and flush the audit writer. Audit lines go to `audit_out`.
+pub async fn run<W>(
+    listener: TcpListener,
+    config: Arc<Config>,
+    audit_out: W,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let resolver = Resolver::new(&config.dns, config.timeouts.dns)?;
+    let (sink, writer) = audit::spawn(audit_out);
+    let grace = config.timeouts.shutdown_grace;
+    let shared = Arc::new(Shared::new(config, resolver, sink));
+
+    let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
+    shutdown.await;
+    tracing::info!(grace = ?grace, "shutting down: no new connections; draining");
+    shared.draining.cancel();
+    let _ = accept.await;
+
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing what is still open");
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_WAIT, shared.tracker.wait()).await;
+    }
+    drop(shared);
+    writer.finish().await.map_err(RunError::Audit)?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The `chokepoint` binary: CLI → config → telemetry → bind → run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use chokepoint::config::{self, Config};
+
+/// sysexits EX_USAGE: the config is wrong.
+const EX_CONFIG: u8 = 64;
+/// sysexits EX_UNAVAILABLE: the gateway could not start or failed.
+const EX_UNAVAILABLE: u8 = 69;
+
+/// chokepoint: egress gateway for AI agents (HTTP forward proxy with per-agent allowlists).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CHOKEPOINT_CONFIG",
+        default_value = "/etc/chokepoint/chokepoint.toml"
+    )]
+    config: PathBuf,
+
+    /// Format of diagnostic logs on stderr (audit lines always go to stdout as JSON).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config and print a summary; exits non-zero naming file, line and key on error.
+    Check,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chokepoint: invalid config\n{e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            print!("{}", summary(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            init_tracing(cli.log_format);
+            serve(config)
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.listen, error = %e, "cannot bind the proxy listener");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let bound = listener.local_addr().unwrap_or(config.listen);
+        tracing::info!(
+            listen = %bound,
+            config = %config.source.display(),
+            agents = config.agents.len(),
+            policies = config.policies.len(),
+            "proxy listening"
+        );
+        let run = chokepoint::run(
+            listener,
+            Arc::new(config),
+            tokio::io::stdout(),
+            chokepoint::shutdown::signal(),
+        );
+        match run.await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "gateway failed");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("CHOKEPOINT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The `check` report: what the gateway would enforce.
+fn summary(config: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: ok", config.source.display());
+    let _ = writeln!(s, "listen: {}", config.listen);
+    let _ = writeln!(s, "agents: {}", config.agents.len());
+    for a in config.agents.iter() {
+        let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "  {} -> policy {} (source {})",
+            a.name,
+            config.policies[a.policy].name,
+            cidrs.join(", ")
+        );
+    }
+    let _ = writeln!(s, "policies: {}", config.policies.len());
+    for p in &config.policies {
+        let _ = writeln!(s, "  {}: {} allow rules", p.name, p.allowlist.len());
+    }
+    let _ = writeln!(
+        s,
+        "destinations: {} deny_cidrs, {} allow_cidrs (plus the built-in deny set)",
+        config.vetter.deny_cidrs().len(),
+        config.vetter.allow_cidrs().len()
+    );
+    let dns = match &config.dns.nameservers {
+        Some(ns) => format!("{} nameservers", ns.len()),
+        None => "system resolver".to_owned(),
+    };
+    let _ = writeln!(s, "dns: {dns}, {} static hosts", config.dns.hosts.len());
+    s
+}

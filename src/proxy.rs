@@ -1,0 +1,250 @@
+//! The proxy: accept loop, one hyper HTTP/1.1 server per client connection, and the request
+//! driver that runs the pipeline steps in order.
+//!
+//! Lifecycle of one request: [`handle`] makes a [`RequestCtx`] inside an [`Audited`] guard, runs
+//! [`steps`] (parse → identify → policy → resolve → vet → dial), then either hands the upstream
+//! socket to `tunnel` (CONNECT) or `forward` (plain HTTP), or turns the [`Deny`] into a response
+//! with `respond::render`. The audit line is written exactly once by the guard, whichever way the
+//! request ends.
+
+pub mod ctx;
+pub mod forward;
+pub mod respond;
+pub mod tunnel;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::connect;
+use crate::io::{Direction, Meter, Metered};
+use crate::outcome::{Deny, Reason};
+use crate::resolve::Resolver;
+use crate::target::{self, Kind};
+use ctx::{Audited, RequestCtx};
+use forward::ForwardBody;
+
+/// The response body type of every proxy response.
+pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
+
+/// Largest request head accepted (hyper's read buffer bound), in bytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every connection and request shares.
+pub struct Shared {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The resolver.
+    pub resolver: Resolver,
+    /// Where audit lines go.
+    pub audit: AuditSink,
+    /// Every connection, tunnel and upstream task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Set when shutdown starts: stop accepting, finish in-flight requests.
+    pub draining: CancellationToken,
+    /// Set when the grace period is over: end everything still open.
+    pub abort: CancellationToken,
+    http: http1::Builder,
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Bundle what the proxy needs.
+    pub fn new(config: Arc<Config>, resolver: Resolver, audit: AuditSink) -> Self {
+        let mut http = http1::Builder::new();
+        // Without a timer hyper silently skips the header timeout (and panics on a configured one).
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.timeouts.request_header)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .keep_alive(true);
+        Shared {
+            config,
+            resolver,
+            audit,
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            http,
+        }
+    }
+}
+
+/// Accept connections until `draining` is set, serving each on its own task.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.draining.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let conn_shared = shared.clone();
+                shared.tracker.spawn(serve_conn(stream, peer, conn_shared));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Serve one client connection: keep-alive requests, then maybe an upgrade to a tunnel.
+async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let received = Arc::new(Meter::default());
+    let requests = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
+    let svc_shared = shared.clone();
+    let svc_requests = requests.clone();
+    let svc = service_fn(move |req| {
+        svc_requests.fetch_add(1, Relaxed);
+        handle(req, peer, svc_shared.clone())
+    });
+    let conn = shared.http.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shared.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = shared.abort.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        // A request head that never completed is audited: it is how slowloris and garbage look.
+        // Connections that sent nothing, or failed after a request, are only logged.
+        if requests.load(Relaxed) == 0 && received.up() > 0 {
+            audit_broken_head(&e, peer, &shared.audit).await;
+        } else {
+            tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+async fn audit_broken_head(e: &hyper::Error, peer: SocketAddr, sink: &AuditSink) {
+    let (reason, status) = if e.is_timeout() {
+        (Reason::HeaderTimeout, None)
+    } else if e.is_parse_too_large() {
+        (
+            Reason::HeaderTooLarge,
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        )
+    } else if e.is_parse() {
+        (Reason::MalformedRequest, Some(StatusCode::BAD_REQUEST))
+    } else {
+        tracing::debug!(client = %peer, error = %e, "client connection failed before a request");
+        return;
+    };
+    tracing::info!(client = %peer, reason = reason.as_str(), "request head refused");
+    let mut ctx = RequestCtx::new(peer, None);
+    ctx.deny(&Deny::new(reason, ""));
+    ctx.status = status.map(|s| s.as_u16());
+    Audited::new(ctx, sink.clone()).finish().await;
+}
+
+/// Run the pipeline for one request and produce its response.
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let ctx = RequestCtx::new(peer, Some(req.method().clone()));
+    let mut audited = Audited::new(ctx, shared.audit.clone());
+    let (kind, upstream) = match steps(&req, audited.ctx_mut(), &shared).await {
+        Ok(ok) => ok,
+        Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
+    };
+    match kind {
+        Kind::Connect => {
+            audited.ctx_mut().status = Some(StatusCode::OK.as_u16());
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            shared.tracker.spawn(tunnel::run(
+                on_upgrade,
+                upstream,
+                audited,
+                shared.config.timeouts.idle,
+                shared.abort.clone(),
+            ));
+            Ok(Response::new(Either::Left(Full::new(Bytes::new()))))
+        }
+        Kind::Http => {
+            let uri = req.uri().clone();
+            let meter = audited.ctx().meter.clone();
+            let sent = forward::send(
+                req,
+                upstream,
+                meter,
+                shared.config.timeouts.idle,
+                &shared.tracker,
+                shared.abort.clone(),
+            )
+            .await;
+            match sent {
+                Ok(resp) => {
+                    audited.ctx_mut().status = Some(resp.status().as_u16());
+                    Ok(resp.map(|body| Either::Right(ForwardBody::new(body, audited))))
+                }
+                Err(deny) => Ok(refuse(audited, &deny, &uri).await),
+            }
+        }
+    }
+}
+
+/// The pipeline up to a connected upstream socket. Every `?` is a refusal.
+async fn steps(
+    req: &Request<Incoming>,
+    ctx: &mut RequestCtx,
+    shared: &Shared,
+) -> Result<(Kind, TcpStream), Deny> {
+    let cfg = &*shared.config;
+    let (kind, target) = target::parse(req.method(), req.uri())?;
+    ctx.kind = Some(kind);
+    ctx.target = Some(target.clone());
+    if kind == Kind::Http {
+        ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
+        forward::check_host(req.headers(), &target)?;
+    }
+    let agent = cfg.agents.get(cfg.agents.identify(ctx.client)?);
+    let policy = cfg.policy_of(agent);
+    ctx.agent = Some(agent.name.clone());
+    ctx.policy = Some(policy.name.clone());
+    let rule = policy.check(kind, &target)?;
+    ctx.rule = Some(rule.text.clone());
+    let addrs = shared.resolver.resolve(&target.host).await?;
+    let vetted = cfg.vetter.vet(&addrs, target.port)?;
+    let (stream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
+    ctx.upstream = Some(addr);
+    Ok((kind, stream))
+}
+
+/// Turn a refusal into its response and write the audit line.
+async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<ProxyBody> {
+    audited.ctx_mut().deny(deny);
+    let raw = uri.to_string();
+    let resp = respond::render(audited.ctx(), deny, &raw);
+    tracing::debug!(reason = deny.reason.as_str(), detail = %deny.detail, "refused");
+    audited.finish().await;
+    resp.map(Either::Left)
+}

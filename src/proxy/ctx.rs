@@ -1,0 +1,209 @@
+//! The per-request context, and the guard that writes its audit line exactly once.
+//!
+//! [`RequestCtx`] is what every step fills in and what the audit line is made from. It lives
+//! inside an [`Audited`] guard: the happy path calls [`Audited::finish`]; if the request's future
+//! is dropped instead (client gone, task aborted at the end of the shutdown grace), `Drop` writes
+//! the line, so no request leaves without a trace.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Method;
+use time::OffsetDateTime;
+
+use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
+use crate::io::Meter;
+use crate::outcome::{Decision, Deny, Reason};
+use crate::target::{Kind, Target};
+
+/// Everything known about one request or tunnel.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// Time-sortable unique id.
+    pub request_id: ulid::Ulid,
+    /// Arrival, wall clock.
+    pub arrived: OffsetDateTime,
+    /// Arrival, monotonic.
+    pub start: Instant,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The HTTP method; `None` when the request head never parsed.
+    pub method: Option<Method>,
+    /// Tunnel or plain HTTP, once the target is parsed.
+    pub kind: Option<Kind>,
+    /// The normalised target, once parsed.
+    pub target: Option<Target>,
+    /// Plain HTTP: the path (no query), truncated.
+    pub path: Option<Box<str>>,
+    /// The identified agent.
+    pub agent: Option<Arc<str>>,
+    /// The agent's policy.
+    pub policy: Option<Arc<str>>,
+    /// The rule that admitted the target.
+    pub rule: Option<Arc<str>>,
+    /// The vetted address dialled.
+    pub upstream: Option<SocketAddr>,
+    /// The status sent to the client.
+    pub status: Option<u16>,
+    /// Allow or deny.
+    pub decision: Decision,
+    /// Why it ended as it did.
+    pub reason: Reason,
+    /// Bytes both ways.
+    pub meter: Arc<Meter>,
+}
+
+// === impl RequestCtx ===
+
+impl RequestCtx {
+    /// A fresh context for a request that just arrived.
+    pub fn new(client: SocketAddr, method: Option<Method>) -> Self {
+        RequestCtx {
+            request_id: ulid::Ulid::new(),
+            arrived: OffsetDateTime::now_utc(),
+            start: Instant::now(),
+            client,
+            method,
+            kind: None,
+            target: None,
+            path: None,
+            agent: None,
+            policy: None,
+            rule: None,
+            upstream: None,
+            status: None,
+            decision: Decision::Allow,
+            reason: Reason::Allowed,
+            meter: Arc::new(Meter::default()),
+        }
+    }
+
+    /// Record a refusal. The decision is `deny` for refusals the client caused (4xx); a fault on
+    /// the way to an allowed destination (DNS, connect, upstream: 5xx) keeps `allow` with the
+    /// fault as its reason.
+    pub fn deny(&mut self, deny: &Deny) {
+        if deny.reason.status().is_client_error() {
+            self.decision = Decision::Deny;
+        }
+        self.reason = deny.reason;
+        self.status = Some(deny.reason.status().as_u16());
+    }
+
+    /// Render the audit line.
+    pub fn audit_line(&self) -> String {
+        let t = self.arrived;
+        // RFC 3339, UTC, exactly three fractional digits (the audit schema's `ts`).
+        let ts = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        );
+        let id = self.request_id.to_string();
+        let event = match self.kind {
+            Some(k) => k.as_str(),
+            None => "reject",
+        };
+        AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: &ts,
+            event,
+            request_id: &id,
+            agent: self.agent.as_deref(),
+            policy: self.policy.as_deref(),
+            client: self.client,
+            method: self.method.as_ref().map(Method::as_str),
+            host: self.target.as_ref().map(|t| &t.host),
+            port: self.target.as_ref().map(|t| t.port),
+            path: self.path.as_deref().map(audit::truncate_path),
+            decision: self.decision.as_str(),
+            reason: self.reason.as_str(),
+            rule: self.rule.as_deref(),
+            mode: "enforce",
+            upstream: self.upstream,
+            status: self.status,
+            bytes_up: self.meter.up(),
+            bytes_down: self.meter.down(),
+            duration_ms: self.start.elapsed().as_millis() as u64,
+        }
+        .to_line()
+    }
+}
+
+/// A context whose audit line is written exactly once: by [`Audited::finish`], or on drop.
+#[derive(Debug)]
+pub struct Audited {
+    ctx: Option<RequestCtx>,
+    sink: AuditSink,
+}
+
+// === impl Audited ===
+
+impl Audited {
+    /// Guard `ctx`; its line goes to `sink`.
+    pub fn new(ctx: RequestCtx, sink: AuditSink) -> Self {
+        Audited {
+            ctx: Some(ctx),
+            sink,
+        }
+    }
+
+    /// The context.
+    pub fn ctx(&self) -> &RequestCtx {
+        // Only `finish`/`finish_now`/`drop` take the context, and they consume `self`.
+        self.ctx
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("context taken before finish"))
+    }
+
+    /// The context, mutably.
+    pub fn ctx_mut(&mut self) -> &mut RequestCtx {
+        self.ctx
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("context taken before finish"))
+    }
+
+    /// Write the line, waiting for queue space (backpressure).
+    pub async fn finish(mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            log_end(&ctx);
+            self.sink.send(ctx.audit_line()).await;
+        }
+    }
+
+    /// Write the line from a synchronous context.
+    pub fn finish_now(mut self) {
+        self.finish_sync(None);
+    }
+
+    fn finish_sync(&mut self, cancelled: Option<Reason>) {
+        if let Some(mut ctx) = self.ctx.take() {
+            if let (Some(reason), Reason::Allowed) = (cancelled, ctx.reason) {
+                ctx.reason = reason;
+            }
+            log_end(&ctx);
+            self.sink.send_now(ctx.audit_line());
+        }
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        // Dropped before finishing: the client went away (or the task was aborted).
+        self.finish_sync(Some(Reason::ClientClosed));
+    }
+}
+
+fn log_end(ctx: &RequestCtx) {
+    tracing::debug!(
+        request_id = %ctx.request_id,
+        decision = ctx.decision.as_str(),
+        reason = ctx.reason.as_str(),
+        "request done"
+    );
+}

@@ -1,0 +1,290 @@
+//! Step 8b: plain-HTTP forwarding of absolute-form requests.
+//!
+//! Lifecycle: the driver has checked and dialled; [`send`] rewrites the request to origin-form,
+//! strips hop-by-hop headers (RFC 9110 §7.6.1), and sends it over a fresh HTTP/1.1 connection to
+//! the vetted address, streaming the body. The response head comes back to the driver; its body
+//! is wrapped in a [`ForwardBody`] that counts bytes and writes the audit line when the body ends
+//! (or when the client goes away first).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ctx::Audited;
+use crate::io::{Direction, Meter, Metered, MeteredBody};
+use crate::outcome::{Deny, Reason};
+use crate::target::{self, Target};
+
+/// Hop-by-hop headers removed in both directions, besides those the Connection header lists.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The request body as sent upstream.
+pub type UpBody = MeteredBody<Incoming>;
+
+/// Refuse a request whose `Host` header names another destination than its absolute-form target
+/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up).
+pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let Some(value) = hosts.next() else {
+        return Ok(());
+    };
+    if hosts.next().is_some() {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "more than one Host header",
+        ));
+    }
+    let parsed = value
+        .to_str()
+        .ok()
+        .and_then(|v| target::parse_authority(v, Some(80)).ok());
+    match parsed {
+        Some(h) if h == *target => Ok(()),
+        _ => Err(Deny::new(
+            Reason::HostMismatch,
+            "Host header does not match the request target",
+        )),
+    }
+}
+
+/// Send the request upstream on `stream`; returns the response head with its streaming body.
+pub async fn send(
+    req: Request<Incoming>,
+    stream: TcpStream,
+    meter: Arc<Meter>,
+    idle: Duration,
+    tracker: &TaskTracker,
+    abort: CancellationToken,
+) -> Result<Response<Incoming>, Deny> {
+    let (mut parts, body) = req.into_parts();
+    prepare(&mut parts)?;
+    let req = Request::from_parts(parts, MeteredBody::new(body, meter.clone(), Direction::Up));
+
+    // The socket gets its own activity meter: the idle bound covers waiting for the response
+    // head too, which the body meter never sees.
+    let activity = Arc::new(Meter::default());
+    let io = TokioIo::new(Metered::new(stream, activity.clone(), Direction::Down));
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpBody>(io)
+        .await
+        .map_err(|e| upstream_error("handshake", &e))?;
+    tracker.spawn(async move {
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            },
+            () = activity.idle_for(idle) => tracing::debug!("upstream connection idle; closed"),
+            () = abort.cancelled() => {}
+        }
+    });
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| upstream_error("request", &e))?;
+    strip_hop_by_hop(resp.headers_mut());
+    // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
+    *resp.version_mut() = Version::HTTP_11;
+    Ok(resp)
+}
+
+#[cold]
+fn upstream_error(stage: &str, e: &hyper::Error) -> Deny {
+    Deny::with_detail(
+        Reason::UpstreamError,
+        format!("upstream {stage} failed: {e}"),
+    )
+}
+
+/// Origin-form URI, HTTP/1.1, Host present, hop-by-hop headers gone, framing unambiguous.
+fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .ok_or(Deny::new(Reason::MalformedRequest, "URL has no host"))?;
+    let origin_form = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+        _ => Uri::from_static("/"),
+    };
+    parts.uri = origin_form;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(HOST) {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| Deny::new(Reason::MalformedRequest, "invalid authority"))?;
+        parts.headers.insert(HOST, value);
+    }
+    Ok(())
+}
+
+/// Remove hop-by-hop headers: the fixed set, and every header the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // RFC 9112 §6.3: with Transfer-Encoding, Content-Length must not be forwarded; the body is
+    // re-framed by the next connection from what was actually received.
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(CONTENT_LENGTH);
+    }
+    if headers.contains_key(CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+pin_project! {
+    /// The upstream response body on its way to the client: counted, and the audit line written
+    /// when it ends.
+    pub struct ForwardBody {
+        #[pin]
+        inner: MeteredBody<Incoming>,
+        audited: Option<Audited>,
+    }
+
+    impl PinnedDrop for ForwardBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(audited) = this.audited.take() {
+                if this.inner.is_end_stream() {
+                    // hyper never polls a body that is already complete (HEAD, 204, 304, empty).
+                    audited.finish_now();
+                } else {
+                    drop(audited); // client went away mid-body: written as client_closed
+                }
+            }
+        }
+    }
+}
+
+// === impl ForwardBody ===
+
+impl ForwardBody {
+    /// Wrap `body`, counting into the request's meter; `audited` is finished when it ends.
+    pub fn new(body: Incoming, audited: Audited) -> Self {
+        let meter = audited.ctx().meter.clone();
+        ForwardBody {
+            inner: MeteredBody::new(body, meter, Direction::Down),
+            audited: Some(audited),
+        }
+    }
+}
+
+impl Body for ForwardBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            None => {
+                if let Some(a) = this.audited.take() {
+                    a.finish_now();
+                }
+            }
+            Some(Err(e)) => {
+                if let Some(mut a) = this.audited.take() {
+                    tracing::debug!(error = %e, "upstream response body failed");
+                    a.ctx_mut().reason = Reason::UpstreamError;
+                    a.finish_now();
+                }
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "10"),
+            ("x-keep", "yes"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn host_must_agree() {
+        let t = target::parse_authority("example.com", Some(80)).unwrap();
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static(v));
+            check_host(&h, &t)
+        };
+        assert!(with("example.com").is_ok());
+        assert!(with("EXAMPLE.com:80").is_ok());
+        assert!(with("example.com.").is_ok());
+        assert_eq!(with("evil.test").unwrap_err().reason, Reason::HostMismatch);
+        assert_eq!(
+            with("example.com:8080").unwrap_err().reason,
+            Reason::HostMismatch
+        );
+        assert!(check_host(&HeaderMap::new(), &t).is_ok());
+        let mut two = HeaderMap::new();
+        two.append(HOST, HeaderValue::from_static("example.com"));
+        two.append(HOST, HeaderValue::from_static("example.com"));
+        assert_eq!(
+            check_host(&two, &t).unwrap_err().reason,
+            Reason::MalformedRequest
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Step 8a: CONNECT tunnels.
+//!
+//! Lifecycle: the driver has already identified, checked, resolved, vetted and dialled; it answers
+//! `200` and hands the upstream socket and the audit guard here. A task waits for hyper to give up
+//! the client connection (the upgrade), then copies bytes both ways until either side closes, no
+//! byte moves for `timeouts.idle`, or the shutdown grace ends. The audit line is written when the
+//! tunnel ends, with the bytes counted in each direction.
+
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::ctx::Audited;
+use crate::io::{Direction, Metered};
+use crate::outcome::Reason;
+
+/// Copy buffer per direction.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Run one tunnel to completion and write its audit line.
+pub async fn run(
+    on_upgrade: OnUpgrade,
+    upstream: TcpStream,
+    mut audited: Audited,
+    idle: Duration,
+    abort: CancellationToken,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "client left before the tunnel started");
+            audited.ctx_mut().reason = Reason::ClientClosed;
+            return audited.finish().await;
+        }
+    };
+    let meter = audited.ctx().meter.clone();
+    let mut client = Metered::new(TokioIo::new(upgraded), meter.clone(), Direction::Up);
+    let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF_SIZE, BUF_SIZE);
+    let reason = tokio::select! {
+        r = copy => {
+            if let Err(e) = r {
+                // A reset from either side is how many tunnels end; it is not a refusal.
+                tracing::debug!(error = %e, "tunnel ended with an I/O error");
+            }
+            Reason::Allowed
+        }
+        () = meter.idle_for(idle) => Reason::IdleTimeout,
+        () = abort.cancelled() => Reason::Shutdown,
+    };
+    audited.ctx_mut().reason = reason;
+    audited.finish().await;
+}

@@ -1,0 +1,124 @@
+//! Step 5: turn a host into addresses, with a deadline. No policy here: every answer, static or
+//! from DNS, goes through `vet` next.
+//!
+//! Names are looked up fully qualified (a trailing dot is added), so the pod's resolv.conf search
+//! list and `ndots` never turn `api.example.com` into `api.example.com.default.svc.cluster.local`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::ProtoErrorKind;
+use hickory_resolver::ResolveErrorKind;
+use hickory_resolver::TokioResolver;
+
+use crate::outcome::{Deny, Reason};
+use crate::target::Host;
+use crate::vet::MAX_ADDRS;
+
+/// The `[dns]` section, validated.
+#[derive(Clone, Debug, Default)]
+pub struct DnsConfig {
+    /// Nameservers to ask; `None` uses the system resolver configuration (/etc/resolv.conf).
+    pub nameservers: Option<Vec<SocketAddr>>,
+    /// Static answers by normalised name, checked before DNS.
+    pub hosts: HashMap<Box<str>, Vec<IpAddr>>,
+}
+
+/// The resolver: static hosts, then hickory, bounded by a timeout.
+pub struct Resolver {
+    hosts: HashMap<Box<str>, Vec<IpAddr>>,
+    dns: TokioResolver,
+    timeout: Duration,
+}
+
+/// A resolver could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    /// The system resolver configuration could not be read.
+    #[error("reading the system DNS configuration (set [dns] nameservers to avoid it)")]
+    SystemConfig(#[source] hickory_resolver::ResolveError),
+}
+
+// === impl Resolver ===
+
+impl Resolver {
+    /// Build from the `[dns]` section and the lookup timeout.
+    pub fn new(cfg: &DnsConfig, timeout: Duration) -> Result<Self, ResolverError> {
+        let provider = TokioConnectionProvider::default();
+        let mut builder = match &cfg.nameservers {
+            Some(servers) => {
+                let mut group = NameServerConfigGroup::new();
+                for s in servers {
+                    let one = NameServerConfigGroup::from_ips_clear(&[s.ip()], s.port(), true);
+                    group.merge(one);
+                }
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_parts(None, vec![], group),
+                    provider,
+                )
+            }
+            None => TokioResolver::builder(provider).map_err(ResolverError::SystemConfig)?,
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.timeout = timeout;
+        opts.attempts = 1;
+        opts.ndots = 0;
+        // The gateway's answers are only as fresh as DNS says; a long negative cache would hide
+        // a record the operator just added.
+        opts.negative_max_ttl = Some(Duration::from_secs(30));
+        Ok(Resolver {
+            hosts: cfg.hosts.clone(),
+            dns: builder.build(),
+            timeout,
+        })
+    }
+
+    /// Resolve `host`: an IP literal is its own answer; a name is looked up in `hosts`, then DNS.
+    pub async fn resolve(&self, host: &Host) -> Result<Vec<IpAddr>, Deny> {
+        let name = match host {
+            Host::Ip(ip) => return Ok(vec![*ip]),
+            Host::Name(n) => n,
+        };
+        if let Some(ips) = self.hosts.get(&**name) {
+            return Ok(ips.clone());
+        }
+        let mut fqdn = String::with_capacity(name.len() + 1);
+        fqdn.push_str(name);
+        fqdn.push('.');
+        let lookup = tokio::time::timeout(self.timeout, self.dns.lookup_ip(fqdn)).await;
+        match lookup {
+            Err(_) => Err(Deny::new(Reason::DnsTimeout, "DNS lookup timed out")),
+            Ok(Err(e)) => Err(dns_refusal(&e)),
+            Ok(Ok(answer)) => {
+                let ips: Vec<IpAddr> = answer.iter().take(MAX_ADDRS).collect();
+                if ips.is_empty() {
+                    Err(Deny::new(
+                        Reason::DnsNoAddresses,
+                        "name has no A or AAAA records",
+                    ))
+                } else {
+                    Ok(ips)
+                }
+            }
+        }
+    }
+}
+
+#[cold]
+fn dns_refusal(e: &hickory_resolver::ResolveError) -> Deny {
+    if e.is_no_records_found() || e.is_nx_domain() {
+        return Deny::new(
+            Reason::DnsFailed,
+            "name does not resolve (NXDOMAIN or no records)",
+        );
+    }
+    match e.kind() {
+        ResolveErrorKind::Proto(p) if matches!(p.kind(), ProtoErrorKind::Timeout) => {
+            Deny::new(Reason::DnsTimeout, "DNS lookup timed out")
+        }
+        _ => Deny::with_detail(Reason::DnsFailed, format!("DNS lookup failed: {e}")),
+    }
+}

@@ -1,0 +1,276 @@
+//! Step 2: the request target, parsed and normalised once.
+//!
+//! A [`Target`] is the only form in which a destination travels through the pipeline. Its
+//! [`Host`] is already normalised (lower case, one trailing dot dropped, IDNs as punycode), so the
+//! allowlist compares bytes and never re-interprets text. Everything that could make two parsers
+//! disagree about the destination is refused here with 400: userinfo, percent-encoding, zone ids,
+//! and every non-canonical spelling of an IPv4 address (`2130706433`, `0x7f.1`, `127.1`, `0177.0.0.1`)
+//! that a resolver or libc might still turn into an address.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use http::{Method, Uri};
+
+use crate::outcome::{Deny, Reason};
+
+/// Longest name DNS can carry (RFC 1035 §2.3.4, without the root dot).
+const MAX_NAME_LEN: usize = 253;
+/// Longest DNS label.
+const MAX_LABEL_LEN: usize = 63;
+
+/// A normalised destination host.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// A DNS name: lower-case ASCII (IDNs in punycode), no trailing dot, valid labels.
+    Name(Box<str>),
+    /// An IP literal.
+    Ip(IpAddr),
+}
+
+/// A normalised destination: host and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The host, normalised.
+    pub host: Host,
+    /// The TCP port, never 0.
+    pub port: u16,
+}
+
+/// What kind of proxy request the client sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `CONNECT host:port`: a TCP tunnel.
+    Connect,
+    /// An absolute-form request (`GET http://host/path`): forwarded as plain HTTP.
+    Http,
+}
+
+// === impl Kind ===
+
+impl Kind {
+    /// The token used in the audit line's `event` field.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Connect => "connect",
+            Kind::Http => "http",
+        }
+    }
+}
+
+/// Classify a request and parse its target.
+///
+/// CONNECT needs authority-form (`host:port`, port mandatory); every other method needs
+/// absolute-form with the `http` scheme (default port 80). Origin-form requests are refused with
+/// `not_proxy_request`: the client is talking to the proxy as if it were the origin.
+pub fn parse(method: &Method, uri: &Uri) -> Result<(Kind, Target), Deny> {
+    if method == Method::CONNECT {
+        let authority = match (uri.scheme(), uri.authority()) {
+            (None, Some(a)) => a.as_str(),
+            _ => {
+                return Err(Deny::new(
+                    Reason::MalformedRequest,
+                    "CONNECT needs an authority-form target (host:port)",
+                ))
+            }
+        };
+        return parse_authority(authority, None).map(|t| (Kind::Connect, t));
+    }
+    let Some(scheme) = uri.scheme_str() else {
+        return Err(Deny::new(
+            Reason::NotProxyRequest,
+            "this is a forward proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(Deny::new(
+            Reason::UnsupportedScheme,
+            "only http:// URLs are forwarded; use CONNECT for https",
+        ));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(Deny::new(Reason::MalformedRequest, "URL has no host"));
+    };
+    parse_authority(authority.as_str(), Some(80)).map(|t| (Kind::Http, t))
+}
+
+/// Parse `host[:port]` (or `[v6][:port]`). Without a port, `default_port` applies; `None` makes
+/// the port mandatory.
+pub fn parse_authority(authority: &str, default_port: Option<u16>) -> Result<Target, Deny> {
+    if authority.contains('@') {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "userinfo (user@) in the target is not allowed",
+        ));
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return Err(Deny::new(
+                Reason::MalformedRequest,
+                "unclosed [ in IPv6 target",
+            ));
+        };
+        if inside.contains('%') {
+            return Err(Deny::new(
+                Reason::MalformedRequest,
+                "IPv6 zone ids are not allowed in a target",
+            ));
+        }
+        let ip: Ipv6Addr = inside
+            .parse()
+            .map_err(|_| Deny::new(Reason::MalformedRequest, "invalid IPv6 address in target"))?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or(Deny::new(
+                Reason::MalformedRequest,
+                "junk after ] in target",
+            ))?),
+        };
+        (Host::Ip(IpAddr::V6(ip)), port)
+    } else {
+        let (h, p) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        (normalise_host(h)?, p)
+    };
+    let port = match (port, default_port) {
+        (Some(p), _) => parse_port(p)?,
+        (None, Some(d)) => d,
+        (None, None) => {
+            return Err(Deny::new(
+                Reason::MalformedRequest,
+                "CONNECT target needs a port (host:port)",
+            ))
+        }
+    };
+    Ok(Target { host, port })
+}
+
+/// Normalise a host as written by a client or in a config rule.
+///
+/// Returns `Host::Ip` only for the one canonical dotted-quad IPv4 form; IPv6 literals come
+/// bracketed and are handled by [`parse_authority`].
+pub fn normalise_host(raw: &str) -> Result<Host, Deny> {
+    if raw.is_empty() {
+        return Err(Deny::new(Reason::MalformedRequest, "empty host"));
+    }
+    // std's parser accepts exactly a.b.c.d with decimal octets and no leading zeros.
+    if let Ok(v4) = raw.parse::<Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(v4)));
+    }
+    if raw.contains('%') {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "percent-encoded hosts are not allowed",
+        ));
+    }
+    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+    let name = if is_plain_lower_ascii(trimmed) {
+        trimmed.to_owned()
+    } else {
+        idna::domain_to_ascii(trimmed)
+            .map_err(|_| Deny::new(Reason::MalformedRequest, "host is not a valid domain name"))?
+    };
+    check_name(&name)?;
+    Ok(Host::Name(name.into_boxed_str()))
+}
+
+fn parse_port(p: &str) -> Result<u16, Deny> {
+    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "invalid port in target",
+        ));
+    }
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(Deny::new(
+            Reason::MalformedRequest,
+            "port out of range 1-65535",
+        )),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// The fast path: names that are already normalised need no IDNA pass.
+fn is_plain_lower_ascii(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'))
+        && !s.contains("xn--")
+}
+
+/// Label syntax after normalisation, and the rule that a name whose last label is numeric is an
+/// IPv4 address in disguise (the WHATWG URL parser and many resolvers treat it as one).
+fn check_name(name: &str) -> Result<(), Deny> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "host name length out of range",
+        ));
+    }
+    let mut last = "";
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(Deny::new(
+                Reason::MalformedRequest,
+                "host is not a valid domain name",
+            ));
+        }
+        last = label;
+    }
+    if looks_numeric(last) {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "non-canonical IP address form; write IPv4 as a.b.c.d",
+        ));
+    }
+    Ok(())
+}
+
+fn looks_numeric(label: &str) -> bool {
+    let hex = label.strip_prefix("0x");
+    match hex {
+        Some(h) => h.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => label.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+// === impl Host ===
+
+impl Host {
+    /// The name, if this is not an IP literal.
+    pub fn as_name(&self) -> Option<&str> {
+        match self {
+            Host::Name(n) => Some(n),
+            Host::Ip(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+        }
+    }
+}
+
+// === impl Target ===
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests;
