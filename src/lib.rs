@@ -86,6 +86,15 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let resolver = Resolver::new(&config.dns, config.timeouts.dns)?;
+    // The config may say port 0; the self-loop check needs the port actually bound.
+    let config = match listener.local_addr() {
+        Ok(bound) if bound != config.listen => {
+            let mut c = (*config).clone();
+            c.vetter = c.vetter.with_own(vec![bound]);
+            Arc::new(c)
+        }
+        _ => config,
+    };
     let (sink, writer) = audit::spawn(audit_out);
     let grace = config.timeouts.shutdown_grace;
     let shared = Arc::new(Shared::new(config, resolver, sink));

@@ -151,6 +151,12 @@ impl Vetter {
         Vetter { deny, allow, own }
     }
 
+    /// Replace the proxy's own addresses (once the listener is bound and its port is known).
+    pub fn with_own(mut self, own: Vec<SocketAddr>) -> Self {
+        self.own = own;
+        self
+    }
+
     /// The operator's extra deny ranges.
     pub fn deny_cidrs(&self) -> &[IpNet] {
         &self.deny

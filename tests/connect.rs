@@ -1,0 +1,402 @@
+//! CONNECT tunnels through the real binary: allowed tunnels carry bytes exactly, everything else
+//! is refused before any upstream connection, and every case leaves an audit line.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use support::*;
+
+fn hosts_to_loopback(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn allowed_tunnel_with_curl_is_byte_exact() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&["origin.test"]),
+        &[format!("origin.test:{port}")],
+        "",
+    ));
+    let (code, body, err) = curl(&[
+        "-p",
+        "-x",
+        &proxy.url(),
+        &format!("http://origin.test:{port}/tunnelled?q=1"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "GET /tunnelled?q=1 HTTP/1.1\n");
+    assert_eq!(origin.connections(), 1);
+
+    let a = proxy.audit();
+    assert_eq!(a.v, 1);
+    assert_eq!(
+        (a.event.as_str(), a.method.as_deref()),
+        ("connect", Some("CONNECT"))
+    );
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("allow", "allowed")
+    );
+    assert_eq!(a.host.as_deref(), Some("origin.test"));
+    assert_eq!(a.port, Some(port));
+    assert_eq!(a.rule, Some(format!("origin.test:{port}")));
+    assert_eq!(a.agent.as_deref(), Some("tester"));
+    assert_eq!(a.policy.as_deref(), Some("test"));
+    assert_eq!(a.upstream, Some(format!("127.0.0.1:{port}")));
+    assert_eq!(a.status, Some(200));
+    assert_eq!(a.path, None);
+    assert!(a.bytes_up > 0 && a.bytes_down > body.len() as u64, "{a:?}");
+    assert_eq!(a.request_id.len(), 26, "ULID");
+    assert!(a.ts.ends_with('Z') && a.ts.len() == 24, "{}", a.ts);
+}
+
+#[test]
+fn raw_tunnel_carries_a_mebibyte_both_ways_and_counts_it() {
+    let echo = Echo::start("127.0.0.1:0");
+    let port = echo.addr.port();
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&["echo.test"]),
+        &[format!("echo.test:{port}")],
+        "",
+    ));
+    let mut s = raw(&proxy);
+    // The request and the first payload bytes in one write: the proxy must not lose bytes the
+    // client sent before it saw the 200.
+    s.write_all(
+        format!("CONNECT echo.test:{port} HTTP/1.1\r\nHost: echo.test:{port}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let payload: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut reader = s.try_clone().unwrap();
+    let expect = payload.clone();
+    let got = std::thread::spawn(move || {
+        let mut got = vec![0u8; expect.len()];
+        reader.read_exact(&mut got).unwrap();
+        got == expect
+    });
+    s.write_all(&payload).unwrap();
+    assert!(got.join().unwrap(), "echoed bytes differ");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("connect", "allowed")
+    );
+    assert_eq!(a.bytes_up, payload.len() as u64);
+    assert_eq!(a.bytes_down, payload.len() as u64);
+}
+
+#[test]
+fn host_off_the_allowlist_is_refused_and_origin_sees_nothing() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&["origin.test", "evil.test"]),
+        &[format!("origin.test:{port}")],
+        "",
+    ));
+    let (code, out, _) = curl(&[
+        "-p",
+        "-x",
+        &proxy.url(),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_connect}",
+        &format!("http://evil.test:{port}/"),
+    ]);
+    assert_ne!(code, 0);
+    assert_eq!(out, "403");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "host_not_allowed")
+    );
+    assert_eq!(a.status, Some(403));
+    assert_eq!(a.upstream, None);
+    assert_eq!(a.host.as_deref(), Some("evil.test"));
+    assert_eq!(
+        origin.connections(),
+        0,
+        "a refused host must not be contacted"
+    );
+
+    // The refusal itself, exactly as a client sees it.
+    let mut s = raw(&proxy);
+    s.write_all(format!("CONNECT evil.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+    assert!(
+        head.contains("chokepoint-reason: host_not_allowed\r\n"),
+        "{head}"
+    );
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(
+        body,
+        format!("403 chokepoint denied CONNECT evil.test:{port} for agent tester: host not on allowlist of policy test (to allow it, add `evil.test` to policy test) [policy decision: retrying will not help]\n")
+    );
+    proxy.audit();
+    assert_eq!(origin.connections(), 0);
+}
+
+#[test]
+fn wildcard_edges() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let names = [
+        "a.wild.test",
+        "x.y.wild.test",
+        "wild.test",
+        "badwild.test",
+        "wild.test.evil.test",
+    ];
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&names),
+        &[format!("*.wild.test:{port}")],
+        "",
+    ));
+    let cases = [
+        ("a.wild.test", "200", "allowed"),
+        ("x.y.wild.test", "200", "allowed"),
+        ("A.WILD.TEST.", "200", "allowed"),
+        ("wild.test", "403", "host_not_allowed"),
+        ("badwild.test", "403", "host_not_allowed"),
+        ("wild.test.evil.test", "403", "host_not_allowed"),
+    ];
+    for (host, code, reason) in cases {
+        let (_, out, _) = curl(&[
+            "-p",
+            "-x",
+            &proxy.url(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            &format!("http://{host}:{port}/"),
+        ]);
+        assert_eq!(out, code, "{host}");
+        let a = proxy.audit();
+        assert_eq!(a.reason, reason, "{host}");
+        assert_eq!(
+            a.host.as_deref(),
+            Some(host.to_ascii_lowercase().trim_end_matches('.')),
+            "{host}"
+        );
+        if reason == "allowed" {
+            assert_eq!(a.rule, Some(format!("*.wild.test:{port}")));
+        }
+    }
+    assert_eq!(origin.connections(), 3);
+}
+
+#[test]
+fn ip_literals_need_a_rule_and_still_get_vetted() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let internal = Origin::http_on("127.0.0.66:0");
+    let iport = internal.addr.port();
+    let proxy = Proxy::start(&config(
+        "",
+        &[format!("127.0.0.1:{port}"), format!("127.0.0.66:{iport}")],
+        "",
+    ));
+    let connect = |authority: String| {
+        let mut s = raw(&proxy);
+        s.write_all(format!("CONNECT {authority} HTTP/1.1\r\n\r\n").as_bytes())
+            .unwrap();
+        let head = read_head(&mut s);
+        drop(s); // an open tunnel is audited when it ends
+        (head, proxy.audit())
+    };
+    let (head, a) = connect(format!("127.0.0.1:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(a.reason, "allowed");
+    // Named, but on another port.
+    let (head, a) = connect(format!("127.0.0.1:{iport}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(a.reason, "port_not_allowed");
+    // Not named by any rule: refused as an IP literal before any lookup or vetting.
+    let (head, a) = connect(format!("127.0.0.2:{port}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(a.reason, "ip_literal_not_allowed");
+    // Named by a rule, but inside deny_cidrs: vetting still refuses it.
+    let (head, a) = connect(format!("127.0.0.66:{iport}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains("chokepoint-reason: denied_address"), "{head}");
+    assert_eq!(a.reason, "denied_address");
+    // Non-canonical spellings of an address are malformed, never resolved.
+    for weird in ["2130706433", "0x7f.1", "127.1", "0177.0.0.1"] {
+        let (head, a) = connect(format!("{weird}:{port}"));
+        assert!(head.starts_with("HTTP/1.1 400"), "{weird}: {head}");
+        assert_eq!(a.reason, "malformed_request", "{weird}");
+    }
+    assert_eq!(internal.connections(), 0);
+}
+
+#[test]
+fn port_rules() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&["api.test"]),
+        &["api.test".to_string()],
+        "",
+    ));
+    let mut s = raw(&proxy);
+    s.write_all(format!("CONNECT api.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(
+        head.contains("chokepoint-reason: port_not_allowed"),
+        "{head}"
+    );
+    let a = proxy.audit();
+    assert_eq!(
+        (a.reason.as_str(), a.port),
+        ("port_not_allowed", Some(port))
+    );
+    assert_eq!(origin.connections(), 0);
+}
+
+#[test]
+fn tunnel_to_the_proxy_itself_is_refused() {
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(
+        &hosts_to_loopback(&["self.test"]),
+        &[format!("self.test:{free}"), format!("127.0.0.1:{free}")],
+        "",
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{free}\""),
+    );
+    let proxy = Proxy::start(&cfg);
+    for target in ["self.test", "127.0.0.1"] {
+        let mut s = raw(&proxy);
+        s.write_all(format!("CONNECT {target}:{free} HTTP/1.1\r\n\r\n").as_bytes())
+            .unwrap();
+        let head = read_head(&mut s);
+        assert!(
+            head.contains("chokepoint-reason: denied_address"),
+            "{target}: {head}"
+        );
+        let a = proxy.audit();
+        assert_eq!(a.reason, "denied_address");
+    }
+}
+
+#[test]
+fn slow_request_head_is_cut_off_and_audited() {
+    let proxy = Proxy::start(&config("", &[], ""));
+    let mut s = raw(&proxy);
+    // Part of a head, then silence: request_header is 2s in the test config.
+    s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\nX-A: ")
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        n == 0 || reply.starts_with("HTTP/1.1 408"),
+        "connection should be closed: {reply}"
+    );
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("reject", "header_timeout")
+    );
+    assert_eq!(a.decision, "deny");
+    assert_eq!(a.method, None);
+}
+
+#[test]
+fn idle_tunnel_is_closed_and_audited() {
+    let echo = Echo::start("127.0.0.1:0");
+    let port = echo.addr.port();
+    let cfg = config(
+        &hosts_to_loopback(&["echo.test"]),
+        &[format!("echo.test:{port}")],
+        "",
+    )
+    .replace("idle = \"30s\"", "idle = \"1s\"");
+    let proxy = Proxy::start(&cfg);
+    let mut s = raw(&proxy);
+    s.write_all(format!("CONNECT echo.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    // Now stay quiet: the proxy closes the tunnel after `idle`.
+    let n = s.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0, "tunnel should be closed");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("connect", "idle_timeout")
+    );
+    assert_eq!((a.bytes_up, a.bytes_down), (4, 4));
+    assert!(a.duration_ms >= 1000, "{a:?}");
+}
+
+#[test]
+fn malformed_requests_get_400_and_an_audit_line() {
+    let proxy = Proxy::start(&config("", &[], ""));
+    let cases: [(&[u8], &str); 5] = [
+        (
+            b"CONNECT user@host.test:443 HTTP/1.1\r\n\r\n",
+            "malformed_request",
+        ),
+        (b"CONNECT host.test HTTP/1.1\r\n\r\n", "malformed_request"),
+        (b"CONNECT host.test:0 HTTP/1.1\r\n\r\n", "malformed_request"),
+        (
+            b"CONNECT [fe80::1%25lo]:443 HTTP/1.1\r\n\r\n",
+            "malformed_request",
+        ),
+        (b"\x00\x01garbage\r\n\r\n", "malformed_request"),
+    ];
+    for (bytes, reason) in cases {
+        let mut s = raw(&proxy);
+        s.write_all(bytes).unwrap();
+        let head = read_head(&mut s);
+        assert!(
+            head.starts_with("HTTP/1.1 400"),
+            "{:?}: {head}",
+            String::from_utf8_lossy(bytes)
+        );
+        let a = proxy.audit();
+        assert_eq!(a.reason, reason, "{:?}", String::from_utf8_lossy(bytes));
+        assert_eq!(a.status, Some(400));
+    }
+    proxy.no_audit_for(Duration::from_millis(200));
+}

@@ -1,0 +1,398 @@
+//! Test support: the real `chokepoint` binary on 127.0.0.1:0, real origins on loopback, audit
+//! lines captured from the binary's stdout and decoded strictly.
+//!
+//! Traffic never leaves loopback: origins bind 127.0.0.1, and "denied" destinations are loopback
+//! addresses the test config puts in `deny_cidrs` (or leaves in the built-in deny set).
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// How long any single wait in a test may take before it fails (generous: CI is a busy 2-core box).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// One audit line, decoded strictly: an unknown or missing field fails the test.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    pub v: u32,
+    pub ts: String,
+    pub event: String,
+    pub request_id: String,
+    pub agent: Option<String>,
+    pub policy: Option<String>,
+    pub client: String,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub decision: String,
+    pub reason: String,
+    pub rule: Option<String>,
+    pub mode: String,
+    pub upstream: Option<String>,
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+}
+
+/// A running gateway process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    child: Child,
+    audits: Receiver<Audit>,
+    pub stderr: Receiver<String>,
+    _dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Proxy {
+    /// Start the binary on `config` (a full TOML file whose `[server] listen` should be
+    /// "127.0.0.1:0"), and wait until it says where it listens.
+    pub fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("chokepoint.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("CHOKEPOINT_LOG", "info,chokepoint=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chokepoint");
+
+        let (atx, audits) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let audit: Audit = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"));
+                if atx.send(audit).is_err() {
+                    break;
+                }
+            }
+        });
+        let (etx, stderr) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[chokepoint] {line}");
+                if etx.send(line).is_err() {
+                    // Keep draining so the child never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line = stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("chokepoint did not report its listen address");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        Proxy {
+            addr,
+            child,
+            audits,
+            stderr,
+            _dir: dir,
+            config_path,
+        }
+    }
+
+    /// The next audit line.
+    pub fn audit(&self) -> Audit {
+        self.audits
+            .recv_timeout(WAIT)
+            .expect("no audit line within the wait")
+    }
+
+    /// Assert that no further audit line arrives within `d`.
+    pub fn no_audit_for(&self, d: Duration) {
+        match self.audits.recv_timeout(d) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(a) => panic!("unexpected audit line: {a:?}"),
+            Err(RecvTimeoutError::Disconnected) => {}
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `curl -x`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Send SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit, bounded.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chokepoint did not exit in {within:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request as an origin received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap_or("")
+    }
+}
+
+/// A plain HTTP/1.1 origin on 127.0.0.1:0 written on std sockets, so what it records is exactly
+/// the bytes on the wire: it answers every request with `200` and a body of
+/// `"<request line>\n"` followed by the request body it received (de-chunked).
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Receiver<Seen>,
+}
+
+impl Origin {
+    pub fn http() -> Origin {
+        Self::http_on("127.0.0.1:0")
+    }
+
+    pub fn http_on(bind: &str) -> Origin {
+        let listener = TcpListener::bind(bind).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (tx, seen) = mpsc::channel();
+        let count = connections.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                count.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                thread::spawn(move || serve_http(stream, &tx));
+            }
+        });
+        Origin {
+            addr,
+            connections,
+            seen,
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn next_seen(&self) -> Seen {
+        self.seen.recv_timeout(WAIT).expect("origin saw no request")
+    }
+}
+
+fn serve_http(stream: TcpStream, tx: &mpsc::Sender<Seen>) {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut seen = Seen {
+            head,
+            body: Vec::new(),
+        };
+        if seen
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                reader.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                seen.body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(len) = seen.header("content-length") {
+            let mut body = vec![0; len.parse().unwrap()];
+            reader.read_exact(&mut body).unwrap();
+            seen.body = body;
+        }
+        let mut body = format!("{}\n", seen.request_line()).into_bytes();
+        body.extend_from_slice(&seen.body);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-origin: yes\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\n",
+            body.len()
+        );
+        let _ = tx.send(seen);
+        if out.write_all(resp.as_bytes()).is_err() || out.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP echo server on `bind`, counting connections.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    pub fn start(bind: &str) -> Echo {
+        let listener = TcpListener::bind(bind).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                count.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let mut r = stream.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut stream);
+                });
+            }
+        });
+        Echo { addr, connections }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Run curl with `args`; returns (exit code, stdout, stderr).
+pub fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A raw client connection to the proxy, for exact bytes.
+pub fn raw(proxy: &Proxy) -> TcpStream {
+    let s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Read one HTTP response head (up to the blank line) from `s`.
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => head.push(byte[0]),
+            Err(e) => panic!("reading response head: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The standard test config: proxy on 127.0.0.1:0, one agent for all of loopback, static hosts,
+/// 127.0.0.1 excepted from the built-in loopback deny so local origins are reachable, and
+/// 127.0.0.64/26 explicitly denied as the "internal network". `policy` is the allow list body.
+pub fn config(hosts: &str, allow: &[String], extra: &str) -> String {
+    let allow: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[timeouts]
+request_header = "2s"
+connect = "2s"
+dns = "2s"
+idle = "30s"
+shutdown_grace = "10s"
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+hosts = {{ {hosts} }}
+
+[destinations]
+allow_cidrs = ["127.0.0.1/32"]
+deny_cidrs = ["127.0.0.64/26"]
+
+[[agents]]
+name = "tester"
+source_cidrs = ["127.0.0.0/8"]
+policy = "test"
+
+[policies.test]
+allow = [{allow}]
+{extra}
+"#,
+        allow = allow.join(", ")
+    )
+}
