@@ -1,0 +1,240 @@
+//! Plain-HTTP forwarding through the real binary: absolute-form requests reach the origin in
+//! origin-form with hop-by-hop headers gone, bodies stream both ways byte for byte, keep-alive
+//! works, and refusals never reach the origin.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use support::*;
+
+fn setup(names: &[&str]) -> (Origin, Proxy, u16) {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let hosts = names
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let proxy = Proxy::start(&config(&hosts, &[format!("origin.test:{port}")], ""));
+    (origin, proxy, port)
+}
+
+#[test]
+fn get_is_forwarded_in_origin_form_without_hop_by_hop_headers() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let (code, out, err) = curl(&[
+        "-i",
+        "-x",
+        &proxy.url(),
+        "-H",
+        "Connection: X-Hop",
+        "-H",
+        "X-Hop: secret-per-hop",
+        "-H",
+        "Proxy-Authorization: Basic dGVzdGVyOnNlY3JldA==",
+        "-H",
+        "Keep-Alive: timeout=1",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "X-End-To-End: kept",
+        &format!("http://origin.test:{port}/path?token=s3cret"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seen = origin.next_seen();
+    assert_eq!(seen.request_line(), "GET /path?token=s3cret HTTP/1.1");
+    assert_eq!(seen.header("host"), Some(format!("origin.test:{port}")));
+    assert_eq!(seen.header("x-end-to-end").as_deref(), Some("kept"));
+    for gone in ["x-hop", "proxy-authorization", "keep-alive", "te", "upgrade", "proxy-connection"] {
+        assert_eq!(seen.header(gone), None, "{gone} reached the origin");
+    }
+    // The origin's own hop-by-hop response headers do not reach the client either.
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("x-origin: yes"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("keep-alive: timeout"), "{head}");
+    assert_eq!(body, "GET /path?token=s3cret HTTP/1.1\n");
+
+    let a = proxy.audit();
+    assert_eq!((a.event.as_str(), a.decision.as_str(), a.reason.as_str()), ("http", "allow", "allowed"));
+    assert_eq!(a.method.as_deref(), Some("GET"));
+    assert_eq!(a.path.as_deref(), Some("/path"), "query strings are not audited");
+    assert_eq!(a.status, Some(200));
+    assert_eq!(a.bytes_down, body.len() as u64);
+    assert_eq!(a.upstream, Some(format!("127.0.0.1:{port}")));
+}
+
+#[test]
+fn chunked_post_streams_byte_for_byte_with_curl() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body.bin");
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &payload).unwrap();
+    let resp_file = dir.path().join("response.bin");
+    let (code, _, err) = curl(&[
+        "-x",
+        &proxy.url(),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "-o",
+        resp_file.to_str().unwrap(),
+        &format!("http://origin.test:{port}/upload"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seen = origin.next_seen();
+    assert_eq!(seen.request_line(), "POST /upload HTTP/1.1");
+    assert_eq!(seen.header("content-length"), None);
+    assert!(seen.header("transfer-encoding").unwrap().contains("chunked"));
+    assert_eq!(seen.body, payload);
+    let mut expect = b"POST /upload HTTP/1.1\n".to_vec();
+    expect.extend_from_slice(&payload);
+    assert!(std::fs::read(&resp_file).unwrap() == expect, "response body differs");
+    let a = proxy.audit();
+    assert_eq!(a.method.as_deref(), Some("POST"));
+    assert_eq!(a.bytes_up, payload.len() as u64);
+    assert_eq!(a.bytes_down, expect.len() as u64);
+}
+
+#[test]
+fn streamed_body_through_a_rust_client_honouring_the_proxy() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 1000]).collect();
+    let expect: Vec<u8> = chunks.concat();
+    let body = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(proxy.url()).unwrap())
+            .build()
+            .unwrap();
+        let stream = futures_util::stream::iter(
+            chunks.into_iter().map(Ok::<_, std::io::Error>),
+        );
+        let resp = client
+            .put(format!("http://origin.test:{port}/stream"))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap()
+    });
+    let seen = origin.next_seen();
+    assert_eq!(seen.request_line(), "PUT /stream HTTP/1.1");
+    assert_eq!(seen.body, expect);
+    assert_eq!(&body[..], [b"PUT /stream HTTP/1.1\n".as_slice(), &expect].concat());
+    let a = proxy.audit();
+    assert_eq!((a.reason.as_str(), a.bytes_up), ("allowed", expect.len() as u64));
+}
+
+#[test]
+fn keep_alive_serves_several_requests_on_one_client_connection() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let mut s = raw(&proxy);
+    for i in 0..3 {
+        s.write_all(
+            format!("GET http://origin.test:{port}/r{i} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let head = read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let expect = format!("GET /r{i} HTTP/1.1\n");
+        let mut body = vec![0; expect.len()];
+        s.read_exact(&mut body).unwrap();
+        assert_eq!(body, expect.as_bytes());
+    }
+    let clients: Vec<String> = (0..3).map(|_| proxy.audit().client).collect();
+    assert!(clients.iter().all(|c| *c == clients[0]), "one client connection: {clients:?}");
+    assert_eq!(origin.connections(), 3, "one upstream connection per request");
+}
+
+#[test]
+fn host_header_must_match_the_target() {
+    let (origin, proxy, port) = setup(&["origin.test", "evil.test"]);
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(head.contains("chokepoint-reason: host_mismatch"), "{head}");
+    let a = proxy.audit();
+    assert_eq!((a.decision.as_str(), a.reason.as_str()), ("deny", "host_mismatch"));
+    assert_eq!(origin.connections(), 0);
+}
+
+#[test]
+fn requests_that_are_not_proxy_requests() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    // Talking to the proxy as if it were the origin.
+    let (_, out, _) = curl(&["-i", &format!("{}/some/path", proxy.url())]);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("chokepoint-reason: not_proxy_request"), "{out}");
+    assert!(out.contains("this is a forward proxy"), "{out}");
+    let a = proxy.audit();
+    assert_eq!((a.event.as_str(), a.reason.as_str()), ("reject", "not_proxy_request"));
+    assert_eq!((a.host, a.agent), (None, None));
+
+    // https in absolute form: must be a CONNECT.
+    let mut s = raw(&proxy);
+    s.write_all(format!("GET https://origin.test:{port}/ HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.contains("chokepoint-reason: unsupported_scheme"), "{head}");
+    assert_eq!(proxy.audit().reason, "unsupported_scheme");
+    assert_eq!(origin.connections(), 0);
+}
+
+#[test]
+fn unknown_client_address_is_refused() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let cfg = config(
+        "\"origin.test\" = [\"127.0.0.1\"]",
+        &[format!("origin.test:{port}")],
+        "",
+    )
+    .replace("source_cidrs = [\"127.0.0.0/8\"]", "source_cidrs = [\"127.0.0.10/32\"]");
+    let proxy = Proxy::start(&cfg);
+    let url = format!("http://origin.test:{port}/");
+    let (_, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.20", "-x", &proxy.url(), &url]);
+    assert_eq!(out, "403");
+    let a = proxy.audit();
+    assert_eq!((a.reason.as_str(), a.agent), ("unknown_agent", None));
+    assert!(a.client.starts_with("127.0.0.20:"), "{}", a.client);
+    let (_, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.10", "-x", &proxy.url(), &url]);
+    assert_eq!(out, "200");
+    assert_eq!(proxy.audit().agent.as_deref(), Some("tester"));
+    assert_eq!(origin.connections(), 1);
+}
+
+#[test]
+fn upstream_faults_are_502_with_the_reason() {
+    // A port nothing listens on: bind, learn the port, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let proxy = Proxy::start(&config(
+        "\"down.test\" = [\"127.0.0.1\"]",
+        &[format!("down.test:{closed}"), format!("nxdomain.test:{closed}")],
+        "",
+    ));
+    let (_, out, _) = curl(&["-i", "-x", &proxy.url(), &format!("http://down.test:{closed}/")]);
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(out.contains("chokepoint-reason: upstream_connect_failed"), "{out}");
+    assert!(out.contains("chokepoint could not complete GET down.test"), "{out}");
+    let a = proxy.audit();
+    assert_eq!((a.decision.as_str(), a.reason.as_str(), a.status), ("allow", "upstream_connect_failed", Some(502)));
+
+    // The test config's nameserver is a closed loopback port: resolution fails.
+    let (_, out, _) = curl(&["-i", "-x", &proxy.url(), &format!("http://nxdomain.test:{closed}/")]);
+    assert!(out.starts_with("HTTP/1.1 502") || out.starts_with("HTTP/1.1 504"), "{out}");
+    let a = proxy.audit();
+    assert!(a.reason.starts_with("dns_"), "{a:?}");
+    proxy.no_audit_for(Duration::from_millis(100));
+}
