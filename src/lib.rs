@@ -101,9 +101,9 @@ where
 
     let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
     shutdown.await;
-    tracing::info!(grace = ?grace, "shutting down: no new connections; draining");
     shared.draining.cancel();
-    let _ = accept.await;
+    let _ = accept.await; // the listener is closed once the accept loop has returned
+    tracing::info!(grace = ?grace, "listener closed; draining open requests and tunnels");
 
     shared.tracker.close();
     if tokio::time::timeout(grace, shared.tracker.wait())

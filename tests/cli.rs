@@ -1,0 +1,79 @@
+//! The CLI: `chokepoint check` on the shipped configs and on broken fixtures, whose exact messages
+//! (file, line, column, key, problem) are pinned in `tests/fixtures/config/invalid/*.stderr`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn check(dir: &Path, file: &str) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
+        .current_dir(dir)
+        .args(["check", "--config", file])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn toml_files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn shipped_and_valid_configs_pass_check() {
+    let (code, out, err) = check(&root(), "config/chokepoint.toml");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("config/chokepoint.toml: ok\n"), "{out}");
+    assert!(out.contains("  local -> policy llm-apis (source 127.0.0.0/8, ::1/128)"), "{out}");
+    assert!(out.contains("  llm-apis: 6 allow rules"), "{out}");
+
+    for dir in ["config/examples", "tests/fixtures/config/valid"] {
+        let dir = root().join(dir);
+        let files = toml_files(&dir);
+        assert!(!files.is_empty(), "{}", dir.display());
+        for f in files {
+            let (code, _, err) = check(&dir, &f);
+            assert_eq!(code, 0, "{f}: {err}");
+        }
+    }
+}
+
+#[test]
+fn invalid_configs_fail_with_the_pinned_message() {
+    let dir = root().join("tests/fixtures/config/invalid");
+    let files = toml_files(&dir);
+    assert!(files.len() >= 5);
+    for f in files {
+        let expected = std::fs::read_to_string(dir.join(f.replace(".toml", ".stderr")))
+            .unwrap_or_else(|_| panic!("{f} needs a .stderr file"));
+        let (code, out, err) = check(&dir, &f);
+        assert_eq!(code, 64, "{f}: EX_USAGE expected");
+        assert_eq!(out, "", "{f}");
+        assert_eq!(err, expected, "{f}");
+        // Every message names the file and a line.
+        for line in err.lines().skip(1).filter(|l| l.starts_with(f.as_str())) {
+            let mut parts = line.splitn(4, ':');
+            assert_eq!(parts.next(), Some(f.as_str()));
+            assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+        }
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let (code, _, err) = check(&root(), "no/such/file.toml");
+    assert_eq!(code, 64);
+    assert!(err.contains("no/such/file.toml: cannot read config file"), "{err}");
+}
