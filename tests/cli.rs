@@ -36,7 +36,10 @@ fn shipped_and_valid_configs_pass_check() {
     let (code, out, err) = check(&root(), "config/chokepoint.toml");
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("config/chokepoint.toml: ok\n"), "{out}");
-    assert!(out.contains("  local -> policy llm-apis (source 127.0.0.0/8, ::1/128)"), "{out}");
+    assert!(
+        out.contains("  local -> policy llm-apis (source 127.0.0.0/8, ::1/128)"),
+        "{out}"
+    );
     assert!(out.contains("  llm-apis: 6 allow rules"), "{out}");
 
     for dir in ["config/examples", "tests/fixtures/config/valid"] {
@@ -75,5 +78,8 @@ fn invalid_configs_fail_with_the_pinned_message() {
 fn missing_file_is_a_clear_error() {
     let (code, _, err) = check(&root(), "no/such/file.toml");
     assert_eq!(code, 64);
-    assert!(err.contains("no/such/file.toml: cannot read config file"), "{err}");
+    assert!(
+        err.contains("no/such/file.toml: cannot read config file"),
+        "{err}"
+    );
 }

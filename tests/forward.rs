@@ -49,20 +49,37 @@ fn get_is_forwarded_in_origin_form_without_hop_by_hop_headers() {
     assert_eq!(seen.request_line(), "GET /path?token=s3cret HTTP/1.1");
     assert_eq!(seen.header("host"), Some(format!("origin.test:{port}")));
     assert_eq!(seen.header("x-end-to-end").as_deref(), Some("kept"));
-    for gone in ["x-hop", "proxy-authorization", "keep-alive", "te", "upgrade", "proxy-connection"] {
+    for gone in [
+        "x-hop",
+        "proxy-authorization",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-connection",
+    ] {
         assert_eq!(seen.header(gone), None, "{gone} reached the origin");
     }
     // The origin's own hop-by-hop response headers do not reach the client either.
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("x-origin: yes"), "{head}");
-    assert!(!head.to_ascii_lowercase().contains("keep-alive: timeout"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("keep-alive: timeout"),
+        "{head}"
+    );
     assert_eq!(body, "GET /path?token=s3cret HTTP/1.1\n");
 
     let a = proxy.audit();
-    assert_eq!((a.event.as_str(), a.decision.as_str(), a.reason.as_str()), ("http", "allow", "allowed"));
+    assert_eq!(
+        (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
+        ("http", "allow", "allowed")
+    );
     assert_eq!(a.method.as_deref(), Some("GET"));
-    assert_eq!(a.path.as_deref(), Some("/path"), "query strings are not audited");
+    assert_eq!(
+        a.path.as_deref(),
+        Some("/path"),
+        "query strings are not audited"
+    );
     assert_eq!(a.status, Some(200));
     assert_eq!(a.bytes_down, body.len() as u64);
     assert_eq!(a.upstream, Some(format!("127.0.0.1:{port}")));
@@ -91,11 +108,17 @@ fn chunked_post_streams_byte_for_byte_with_curl() {
     let seen = origin.next_seen();
     assert_eq!(seen.request_line(), "POST /upload HTTP/1.1");
     assert_eq!(seen.header("content-length"), None);
-    assert!(seen.header("transfer-encoding").unwrap().contains("chunked"));
+    assert!(seen
+        .header("transfer-encoding")
+        .unwrap()
+        .contains("chunked"));
     assert_eq!(seen.body, payload);
     let mut expect = b"POST /upload HTTP/1.1\n".to_vec();
     expect.extend_from_slice(&payload);
-    assert!(std::fs::read(&resp_file).unwrap() == expect, "response body differs");
+    assert!(
+        std::fs::read(&resp_file).unwrap() == expect,
+        "response body differs"
+    );
     let a = proxy.audit();
     assert_eq!(a.method.as_deref(), Some("POST"));
     assert_eq!(a.bytes_up, payload.len() as u64);
@@ -105,7 +128,10 @@ fn chunked_post_streams_byte_for_byte_with_curl() {
 #[test]
 fn streamed_body_through_a_rust_client_honouring_the_proxy() {
     let (origin, proxy, port) = setup(&["origin.test"]);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 1000]).collect();
     let expect: Vec<u8> = chunks.concat();
     let body = rt.block_on(async {
@@ -113,9 +139,7 @@ fn streamed_body_through_a_rust_client_honouring_the_proxy() {
             .proxy(reqwest::Proxy::http(proxy.url()).unwrap())
             .build()
             .unwrap();
-        let stream = futures_util::stream::iter(
-            chunks.into_iter().map(Ok::<_, std::io::Error>),
-        );
+        let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
         let resp = client
             .put(format!("http://origin.test:{port}/stream"))
             .body(reqwest::Body::wrap_stream(stream))
@@ -128,9 +152,15 @@ fn streamed_body_through_a_rust_client_honouring_the_proxy() {
     let seen = origin.next_seen();
     assert_eq!(seen.request_line(), "PUT /stream HTTP/1.1");
     assert_eq!(seen.body, expect);
-    assert_eq!(&body[..], [b"PUT /stream HTTP/1.1\n".as_slice(), &expect].concat());
+    assert_eq!(
+        &body[..],
+        [b"PUT /stream HTTP/1.1\n".as_slice(), &expect].concat()
+    );
     let a = proxy.audit();
-    assert_eq!((a.reason.as_str(), a.bytes_up), ("allowed", expect.len() as u64));
+    assert_eq!(
+        (a.reason.as_str(), a.bytes_up),
+        ("allowed", expect.len() as u64)
+    );
 }
 
 #[test]
@@ -139,8 +169,10 @@ fn keep_alive_serves_several_requests_on_one_client_connection() {
     let mut s = raw(&proxy);
     for i in 0..3 {
         s.write_all(
-            format!("GET http://origin.test:{port}/r{i} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET http://origin.test:{port}/r{i} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .unwrap();
         let head = read_head(&mut s);
@@ -151,8 +183,15 @@ fn keep_alive_serves_several_requests_on_one_client_connection() {
         assert_eq!(body, expect.as_bytes());
     }
     let clients: Vec<String> = (0..3).map(|_| proxy.audit().client).collect();
-    assert!(clients.iter().all(|c| *c == clients[0]), "one client connection: {clients:?}");
-    assert_eq!(origin.connections(), 3, "one upstream connection per request");
+    assert!(
+        clients.iter().all(|c| *c == clients[0]),
+        "one client connection: {clients:?}"
+    );
+    assert_eq!(
+        origin.connections(),
+        3,
+        "one upstream connection per request"
+    );
 }
 
 #[test]
@@ -160,14 +199,18 @@ fn host_header_must_match_the_target() {
     let (origin, proxy, port) = setup(&["origin.test", "evil.test"]);
     let mut s = raw(&proxy);
     s.write_all(
-        format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n").as_bytes(),
+        format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n")
+            .as_bytes(),
     )
     .unwrap();
     let head = read_head(&mut s);
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert!(head.contains("chokepoint-reason: host_mismatch"), "{head}");
     let a = proxy.audit();
-    assert_eq!((a.decision.as_str(), a.reason.as_str()), ("deny", "host_mismatch"));
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "host_mismatch")
+    );
     assert_eq!(origin.connections(), 0);
 }
 
@@ -177,17 +220,27 @@ fn requests_that_are_not_proxy_requests() {
     // Talking to the proxy as if it were the origin.
     let (_, out, _) = curl(&["-i", &format!("{}/some/path", proxy.url())]);
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    assert!(out.contains("chokepoint-reason: not_proxy_request"), "{out}");
+    assert!(
+        out.contains("chokepoint-reason: not_proxy_request"),
+        "{out}"
+    );
     assert!(out.contains("this is a forward proxy"), "{out}");
     let a = proxy.audit();
-    assert_eq!((a.event.as_str(), a.reason.as_str()), ("reject", "not_proxy_request"));
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("reject", "not_proxy_request")
+    );
     assert_eq!((a.host, a.agent), (None, None));
 
     // https in absolute form: must be a CONNECT.
     let mut s = raw(&proxy);
-    s.write_all(format!("GET https://origin.test:{port}/ HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("GET https://origin.test:{port}/ HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
     let head = read_head(&mut s);
-    assert!(head.contains("chokepoint-reason: unsupported_scheme"), "{head}");
+    assert!(
+        head.contains("chokepoint-reason: unsupported_scheme"),
+        "{head}"
+    );
     assert_eq!(proxy.audit().reason, "unsupported_scheme");
     assert_eq!(origin.connections(), 0);
 }
@@ -201,15 +254,38 @@ fn unknown_client_address_is_refused() {
         &[format!("origin.test:{port}")],
         "",
     )
-    .replace("source_cidrs = [\"127.0.0.0/8\"]", "source_cidrs = [\"127.0.0.10/32\"]");
+    .replace(
+        "source_cidrs = [\"127.0.0.0/8\"]",
+        "source_cidrs = [\"127.0.0.10/32\"]",
+    );
     let proxy = Proxy::start(&cfg);
     let url = format!("http://origin.test:{port}/");
-    let (_, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.20", "-x", &proxy.url(), &url]);
+    let (_, out, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--interface",
+        "127.0.0.20",
+        "-x",
+        &proxy.url(),
+        &url,
+    ]);
     assert_eq!(out, "403");
     let a = proxy.audit();
     assert_eq!((a.reason.as_str(), a.agent), ("unknown_agent", None));
     assert!(a.client.starts_with("127.0.0.20:"), "{}", a.client);
-    let (_, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.10", "-x", &proxy.url(), &url]);
+    let (_, out, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--interface",
+        "127.0.0.10",
+        "-x",
+        &proxy.url(),
+        &url,
+    ]);
     assert_eq!(out, "200");
     assert_eq!(proxy.audit().agent.as_deref(), Some("tester"));
     assert_eq!(origin.connections(), 1);
@@ -218,22 +294,51 @@ fn unknown_client_address_is_refused() {
 #[test]
 fn upstream_faults_are_502_with_the_reason() {
     // A port nothing listens on: bind, learn the port, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let proxy = Proxy::start(&config(
         "\"down.test\" = [\"127.0.0.1\"]",
-        &[format!("down.test:{closed}"), format!("nxdomain.test:{closed}")],
+        &[
+            format!("down.test:{closed}"),
+            format!("nxdomain.test:{closed}"),
+        ],
         "",
     ));
-    let (_, out, _) = curl(&["-i", "-x", &proxy.url(), &format!("http://down.test:{closed}/")]);
+    let (_, out, _) = curl(&[
+        "-i",
+        "-x",
+        &proxy.url(),
+        &format!("http://down.test:{closed}/"),
+    ]);
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
-    assert!(out.contains("chokepoint-reason: upstream_connect_failed"), "{out}");
-    assert!(out.contains("chokepoint could not complete GET down.test"), "{out}");
+    assert!(
+        out.contains("chokepoint-reason: upstream_connect_failed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("chokepoint could not complete GET down.test"),
+        "{out}"
+    );
     let a = proxy.audit();
-    assert_eq!((a.decision.as_str(), a.reason.as_str(), a.status), ("allow", "upstream_connect_failed", Some(502)));
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str(), a.status),
+        ("allow", "upstream_connect_failed", Some(502))
+    );
 
     // The test config's nameserver is a closed loopback port: resolution fails.
-    let (_, out, _) = curl(&["-i", "-x", &proxy.url(), &format!("http://nxdomain.test:{closed}/")]);
-    assert!(out.starts_with("HTTP/1.1 502") || out.starts_with("HTTP/1.1 504"), "{out}");
+    let (_, out, _) = curl(&[
+        "-i",
+        "-x",
+        &proxy.url(),
+        &format!("http://nxdomain.test:{closed}/"),
+    ]);
+    assert!(
+        out.starts_with("HTTP/1.1 502") || out.starts_with("HTTP/1.1 504"),
+        "{out}"
+    );
     let a = proxy.audit();
     assert!(a.reason.starts_with("dns_"), "{a:?}");
     proxy.no_audit_for(Duration::from_millis(100));

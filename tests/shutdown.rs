@@ -11,7 +11,8 @@ use support::*;
 
 fn open_tunnel(proxy: &Proxy, port: u16) -> TcpStream {
     let mut s = raw(proxy);
-    s.write_all(format!("CONNECT echo.test:{port} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("CONNECT echo.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
     assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
     s
 }
@@ -36,10 +37,18 @@ fn sigterm_drains_an_open_tunnel_then_exits_zero() {
     round_trip(&mut tunnel, b"before");
     proxy.sigterm();
     // Wait until the proxy says it is draining, so the next checks race nothing.
-    while !proxy.stderr.recv_timeout(WAIT).unwrap().contains("draining") {}
+    while !proxy
+        .stderr
+        .recv_timeout(WAIT)
+        .unwrap()
+        .contains("draining")
+    {}
 
     // New connections are no longer accepted...
-    assert!(TcpStream::connect(proxy.addr).is_err(), "listener should be closed");
+    assert!(
+        TcpStream::connect(proxy.addr).is_err(),
+        "listener should be closed"
+    );
     // ...but the open tunnel keeps working.
     round_trip(&mut tunnel, b"during the grace period");
     assert!(proxy.is_running());
@@ -48,8 +57,14 @@ fn sigterm_drains_an_open_tunnel_then_exits_zero() {
     let status = proxy.wait_exit(WAIT);
     assert!(status.success(), "{status:?}");
     let a = proxy.audit();
-    assert_eq!((a.event.as_str(), a.reason.as_str()), ("connect", "allowed"));
-    assert_eq!(a.bytes_up, (b"before".len() + b"during the grace period".len()) as u64);
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("connect", "allowed")
+    );
+    assert_eq!(
+        a.bytes_up,
+        (b"before".len() + b"during the grace period".len()) as u64
+    );
 }
 
 #[test]
@@ -69,8 +84,13 @@ fn tunnel_still_open_at_the_end_of_grace_is_closed_and_audited() {
     let status = proxy.wait_exit(WAIT);
     assert!(status.success(), "{status:?}");
     let a = proxy.audit();
-    assert_eq!((a.event.as_str(), a.reason.as_str()), ("connect", "shutdown"));
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("connect", "shutdown")
+    );
     assert!(a.duration_ms >= 1000, "{a:?}");
-    tunnel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     assert_eq!(tunnel.read(&mut [0u8; 8]).unwrap_or(0), 0, "tunnel closed");
 }
