@@ -1,6 +1,8 @@
 //! The CLI: `chokepoint check` on the shipped configs and on broken fixtures, whose exact messages
 //! (file, line, column, key, problem) are pinned in `tests/fixtures/config/invalid/*.stderr`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

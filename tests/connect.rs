@@ -1,6 +1,8 @@
 //! CONNECT tunnels through the real binary: allowed tunnels carry bytes exactly, everything else
 //! is refused before any upstream connection, and every case leaves an audit line.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
+
 mod support;
 
 use std::io::{Read, Write};

@@ -2,6 +2,8 @@
 //! origin-form with hop-by-hop headers gone, bodies stream both ways byte for byte, keep-alive
 //! works, and refusals never reach the origin.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
+
 mod support;
 
 use std::io::{Read, Write};

@@ -1,6 +1,8 @@
 //! SIGTERM: stop accepting, let open tunnels finish within the grace period, then exit 0 with
 //! every audit line written.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
+
 mod support;
 
 use std::io::{Read, Write};

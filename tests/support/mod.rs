@@ -4,7 +4,13 @@
 //! Traffic never leaves loopback: origins bind 127.0.0.1, and "denied" destinations are loopback
 //! addresses the test config puts in `deny_cidrs` (or leaves in the built-in deny set).
 
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
