@@ -10,6 +10,7 @@ use serde::{Serialize, Serializer};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::target::Host;
 
@@ -87,7 +88,16 @@ pub struct AuditSink {
 #[derive(Debug)]
 pub struct AuditWriter {
     task: JoinHandle<std::io::Result<()>>,
+    failed: CancellationToken,
 }
+
+/// A reserved slot in the audit queue: sending through it cannot wait or fail.
+#[derive(Debug)]
+pub struct AuditPermit<'a>(mpsc::Permit<'a, String>);
+
+/// The audit writer has stopped; lines can no longer be queued.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterGone;
 
 /// Start the writer task on `out` (stdout in the binary).
 pub fn spawn<W>(out: W) -> (AuditSink, AuditWriter)
@@ -95,8 +105,17 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(QUEUE_LINES);
-    let task = tokio::spawn(write_lines(rx, out));
-    (AuditSink { tx }, AuditWriter { task })
+    let failed = CancellationToken::new();
+    let on_fail = failed.clone();
+    let task = tokio::spawn(async move {
+        let r = write_lines(rx, out).await;
+        if r.is_err() {
+            // The gateway must not keep passing traffic it cannot audit: `run` shuts down.
+            on_fail.cancel();
+        }
+        r
+    });
+    (AuditSink { tx }, AuditWriter { task, failed })
 }
 
 async fn write_lines<W: AsyncWrite + Unpin>(
@@ -130,36 +149,65 @@ impl AuditRecord<'_> {
 // === impl AuditSink ===
 
 impl AuditSink {
-    /// Queue a line, waiting for space if the writer is behind.
-    pub async fn send(&self, line: String) {
-        if self.tx.send(line).await.is_err() {
-            tracing::error!("audit writer has stopped; audit line lost");
-        }
+    /// Wait for a free slot in the queue (backpressure when the writer is behind).
+    pub async fn reserve(&self) -> Result<AuditPermit<'_>, WriterGone> {
+        self.tx
+            .reserve()
+            .await
+            .map(AuditPermit)
+            .map_err(|_| WriterGone)
     }
 
-    /// Queue a line from a synchronous context (a `Drop` or a body's `poll`): never drops it;
-    /// when the queue is full, a task waits for space instead.
+    /// Queue a line from a synchronous context (a `Drop` or a body's `poll`). Never drops it:
+    /// when the queue is full a task waits for space; when the writer is gone, the line goes to
+    /// stderr.
     pub fn send_now(&self, line: String) {
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(line)) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    if tx.send(line).await.is_err() {
-                        tracing::error!("audit writer has stopped; audit line lost");
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let tx = self.tx.clone();
+                        rt.spawn(async move {
+                            if let Err(mpsc::error::SendError(line)) = tx.send(line).await {
+                                fallback(&line);
+                            }
+                        });
                     }
-                });
+                    Err(_) => fallback(&line),
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!("audit writer has stopped; audit line lost");
-            }
+            Err(mpsc::error::TrySendError::Closed(line)) => fallback(&line),
         }
     }
+}
+
+// === impl AuditPermit ===
+
+impl AuditPermit<'_> {
+    /// Queue the line in the reserved slot.
+    pub fn send(self, line: String) {
+        self.0.send(line);
+    }
+}
+
+/// Last resort when the writer is gone: the line goes to stderr, marked, rather than nowhere.
+#[cold]
+pub fn fallback(line: &str) {
+    tracing::error!(
+        audit = line,
+        "audit writer has stopped; audit line written to the log instead"
+    );
 }
 
 // === impl AuditWriter ===
 
 impl AuditWriter {
+    /// Completes if the writer fails (stdout closed or broken).
+    pub async fn failed(&self) {
+        self.failed.cancelled().await;
+    }
+
     /// Wait until every queued line is written and flushed (all sinks must be dropped first).
     pub async fn finish(self) -> std::io::Result<()> {
         match self.task.await {
@@ -233,11 +281,32 @@ mod tests {
 
     #[tokio::test]
     async fn writer_flushes_every_line_on_finish() {
-        let (sink, writer) = spawn(Vec::new());
+        use tokio::io::AsyncReadExt;
+        let (w, mut r) = tokio::io::duplex(1 << 20);
+        let (sink, writer) = spawn(w);
         for i in 0..100 {
-            sink.send(format!("{{\"n\":{i}}}")).await;
+            sink.reserve().await.unwrap().send(format!("{{\"n\":{i}}}"));
         }
+        sink.send_now("{\"n\":100}".into());
         drop(sink);
         writer.finish().await.unwrap();
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 101);
+        assert_eq!(lines[100], "{\"n\":100}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_output_is_reported() {
+        let (w, r) = tokio::io::duplex(64);
+        drop(r);
+        let (sink, writer) = spawn(w);
+        sink.reserve().await.unwrap().send("x".into());
+        tokio::time::timeout(std::time::Duration::from_secs(5), writer.failed())
+            .await
+            .expect("writer failure is signalled");
+        drop(sink);
+        assert!(writer.finish().await.is_err());
     }
 }

@@ -305,6 +305,17 @@ impl Validator<'_> {
         for (i, s) in list.iter().enumerate() {
             let key = format!("{key}[{i}]");
             match s.get_ref().parse::<IpNet>() {
+                Ok(IpNet::V6(v6)) if v6.network().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 => {
+                    let v4 = v6.network().to_ipv4_mapped().map_or_else(String::new, |a| a.to_string());
+                    self.issue(
+                        s,
+                        key,
+                        format!(
+                            "IPv4-mapped ranges are matched as IPv4; write `{v4}/{}`",
+                            v6.prefix_len() - 96
+                        ),
+                    )
+                }
                 Ok(net) if net.trunc() != net => self.issue(
                     s,
                     key,

@@ -66,6 +66,12 @@ impl Meter {
             Direction::Up => self.up.fetch_add(n, Relaxed),
             Direction::Down => self.down.fetch_add(n, Relaxed),
         };
+        self.touch();
+    }
+
+    /// Record activity now without counting bytes (writes: the idle bound is about either
+    /// direction moving).
+    pub fn touch(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         self.last.store(ms, Relaxed);
     }
@@ -88,7 +94,8 @@ impl Meter {
 }
 
 pin_project! {
-    /// An `AsyncRead + AsyncWrite` that counts the bytes read from it.
+    /// An `AsyncRead + AsyncWrite` that counts the bytes read from it and records activity on
+    /// reads and writes.
     pub struct Metered<T> {
         #[pin]
         inner: T,
@@ -145,7 +152,12 @@ impl<T: AsyncWrite> AsyncWrite for Metered<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let n = ready!(this.inner.poll_write_vectored(cx, bufs))?;
+        if n > 0 {
+            this.meter.touch();
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -100,7 +100,12 @@ where
     let shared = Arc::new(Shared::new(config, resolver, sink));
 
     let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = writer.failed() => {
+            tracing::error!("audit log cannot be written; shutting down rather than pass traffic unaudited");
+        }
+    }
     shared.draining.cancel();
     let _ = accept.await; // the listener is closed once the accept loop has returned
     tracing::info!(grace = ?grace, "listener closed; draining open requests and tunnels");

@@ -122,8 +122,15 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     });
     let conn = shared.http.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
+    let idle = shared.config.timeouts.idle;
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // hyper bounds reading a request head, but not a client that stops reading our
+        // responses, nor an exchange where neither side moves: close such connections.
+        () = received.idle_for(idle) => {
+            tracing::debug!(client = %peer, "client connection idle; closed");
+            Ok(())
+        }
         () = shared.draining.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
@@ -225,6 +232,7 @@ async fn steps(
     if kind == Kind::Http {
         ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
         forward::check_host(req.headers(), &target)?;
+        forward::check_framing(req.headers())?;
     }
     let agent = cfg.agents.get(cfg.agents.identify(ctx.client)?);
     let policy = cfg.policy_of(agent);

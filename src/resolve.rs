@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::ResolveErrorKind;
 use hickory_resolver::TokioResolver;
@@ -66,6 +67,9 @@ impl Resolver {
         opts.timeout = timeout;
         opts.attempts = 1;
         opts.ndots = 0;
+        // Answers come from `[dns] hosts` and the nameservers only: the pod's /etc/hosts
+        // (hostname, hostAliases) must not silently override the configured resolver.
+        opts.use_hosts_file = ResolveHosts::Never;
         // The gateway's answers are only as fresh as DNS says; a long negative cache would hide
         // a record the operator just added.
         opts.negative_max_ttl = Some(Duration::from_secs(30));
@@ -109,16 +113,23 @@ impl Resolver {
 
 #[cold]
 fn dns_refusal(e: &hickory_resolver::ResolveError) -> Deny {
-    if e.is_no_records_found() || e.is_nx_domain() {
-        return Deny::new(
-            Reason::DnsFailed,
-            "name does not resolve (NXDOMAIN or no records)",
-        );
-    }
-    match e.kind() {
-        ResolveErrorKind::Proto(p) if matches!(p.kind(), ProtoErrorKind::Timeout) => {
-            Deny::new(Reason::DnsTimeout, "DNS lookup timed out")
-        }
+    let ResolveErrorKind::Proto(p) = e.kind() else {
+        return Deny::with_detail(Reason::DnsFailed, format!("DNS lookup failed: {e}"));
+    };
+    match p.kind() {
+        ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
+            ResponseCode::NXDomain => {
+                Deny::new(Reason::DnsFailed, "name does not exist (NXDOMAIN)")
+            }
+            ResponseCode::NoError => {
+                Deny::new(Reason::DnsNoAddresses, "name has no A or AAAA records")
+            }
+            code => Deny::with_detail(
+                Reason::DnsFailed,
+                format!("DNS server answered {code} for this name"),
+            ),
+        },
+        ProtoErrorKind::Timeout => Deny::new(Reason::DnsTimeout, "DNS lookup timed out"),
         _ => Deny::with_detail(Reason::DnsFailed, format!("DNS lookup failed: {e}")),
     }
 }

@@ -49,10 +49,12 @@ pub enum Refusal {
     SelfLoop,
 }
 
-/// Cloud metadata endpoints: AWS/GCP/Azure/OpenStack IPv4 and AWS's IPv6 one.
-const METADATA: [IpAddr; 2] = [
+/// Cloud metadata endpoints: AWS/GCP/Azure/OpenStack IPv4, AWS's IPv6 one, and Azure's
+/// WireServer (a public address that every Azure VM and AKS pod can reach, serving credentials).
+const METADATA: [IpAddr; 3] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
 ];
 
 const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> (Ipv4Addr, u8) {
@@ -60,11 +62,15 @@ const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> (Ipv4Addr, u8) {
 }
 
 /// Built-in IPv4 deny set (RFC 6890 special-purpose registry, minus the globally reachable ones).
-const BUILTIN_V4: [((Ipv4Addr, u8), &str); 16] = [
+const BUILTIN_V4: [((Ipv4Addr, u8), &str); 17] = [
     (v4(0, 0, 0, 0, 8), "this-network (0.0.0.0/8)"),
     (v4(10, 0, 0, 0, 8), "private (RFC 1918)"),
     (v4(100, 64, 0, 0, 10), "carrier-grade NAT (100.64.0.0/10)"),
     (v4(127, 0, 0, 0, 8), "loopback"),
+    (
+        v4(168, 63, 129, 16, 32),
+        "Azure WireServer (cloud metadata)",
+    ),
     (v4(169, 254, 0, 0, 16), "link-local (cloud metadata range)"),
     (v4(172, 16, 0, 0, 12), "private (RFC 1918)"),
     (v4(192, 0, 0, 0, 24), "IETF protocol assignments"),
@@ -116,6 +122,12 @@ fn builtin_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
     if in_net(0x2001_0010 << 96, 28) || in_net(0x2001_0020 << 96, 28) {
         return Some("ORCHID");
+    }
+    // ::/8 is reserved; it holds the IPv4-compatible (::a.b.c.d) and IPv4-translated
+    // (::ffff:0:a.b.c.d) forms. Only the well-known NAT64 prefix inside it is routable, and its
+    // embedded IPv4 address is vetted separately.
+    if s[0] & 0xff00 == 0 && !in_net(0x0064_ff9b << 96, 96) {
+        return Some("reserved (::/8)");
     }
     None
 }
@@ -193,8 +205,9 @@ impl Vetter {
         })
     }
 
-    /// Decide one address.
+    /// Decide one address (an IPv4-mapped address is decided as the IPv4 address it is).
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
+        let ip = canonical(ip);
         if self.own.iter().any(|o| {
             o.port() == port && (o.ip() == ip || (o.ip().is_unspecified() && ip.is_loopback()))
         }) {

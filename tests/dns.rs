@@ -634,7 +634,7 @@ fn static_hosts_win_over_dns() {
 /// SERVFAIL and NODATA (NOERROR, no record) end like NXDOMAIN: 502 `dns_failed` (resolve.rs maps
 /// "no records found" to `dns_failed`), decision still "allow" (a 5xx fault, ctx.rs `deny`).
 #[test]
-fn servfail_and_nodata_are_502_dns_failed() {
+fn servfail_and_nodata_are_502_with_their_own_reasons() {
     let dns = Dns::start(|name, _, _| match name {
         "servfail.test" => Reply::ServFail,
         _ => Reply::NoData,
@@ -645,16 +645,16 @@ fn servfail_and_nodata_are_502_dns_failed() {
     let allow: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
     let proxy = Proxy::start(&dns_config(dns.addr, "2s", "", &allow));
 
-    for name in names {
+    for (name, reason) in names.into_iter().zip(["dns_failed", "dns_no_addresses"]) {
         let got = fetch(&proxy, &format!("http://{name}:{port}/"), false);
         assert_eq!(got.exit, 0, "{name}: {got:?}");
         assert_eq!(got.status, 502, "{name}: {got:?}");
-        assert_eq!(got.reason_header().as_deref(), Some("dns_failed"), "{name}");
+        assert_eq!(got.reason_header().as_deref(), Some(reason), "{name}");
 
         let a = proxy.audit();
         assert_eq!(a.event, "http");
         assert_eq!(a.decision, "allow", "{name}");
-        assert_eq!(a.reason, "dns_failed", "{name}");
+        assert_eq!(a.reason, reason, "{name}");
         assert_eq!(a.host.as_deref(), Some(name));
         assert_eq!(a.port, Some(port));
         assert_eq!(a.upstream, None);

@@ -345,3 +345,37 @@ fn upstream_faults_are_502_with_the_reason() {
     assert!(a.reason.starts_with("dns_"), "{a:?}");
     proxy.no_audit_for(Duration::from_millis(100));
 }
+
+#[test]
+fn query_without_path_and_foreign_transfer_codings() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!("GET http://origin.test:{port}?x=1 HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(origin.next_seen().request_line(), "GET /?x=1 HTTP/1.1");
+    drop(s);
+    assert_eq!(proxy.audit().path.as_deref(), Some("/"));
+
+    // gzip would reach the origin still coded but labelled plain: refused instead.
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!(
+            "POST http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        head.contains("chokepoint-reason: malformed_request"),
+        "{head}"
+    );
+    assert_eq!(proxy.audit().reason, "malformed_request");
+    assert_eq!(origin.connections(), 1);
+}

@@ -168,11 +168,16 @@ impl Audited {
             .unwrap_or_else(|| unreachable!("context taken before finish"))
     }
 
-    /// Write the line, waiting for queue space (backpressure).
+    /// Write the line, waiting for queue space (backpressure). The context stays in the guard
+    /// until a slot is reserved, so if this future is dropped while waiting, `Drop` still writes it.
     pub async fn finish(mut self) {
+        let permit = self.sink.reserve().await;
         if let Some(ctx) = self.ctx.take() {
             log_end(&ctx);
-            self.sink.send(ctx.audit_line()).await;
+            match permit {
+                Ok(p) => p.send(ctx.audit_line()),
+                Err(_) => audit::fallback(&ctx.audit_line()),
+            }
         }
     }
 

@@ -68,6 +68,24 @@ pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
     }
 }
 
+/// Refuse transfer codings other than `chunked`: hyper removes only the chunked framing, so a
+/// `gzip, chunked` body would reach the next hop still gzip-coded but labelled as plain.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
+    let only_chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    if only_chunked {
+        Ok(())
+    } else {
+        Err(Deny::new(
+            Reason::MalformedRequest,
+            "unsupported Transfer-Encoding: only chunked is forwarded",
+        ))
+    }
+}
+
 /// Send the request upstream on `stream`; returns the response head with its streaming body.
 pub async fn send(
     req: Request<Incoming>,
@@ -102,6 +120,12 @@ pub async fn send(
         .send_request(req)
         .await
         .map_err(|e| upstream_error("request", &e))?;
+    if check_framing(resp.headers()).is_err() {
+        return Err(Deny::new(
+            Reason::UpstreamError,
+            "upstream used a transfer coding other than chunked",
+        ));
+    }
     strip_hop_by_hop(resp.headers_mut());
     // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
     *resp.version_mut() = Version::HTTP_11;
@@ -123,10 +147,13 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
         .authority()
         .cloned()
         .ok_or(Deny::new(Reason::MalformedRequest, "URL has no host"))?;
-    let origin_form = match parts.uri.path_and_query() {
-        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
-        _ => Uri::from_static("/"),
-    };
+    let origin_form = match parts.uri.path_and_query().map(|pq| pq.as_str()) {
+        Some(pq) if pq.starts_with('/') => Uri::try_from(pq),
+        // `http://host?q` has an empty path: origin-form needs the `/` (RFC 9112 §3.2.1).
+        Some(pq) if pq.starts_with('?') => Uri::try_from(format!("/{pq}")),
+        _ => Ok(Uri::from_static("/")),
+    }
+    .map_err(|_| Deny::new(Reason::MalformedRequest, "invalid request path"))?;
     parts.uri = origin_form;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
@@ -260,6 +287,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn only_chunked_transfer_coding_passes() {
+        let te = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(TRANSFER_ENCODING, HeaderValue::from_static(v));
+            check_framing(&h).is_ok()
+        };
+        assert!(te("chunked"));
+        assert!(te("Chunked"));
+        assert!(!te("gzip, chunked"));
+        assert!(!te("chunked, identity"));
+        assert!(check_framing(&HeaderMap::new()).is_ok());
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::outcome::Reason;
 /// Copy buffer per direction.
 const BUF_SIZE: usize = 16 * 1024;
 
-/// Run one tunnel to completion and write its audit line.
+/// Run one tunnel to completion and write its audit line. `idle` also bounds the wait for
+/// hyper to hand over the client connection (the 200 must be written first).
 pub async fn run(
     on_upgrade: OnUpgrade,
     upstream: TcpStream,
@@ -28,11 +29,16 @@ pub async fn run(
     idle: Duration,
     abort: CancellationToken,
 ) {
-    let upgraded = match on_upgrade.await {
-        Ok(u) => u,
-        Err(e) => {
+    let upgraded = match tokio::time::timeout(idle, on_upgrade).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "client left before the tunnel started");
             audited.ctx_mut().reason = Reason::ClientClosed;
+            return audited.finish().await;
+        }
+        Err(_) => {
+            tracing::debug!("client did not take the 200 in time");
+            audited.ctx_mut().reason = Reason::IdleTimeout;
             return audited.finish().await;
         }
     };

@@ -122,6 +122,8 @@ fn metadata_needs_exact_allow() {
     );
     assert_eq!(wide.check(ip("fd00:ec2::254"), 80), Err(Refusal::Metadata));
     assert_eq!(wide.check(ip("169.254.1.1"), 80), Ok(()));
+    let azure = Vetter::new(vec![], nets(&["168.63.0.0/16"]), vec![]);
+    assert_eq!(azure.check(ip("168.63.129.16"), 80), Err(Refusal::Metadata));
     let exact = Vetter::new(vec![], nets(&["169.254.169.254/32"]), vec![]);
     assert_eq!(exact.check(ip("169.254.169.254"), 80), Ok(()));
 }
