@@ -48,13 +48,17 @@ pub enum Miss {
     IpLiteral,
 }
 
+/// Keys come from the config; lookups hash client-chosen names but can only probe the chains the
+/// config built, so a fast seeded hash is safe here (and halves the cost of SipHash per label).
+type Map<K> = HashMap<K, Vec<usize>, foldhash::fast::RandomState>;
+
 /// The compiled allowlist of one policy.
 #[derive(Clone, Debug, Default)]
 pub struct Allowlist {
     rules: Vec<Rule>,
-    exact: HashMap<Box<str>, Vec<usize>>,
-    below: HashMap<Box<str>, Vec<usize>>,
-    ips: HashMap<IpAddr, Vec<usize>>,
+    exact: Map<Box<str>>,
+    below: Map<Box<str>>,
+    ips: Map<IpAddr>,
 }
 
 /// Parse one rule. The error is a sentence for the config report, with the fix when known.
