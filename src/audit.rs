@@ -49,13 +49,13 @@ pub struct AuditRecord<'a> {
     pub port: Option<u16>,
     /// For plain HTTP, the request path without its query string (queries often carry secrets).
     pub path: Option<&'a str>,
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `would_deny` (report mode).
     pub decision: &'static str,
     /// The reason token (see `outcome::Reason`).
     pub reason: &'static str,
     /// The allow rule that admitted the request.
     pub rule: Option<&'a str>,
-    /// `enforce` (report mode comes with per-agent policies).
+    /// `enforce` or `report`: the mode of the agent's policy.
     pub mode: &'static str,
     /// The vetted address that was dialled.
     pub upstream: Option<SocketAddr>,

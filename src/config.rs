@@ -18,8 +18,9 @@ use ipnet::IpNet;
 
 pub use error::{ConfigError, ConfigIssue};
 
-use crate::identity::{Agent, Agents};
-use crate::policy::{self, Allowlist, Policy};
+use crate::identity::{Agent, Agents, Token};
+use crate::limits::Limits;
+use crate::policy::{self, Allowlist, Mode, Pattern, Policy};
 use crate::resolve::DnsConfig;
 use crate::target::{self, Host};
 use crate::vet::Vetter;
@@ -57,6 +58,13 @@ pub struct Config {
     pub agents: Agents,
     /// Policies; agents refer to them by index.
     pub policies: Vec<Policy>,
+    /// The global mode (`server.mode`); a policy may override it.
+    pub mode: Mode,
+    /// The `[limits]` defaults.
+    pub limits: Limits,
+    /// Problems that do not stop the config from loading (dead rules, shadowed agents, very
+    /// broad exceptions); `check` prints them and the gateway logs them.
+    pub warnings: Vec<ConfigIssue>,
 }
 
 impl Default for Timeouts {
@@ -98,8 +106,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         file: path,
         src,
         issues: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = v.build(&raw);
+    let mut config = v.build(&raw);
+    config.warnings = v.warnings;
     if v.issues.is_empty() {
         Ok(config)
     } else {
@@ -114,6 +124,14 @@ impl Config {
     pub fn policy_of(&self, agent: &Agent) -> &Policy {
         &self.policies[agent.policy]
     }
+
+    /// The largest request head any policy accepts (the HTTP parser's bound).
+    pub fn max_header_bytes(&self) -> u64 {
+        self.policies
+            .iter()
+            .map(|p| p.limits.max_request_header_bytes)
+            .fold(self.limits.max_request_header_bytes, u64::max)
+    }
 }
 
 /// Collects issues while building domain values.
@@ -121,20 +139,31 @@ struct Validator<'a> {
     file: &'a Path,
     src: &'a str,
     issues: Vec<ConfigIssue>,
+    warnings: Vec<ConfigIssue>,
 }
 
 // === impl Validator ===
 
 impl Validator<'_> {
     fn issue(&mut self, at: &Str, key: impl Into<String>, problem: impl Into<String>) {
-        let (line, col) = error::line_col(self.src, at.span().start);
-        self.issues.push(ConfigIssue {
+        let issue = self.at(at.span().start, key.into(), problem.into());
+        self.issues.push(issue);
+    }
+
+    fn warn(&mut self, offset: usize, key: impl Into<String>, problem: impl Into<String>) {
+        let issue = self.at(offset, key.into(), problem.into());
+        self.warnings.push(issue);
+    }
+
+    fn at(&self, offset: usize, key: String, problem: String) -> ConfigIssue {
+        let (line, col) = error::line_col(self.src, offset);
+        ConfigIssue {
             file: self.file.to_owned(),
             line,
             col,
-            key: key.into(),
-            problem: problem.into(),
-        });
+            key,
+            problem,
+        }
     }
 
     fn issue_at_top(&mut self, key: &str, problem: &str) {
@@ -153,7 +182,14 @@ impl Validator<'_> {
         let dns = self.dns(&raw.dns);
         let deny = self.cidrs(&raw.destinations.deny_cidrs, "destinations.deny_cidrs");
         let allow = self.cidrs(&raw.destinations.allow_cidrs, "destinations.allow_cidrs");
-        let (policies, by_name) = self.policies(&raw.policies);
+        self.warn_broad(
+            &raw.destinations.allow_cidrs,
+            &allow,
+            "destinations.allow_cidrs",
+        );
+        let mode = self.mode(raw.server.mode.as_ref(), "server.mode", Mode::Enforce);
+        let limits = self.limits(&raw.limits, "limits", Limits::default());
+        let (policies, by_name) = self.policies(&raw.policies, mode, limits);
         let agents = self.agents(&raw.agents, &by_name);
         Config {
             source: self.file.to_owned(),
@@ -163,6 +199,121 @@ impl Validator<'_> {
             vetter: Vetter::new(deny, allow, vec![listen]),
             agents,
             policies,
+            mode,
+            limits,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn mode(&mut self, v: Option<&Str>, key: &str, default: Mode) -> Mode {
+        let Some(v) = v else { return default };
+        Mode::parse(v.get_ref()).unwrap_or_else(|| {
+            self.issue(
+                v,
+                key,
+                format!(
+                    "`{}` is not a mode: use \"enforce\" or \"report\"",
+                    v.get_ref()
+                ),
+            );
+            default
+        })
+    }
+
+    /// Apply the keys present in `raw` on top of `base`, checking each against its range.
+    fn limits(&mut self, raw: &raw::RawLimits, key: &str, base: Limits) -> Limits {
+        const KIB: i64 = 1024;
+        const TIB: i64 = 1024 * 1024 * 1024 * 1024;
+        let mut out = base;
+        let mut int =
+            |v: &Option<toml::Spanned<i64>>, name: &str, min: i64, max: i64, unit: &str| {
+                let v = v.as_ref()?;
+                let n = *v.get_ref();
+                if (min..=max).contains(&n) {
+                    return u64::try_from(n).ok();
+                }
+                let (line, col) = error::line_col(self.src, v.span().start);
+                self.issues.push(ConfigIssue {
+                    file: self.file.to_owned(),
+                    line,
+                    col,
+                    key: format!("{key}.{name}"),
+                    problem: format!("{n} is out of range: use {min} to {max}{unit}"),
+                });
+                None
+            };
+        if let Some(n) = int(
+            &raw.max_request_header_bytes,
+            "max_request_header_bytes",
+            KIB,
+            256 * KIB,
+            " bytes",
+        ) {
+            out.max_request_header_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_request_body_bytes,
+            "max_request_body_bytes",
+            1,
+            TIB,
+            " bytes",
+        ) {
+            out.max_request_body_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_tunnel_upload_bytes,
+            "max_tunnel_upload_bytes",
+            1,
+            64 * TIB,
+            " bytes",
+        ) {
+            out.max_tunnel_upload_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_response_body_bytes,
+            "max_response_body_bytes",
+            1,
+            64 * TIB,
+            " bytes",
+        ) {
+            out.max_response_body_bytes = n;
+        }
+        if let Some(n) = int(&raw.burst, "burst", 1, 1_000_000, "") {
+            out.burst = n as u32;
+        }
+        if let Some(n) = int(&raw.max_concurrent, "max_concurrent", 1, 1_000_000, "") {
+            out.max_concurrent = n as u32;
+        }
+        if let Some(v) = &raw.requests_per_second {
+            let r = *v.get_ref();
+            if (0.001..=1_000_000.0).contains(&r) {
+                out.requests_per_second = r;
+            } else {
+                let issue = self.at(
+                    v.span().start,
+                    format!("{key}.requests_per_second"),
+                    format!("{r} is out of range: use 0.001 to 1000000 (fractions allowed: 0.5 = one every 2 s)"),
+                );
+                self.issues.push(issue);
+            }
+        }
+        out
+    }
+
+    /// Exceptions so broad that they switch the built-in protection off for whole networks.
+    fn warn_broad(&mut self, raw: &[Str], nets: &[IpNet], key: &str) {
+        for (i, (s, net)) in raw.iter().zip(nets).enumerate() {
+            let broad = match net {
+                IpNet::V4(n) => n.prefix_len() < 8,
+                IpNet::V6(n) => n.prefix_len() < 16,
+            };
+            if broad {
+                self.warn(
+                    s.span().start,
+                    format!("{key}[{i}]"),
+                    format!("`{net}` exempts a very large range from the built-in deny set; prefer the exact service addresses"),
+                );
+            }
         }
     }
 
@@ -335,6 +486,8 @@ impl Validator<'_> {
     fn policies(
         &mut self,
         raw: &std::collections::BTreeMap<Str, raw::RawPolicy>,
+        mode: Mode,
+        defaults: Limits,
     ) -> (Vec<Policy>, HashMap<String, usize>) {
         let mut policies = Vec::with_capacity(raw.len());
         let mut by_name = HashMap::with_capacity(raw.len());
@@ -344,11 +497,14 @@ impl Validator<'_> {
                 self.issue(name, &key, NAME_RULE);
             }
             let mut allowlist = Allowlist::default();
+            let mut parsed = Vec::with_capacity(p.allow.len());
             for (i, rule) in p.allow.iter().enumerate() {
                 let rkey = format!("{key}.allow[{i}]");
                 match policy::parse_rule(rule.get_ref()) {
                     Ok((pattern, port)) => {
-                        if !allowlist.insert(rule.get_ref(), pattern, port) {
+                        if allowlist.insert(rule.get_ref(), pattern.clone(), port) {
+                            parsed.push((i, rule, pattern, port));
+                        } else {
                             self.issue(rule, rkey, format!("duplicate rule `{}`", rule.get_ref()));
                         }
                     }
@@ -357,13 +513,56 @@ impl Validator<'_> {
                     }
                 }
             }
+            self.warn_dead_rules(&key, &parsed);
+            let allow_cidrs = self.cidrs(&p.allow_cidrs, &format!("{key}.allow_cidrs"));
+            self.warn_broad(&p.allow_cidrs, &allow_cidrs, &format!("{key}.allow_cidrs"));
+            let limits = match &p.limits {
+                Some(l) => self.limits(l.get_ref(), &format!("{key}.limits"), defaults),
+                None => defaults,
+            };
+            let mode = self.mode(p.mode.as_ref(), &format!("{key}.mode"), mode);
             by_name.insert(name.get_ref().clone(), policies.len());
             policies.push(Policy {
                 name: name.get_ref().as_str().into(),
                 allowlist,
+                limits,
+                mode,
+                allow_cidrs,
             });
         }
         (policies, by_name)
+    }
+
+    /// A rule that a wildcard of the same policy already admits (same port) never decides
+    /// anything: say so, since it usually means the operator meant something else.
+    fn warn_dead_rules(&mut self, key: &str, rules: &[(usize, &Str, Pattern, Option<u16>)]) {
+        for (i, rule, pattern, port) in rules {
+            let name = match pattern {
+                Pattern::Exact(n) | Pattern::Below(n) => n,
+                Pattern::Ip(_) => continue,
+            };
+            let covering = rules.iter().find(|(j, _, other, other_port)| {
+                let Pattern::Below(suffix) = other else {
+                    return false;
+                };
+                j != i
+                    && other_port == port
+                    && name.len() > suffix.len()
+                    && name.ends_with(&**suffix)
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+            });
+            if let Some((_, other, _, _)) = covering {
+                self.warn(
+                    rule.span().start,
+                    format!("{key}.allow[{i}]"),
+                    format!(
+                        "`{}` is already admitted by `{}`; this rule never decides anything",
+                        rule.get_ref(),
+                        other.get_ref()
+                    ),
+                );
+            }
+        }
     }
 
     fn agents(&mut self, raw: &[raw::RawAgent], policies: &HashMap<String, usize>) -> Agents {
@@ -374,7 +573,7 @@ impl Validator<'_> {
             );
         }
         let mut seen = HashSet::new();
-        let mut agents = Vec::with_capacity(raw.len());
+        let mut agents: Vec<Agent> = Vec::with_capacity(raw.len());
         for (i, a) in raw.iter().enumerate() {
             let key = format!("agents[{i}]");
             if !valid_name(a.name.get_ref()) {
@@ -387,14 +586,31 @@ impl Validator<'_> {
                     format!("agent `{}` is defined twice", a.name.get_ref()),
                 );
             }
-            if a.source_cidrs.is_empty() {
+            let source_cidrs = match &a.source_cidrs {
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        let issue = self.at(
+                            list.span().start,
+                            format!("{key}.source_cidrs"),
+                            "an empty list matches no client; remove the key to identify the agent by token only".into(),
+                        );
+                        self.issues.push(issue);
+                    }
+                    self.cidrs(list.get_ref(), &format!("{key}.source_cidrs"))
+                }
+                None => Vec::new(),
+            };
+            let token = a
+                .token_file
+                .as_ref()
+                .and_then(|f| self.token(f, &format!("{key}.token_file")));
+            if a.source_cidrs.is_none() && a.token_file.is_none() {
                 self.issue(
                     &a.name,
-                    format!("{key}.source_cidrs"),
-                    "needs at least one CIDR to identify the agent's clients",
+                    &key,
+                    "needs source_cidrs (the agent's address class) or token_file (a proxy token), or both",
                 );
             }
-            let source_cidrs = self.cidrs(&a.source_cidrs, &format!("{key}.source_cidrs"));
             let policy = match policies.get(a.policy.get_ref()) {
                 Some(&p) => p,
                 None => {
@@ -412,13 +628,54 @@ impl Validator<'_> {
                     0
                 }
             };
-            agents.push(Agent {
+            let agent = Agent {
                 name: Arc::from(a.name.get_ref().as_str()),
                 source_cidrs,
+                token,
                 policy,
-            });
+            };
+            self.warn_shadowed(&agents, &agent, &a.name, &key);
+            agents.push(agent);
         }
         Agents::new(agents)
+    }
+
+    /// Read a token file (relative paths are relative to the config file's directory).
+    fn token(&mut self, file: &Str, key: &str) -> Option<Arc<Token>> {
+        let path = Path::new(file.get_ref());
+        let path = match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        };
+        match Token::load(&path) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.issue(file, key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// An address-only agent whose every range an earlier address-only agent already covers can
+    /// never be chosen (first match wins).
+    fn warn_shadowed(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
+        if agent.token.is_some() || agent.source_cidrs.is_empty() {
+            return;
+        }
+        let shadow = earlier.iter().find(|e| {
+            e.token.is_none()
+                && agent
+                    .source_cidrs
+                    .iter()
+                    .all(|n| e.source_cidrs.iter().any(|m| m.contains(n)))
+        });
+        if let Some(e) = shadow {
+            self.warn(
+                name.span().start,
+                key,
+                format!("agent `{}` can never match: agent `{}` comes first and covers all its source_cidrs", agent.name, e.name),
+            );
+        }
     }
 }
 

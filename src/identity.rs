@@ -1,27 +1,52 @@
 //! Step 1: which agent is asking.
 //!
-//! Agents are matched in config order, first match wins. This step knows the client's source
-//! address only; credentials (Proxy-Authorization) and client certificates add further ways to
-//! match without changing the shape: `identify` returns the agent or a refusal.
+//! Agents are matched in config order, first match wins. An agent is identified by its source
+//! address class (`source_cidrs`), by a token (`Proxy-Authorization: Basic base64(name:token)`
+//! with the token read from `token_file`), or by both (then both must hold). A client that
+//! presents credentials but matches no agent, or names an agent with the wrong token, gets 407;
+//! one that presents none where an agent needs them gets 407 with a challenge; otherwise an
+//! unmatched client gets 403 `unknown_agent`.
+//!
+//! Tokens are compared in constant time and are never logged. They are re-read from their files
+//! by [`Token::refresh`] (called by `reload` every second), so a rotated Kubernetes Secret takes
+//! effect without a restart.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use base64::Engine;
+use http::header::PROXY_AUTHORIZATION;
+use http::HeaderMap;
 use ipnet::IpNet;
+use subtle::ConstantTimeEq;
 
 use crate::outcome::{Deny, Reason};
+
+/// Longest token accepted from a file or a client (a Secret holds a short random string).
+pub const MAX_TOKEN_BYTES: usize = 4096;
 
 /// Index of an agent in [`Agents`]; cheap to copy, valid for the config it came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentId(pub usize);
 
+/// A proxy token read from a file.
+#[derive(Debug)]
+pub struct Token {
+    path: PathBuf,
+    secret: ArcSwap<Vec<u8>>,
+}
+
 /// One `[[agents]]` entry, validated.
 #[derive(Clone, Debug)]
 pub struct Agent {
-    /// The agent's name (audit lines and, later, metric labels).
+    /// The agent's name (audit lines, metric labels, the Basic user name).
     pub name: Arc<str>,
-    /// Source address classes (pod CIDRs) that identify this agent.
+    /// Source address classes (pod CIDRs) that identify this agent; empty = any address.
     pub source_cidrs: Vec<IpNet>,
+    /// The token the agent must present, if any.
+    pub token: Option<Arc<Token>>,
     /// Index of the agent's policy in the config's policy table.
     pub policy: usize,
 }
@@ -30,6 +55,75 @@ pub struct Agent {
 #[derive(Clone, Debug, Default)]
 pub struct Agents {
     agents: Vec<Agent>,
+    any_token: bool,
+}
+
+/// Why a token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file could not be read.
+    #[error("cannot read token file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is empty (after trimming whitespace) or too long.
+    #[error("token file {} must hold 1 to {MAX_TOKEN_BYTES} bytes (surrounding whitespace is ignored)", path.display())]
+    Length {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+// === impl Token ===
+
+impl Token {
+    /// Read the token from `path`.
+    pub fn load(path: &Path) -> Result<Self, TokenError> {
+        let secret = read_token(path)?;
+        Ok(Token {
+            path: path.to_owned(),
+            secret: ArcSwap::from_pointee(secret),
+        })
+    }
+
+    /// The file the token comes from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-read the file; returns true if the token changed. A read error keeps the old token
+    /// (a Secret being swapped is briefly absent) and is returned for logging.
+    pub fn refresh(&self) -> Result<bool, TokenError> {
+        let fresh = read_token(&self.path)?;
+        if **self.secret.load() == fresh {
+            return Ok(false);
+        }
+        self.secret.store(Arc::new(fresh));
+        Ok(true)
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.secret.load().as_slice().ct_eq(presented).into()
+    }
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
+    let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() || trimmed.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::Length {
+            path: path.to_owned(),
+        });
+    }
+    Ok(trimmed.to_vec())
 }
 
 // === impl Agents ===
@@ -37,7 +131,8 @@ pub struct Agents {
 impl Agents {
     /// Build from validated agents, in config order.
     pub fn new(agents: Vec<Agent>) -> Self {
-        Agents { agents }
+        let any_token = agents.iter().any(|a| a.token.is_some());
+        Agents { agents, any_token }
     }
 
     /// The agent with this id.
@@ -60,18 +155,101 @@ impl Agents {
         self.agents.is_empty()
     }
 
-    /// The first agent whose source CIDRs contain the client's address.
-    pub fn identify(&self, client: SocketAddr) -> Result<AgentId, Deny> {
+    /// True when some agent is identified by a token (unmatched clients then get 407).
+    pub fn uses_tokens(&self) -> bool {
+        self.any_token
+    }
+
+    /// The first agent that matches the client's address and credentials.
+    pub fn identify(&self, client: SocketAddr, headers: &HeaderMap) -> Result<AgentId, Deny> {
         let ip = canonical(client.ip());
-        self.agents
-            .iter()
-            .position(|a| a.source_cidrs.iter().any(|n| n.contains(&ip)))
-            .map(AgentId)
-            .ok_or(Deny::new(
+        let creds = credentials(headers)?;
+        for (i, a) in self.agents.iter().enumerate() {
+            if !a.source_cidrs.is_empty() && !a.source_cidrs.iter().any(|n| n.contains(&ip)) {
+                continue;
+            }
+            let Some(token) = &a.token else {
+                return Ok(AgentId(i));
+            };
+            match &creds {
+                Some(c) if c.user() == a.name.as_bytes() => {
+                    return if token.matches(c.secret()) {
+                        Ok(AgentId(i))
+                    } else {
+                        Err(Deny::new(
+                            Reason::AuthFailed,
+                            "wrong proxy token for this agent",
+                        ))
+                    };
+                }
+                _ => continue,
+            }
+        }
+        Err(match (creds, self.any_token) {
+            (Some(_), _) => Deny::new(
+                Reason::AuthFailed,
+                "proxy credentials match no agent allowed from this address",
+            ),
+            (None, true) => Deny::new(
+                Reason::AuthRequired,
+                "proxy credentials required: Proxy-Authorization: Basic base64(agent:token)",
+            ),
+            (None, false) => Deny::new(
                 Reason::UnknownAgent,
                 "client address matches no [[agents]] entry",
-            ))
+            ),
+        })
     }
+}
+
+/// Decoded Basic credentials: `user:token`.
+struct Credentials {
+    decoded: Vec<u8>,
+    colon: usize,
+}
+
+impl Credentials {
+    fn user(&self) -> &[u8] {
+        &self.decoded[..self.colon]
+    }
+
+    fn secret(&self) -> &[u8] {
+        &self.decoded[self.colon + 1..]
+    }
+}
+
+/// The Basic credentials of `Proxy-Authorization`, if sent. Malformed credentials are a refusal,
+/// not "no credentials".
+fn credentials(headers: &HeaderMap) -> Result<Option<Credentials>, Deny> {
+    let mut values = headers.get_all(PROXY_AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let malformed = || {
+        Deny::new(
+            Reason::AuthFailed,
+            "malformed Proxy-Authorization: expected one `Basic base64(agent:token)`",
+        )
+    };
+    if values.next().is_some() {
+        return Err(malformed());
+    }
+    let value = value.as_bytes();
+    let (scheme, encoded) = match value.iter().position(|&b| b == b' ') {
+        Some(i) => (&value[..i], value[i + 1..].trim_ascii()),
+        None => return Err(malformed()),
+    };
+    if !scheme.eq_ignore_ascii_case(b"basic") || encoded.len() > 2 * MAX_TOKEN_BYTES {
+        return Err(malformed());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| malformed())?;
+    let colon = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or_else(malformed)?;
+    Ok(Some(Credentials { decoded, colon }))
 }
 
 /// A client on a dual-stack listener shows up as `::ffff:a.b.c.d`; match it as the IPv4 it is.
@@ -83,39 +261,4 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn agent(name: &str, cidrs: &[&str]) -> Agent {
-        Agent {
-            name: name.into(),
-            source_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            policy: 0,
-        }
-    }
-
-    #[test]
-    fn first_match_wins() {
-        let agents = Agents::new(vec![
-            agent("narrow", &["127.0.0.10/32"]),
-            agent("wide", &["127.0.0.0/8", "::1/128"]),
-        ]);
-        let id = |s: &str| {
-            agents
-                .identify(s.parse().unwrap())
-                .map(|a| &*agents.get(a).name)
-        };
-        assert_eq!(id("127.0.0.10:1000"), Ok("narrow"));
-        assert_eq!(id("127.0.0.11:1000"), Ok("wide"));
-        assert_eq!(
-            id("[::ffff:127.0.0.10]:1000"),
-            Ok("narrow"),
-            "mapped client address"
-        );
-        assert_eq!(id("[::1]:1000"), Ok("wide"));
-        assert_eq!(
-            id("192.0.2.1:1000").unwrap_err().reason,
-            Reason::UnknownAgent
-        );
-    }
-}
+mod tests;

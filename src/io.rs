@@ -6,7 +6,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -17,6 +17,30 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::outcome::Reason;
+
+/// The error type of bodies passed through the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// No cut recorded (a [`Reason`] code is an index into `Reason::ALL`, always below this).
+const NO_CUT: u8 = u8::MAX;
+
+/// A byte cap on one direction. `enforce = false` (report mode) only records that it was passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Most bytes allowed.
+    pub max: u64,
+    /// Cut the stream when passed, or only record it.
+    pub enforce: bool,
+    /// The reason recorded when passed (`upload_cap`, `body_too_large`, `response_cap`).
+    pub reason: Reason,
+}
+
+/// The stream was cut because a [`Cap`] was passed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} reached; stream cut")]
+pub struct CapReached(pub Reason);
+
 /// Which way bytes flow, from the client's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -26,7 +50,7 @@ pub enum Direction {
     Down,
 }
 
-/// Byte counters and a last-activity stamp for one request or tunnel.
+/// Byte counters, a last-activity stamp, and the first cap passed, for one request or tunnel.
 #[derive(Debug)]
 pub struct Meter {
     up: AtomicU64,
@@ -34,6 +58,8 @@ pub struct Meter {
     base: Instant,
     /// Milliseconds since `base` of the last read in either direction.
     last: AtomicU64,
+    /// `Reason::code` of the first cap passed or client failure seen, or `NO_CUT`.
+    cut: AtomicU8,
 }
 
 impl Default for Meter {
@@ -43,6 +69,7 @@ impl Default for Meter {
             down: AtomicU64::new(0),
             base: Instant::now(),
             last: AtomicU64::new(0),
+            cut: AtomicU8::new(NO_CUT),
         }
     }
 }
@@ -67,6 +94,40 @@ impl Meter {
             Direction::Down => self.down.fetch_add(n, Relaxed),
         };
         self.touch();
+    }
+
+    /// Record why the exchange was (or, in report mode, would have been) cut; the first one wins.
+    pub fn cut(&self, reason: Reason) {
+        let _ = self
+            .cut
+            .compare_exchange(NO_CUT, reason.code(), Relaxed, Relaxed);
+    }
+
+    /// The first cut recorded, if any.
+    pub fn cut_reason(&self) -> Option<Reason> {
+        match self.cut.load(Relaxed) {
+            NO_CUT => None,
+            code => Reason::from_code(code),
+        }
+    }
+
+    /// Count `n` more bytes against `cap` in `dir`. Returns `Err` (and counts nothing) when an
+    /// enforced cap would be passed; a report-mode cap only records the cut.
+    fn admit(&self, dir: Direction, n: u64, cap: Option<Cap>) -> Result<(), CapReached> {
+        if let Some(cap) = cap {
+            let so_far = match dir {
+                Direction::Up => self.up(),
+                Direction::Down => self.down(),
+            };
+            if so_far.saturating_add(n) > cap.max {
+                self.cut(cap.reason);
+                if cap.enforce {
+                    return Err(CapReached(cap.reason));
+                }
+            }
+        }
+        self.add(dir, n);
+        Ok(())
     }
 
     /// Record activity now without counting bytes (writes: the idle bound is about either
@@ -94,13 +155,14 @@ impl Meter {
 }
 
 pin_project! {
-    /// An `AsyncRead + AsyncWrite` that counts the bytes read from it and records activity on
-    /// reads and writes.
+    /// An `AsyncRead + AsyncWrite` that counts the bytes read from it (against an optional cap)
+    /// and records activity on reads and writes.
     pub struct Metered<T> {
         #[pin]
         inner: T,
         meter: Arc<Meter>,
         dir: Direction,
+        cap: Option<Cap>,
     }
 }
 
@@ -109,7 +171,19 @@ pin_project! {
 impl<T> Metered<T> {
     /// Count reads from `inner` as bytes flowing in `dir`.
     pub fn new(inner: T, meter: Arc<Meter>, dir: Direction) -> Self {
-        Metered { inner, meter, dir }
+        Metered {
+            inner,
+            meter,
+            dir,
+            cap: None,
+        }
+    }
+
+    /// Apply a cap to the bytes read: a read that would pass an enforced cap is discarded (none
+    /// of its bytes are passed on) and fails with [`CapReached`].
+    pub fn with_cap(mut self, cap: Cap) -> Self {
+        self.cap = Some(cap);
+        self
     }
 }
 
@@ -124,7 +198,10 @@ impl<T: AsyncRead> AsyncRead for Metered<T> {
         ready!(this.inner.poll_read(cx, buf))?;
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.meter.add(*this.dir, n as u64);
+            if let Err(e) = this.meter.admit(*this.dir, n as u64, *this.cap) {
+                buf.set_filled(before);
+                return Poll::Ready(Err(io::Error::other(e)));
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -166,12 +243,16 @@ impl<T: AsyncWrite> AsyncWrite for Metered<T> {
 }
 
 pin_project! {
-    /// An HTTP body that counts its data bytes.
+    /// An HTTP body that counts its data bytes against an optional cap. A frame that would pass
+    /// an enforced cap is not passed on: the body fails instead, so the next hop never receives
+    /// a complete over-cap body. An error of the inner body is recorded as `client_closed` when
+    /// this is the client's request body.
     pub struct MeteredBody<B> {
         #[pin]
         inner: B,
         meter: Arc<Meter>,
         dir: Direction,
+        cap: Option<Cap>,
     }
 }
 
@@ -180,26 +261,53 @@ pin_project! {
 impl<B> MeteredBody<B> {
     /// Count data frames of `inner` as bytes flowing in `dir`.
     pub fn new(inner: B, meter: Arc<Meter>, dir: Direction) -> Self {
-        MeteredBody { inner, meter, dir }
+        MeteredBody {
+            inner,
+            meter,
+            dir,
+            cap: None,
+        }
+    }
+
+    /// Apply a cap to the data bytes.
+    pub fn with_cap(mut self, cap: Cap) -> Self {
+        self.cap = Some(cap);
+        self
     }
 }
 
-impl<B: Body> Body for MeteredBody<B> {
+impl<B> Body for MeteredBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(Ok(f)) = &frame {
-            if let Some(data) = f.data_ref() {
-                this.meter.add(*this.dir, data.remaining() as u64);
+        let frame = match ready!(this.inner.poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                if *this.dir == Direction::Up {
+                    this.meter.cut(Reason::ClientClosed);
+                }
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            Some(Ok(f)) => f,
+        };
+        if let Some(data) = frame.data_ref() {
+            if let Err(e) = this
+                .meter
+                .admit(*this.dir, data.remaining() as u64, *this.cap)
+            {
+                return Poll::Ready(Some(Err(Box::new(e))));
             }
         }
-        Poll::Ready(frame)
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -228,6 +336,55 @@ mod tests {
         m.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"hello");
         assert_eq!((meter.up(), meter.down()), (5, 0));
+    }
+
+    #[tokio::test]
+    async fn enforced_cap_passes_nothing_beyond_it_report_cap_only_records() {
+        let cap = Cap {
+            max: 6,
+            enforce: true,
+            reason: Reason::UploadCap,
+        };
+        let meter = Arc::new(Meter::default());
+        let io = tokio_test::io::Builder::new()
+            .read(b"12345")
+            .read(b"678")
+            .build();
+        let mut m = Metered::new(io, meter.clone(), Direction::Up).with_cap(cap);
+        let mut buf = [0u8; 16];
+        assert_eq!(m.read(&mut buf).await.unwrap(), 5);
+        let err = m.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("upload_cap"), "{err}");
+        assert_eq!(
+            meter.up(),
+            5,
+            "the over-cap read is not counted or passed on"
+        );
+        assert_eq!(meter.cut_reason(), Some(Reason::UploadCap));
+
+        let report = Cap {
+            enforce: false,
+            ..cap
+        };
+        let meter = Arc::new(Meter::default());
+        let io = tokio_test::io::Builder::new()
+            .read(b"12345")
+            .read(b"678")
+            .build();
+        let mut m = Metered::new(io, meter.clone(), Direction::Up).with_cap(report);
+        let mut out = Vec::new();
+        m.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"12345678");
+        assert_eq!(meter.cut_reason(), Some(Reason::UploadCap));
+    }
+
+    #[test]
+    fn first_cut_wins() {
+        let m = Meter::default();
+        assert_eq!(m.cut_reason(), None);
+        m.cut(Reason::BodyTooLarge);
+        m.cut(Reason::ClientClosed);
+        assert_eq!(m.cut_reason(), Some(Reason::BodyTooLarge));
     }
 
     #[tokio::test(start_paused = true)]

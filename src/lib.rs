@@ -38,9 +38,11 @@ pub mod config;
 pub mod connect;
 pub mod identity;
 pub mod io;
+pub mod limits;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod shutdown;
 pub mod target;
@@ -55,7 +57,7 @@ use tokio::net::TcpListener;
 
 use config::Config;
 use proxy::Shared;
-use resolve::Resolver;
+use reload::Live;
 
 /// How long tasks still open at the end of the grace period get to write their audit lines.
 const ABORT_WAIT: Duration = Duration::from_secs(2);
@@ -63,6 +65,9 @@ const ABORT_WAIT: Duration = Duration::from_secs(2);
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The listener's address could not be read.
+    #[error("reading the listener address")]
+    Listener(#[source] std::io::Error),
     /// The resolver could not be set up.
     #[error(transparent)]
     Resolver(#[from] resolve::ResolverError),
@@ -78,26 +83,20 @@ pub enum RunError {
 /// and flush the audit writer. Audit lines go to `audit_out`.
 pub async fn run<W>(
     listener: TcpListener,
-    config: Arc<Config>,
+    config: Config,
     audit_out: W,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError>
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let resolver = Resolver::new(&config.dns, config.timeouts.dns)?;
-    // The config may say port 0; the self-loop check needs the port actually bound.
-    let config = match listener.local_addr() {
-        Ok(bound) if bound != config.listen => {
-            let mut c = (*config).clone();
-            c.vetter = c.vetter.with_own(vec![bound]);
-            Arc::new(c)
-        }
-        _ => config,
-    };
-    let (sink, writer) = audit::spawn(audit_out);
+    let bound = listener.local_addr().map_err(RunError::Listener)?;
     let grace = config.timeouts.shutdown_grace;
-    let shared = Arc::new(Shared::new(config, resolver, sink));
+    let live = Arc::new(Live::new(config, bound)?);
+    let (sink, writer) = audit::spawn(audit_out);
+    let shared = Arc::new(Shared::new(live.clone(), sink));
+    let watching = shared.draining.clone();
+    let watcher = tokio::spawn(live.watch(watching));
 
     let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
     tokio::select! {
@@ -119,6 +118,7 @@ where
         shared.abort.cancel();
         let _ = tokio::time::timeout(ABORT_WAIT, shared.tracker.wait()).await;
     }
+    let _ = watcher.await;
     drop(shared);
     writer.finish().await.map_err(RunError::Audit)?;
     tracing::info!("stopped");

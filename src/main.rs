@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -61,6 +60,9 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", summary(&config));
             ExitCode::SUCCESS
         }
@@ -100,7 +102,7 @@ fn serve(config: Config) -> ExitCode {
         );
         let run = chokepoint::run(
             listener,
-            Arc::new(config),
+            config,
             tokio::io::stdout(),
             chokepoint::shutdown::signal(),
         );
@@ -134,18 +136,43 @@ fn summary(config: &Config) -> String {
     let _ = writeln!(s, "listen: {}", config.listen);
     let _ = writeln!(s, "agents: {}", config.agents.len());
     for a in config.agents.iter() {
-        let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
+        let mut by = Vec::new();
+        if !a.source_cidrs.is_empty() {
+            let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
+            by.push(format!("source {}", cidrs.join(", ")));
+        }
+        if let Some(t) = &a.token {
+            by.push(format!("token {}", t.path().display()));
+        }
         let _ = writeln!(
             s,
-            "  {} -> policy {} (source {})",
+            "  {} -> policy {} ({})",
             a.name,
             config.policies[a.policy].name,
-            cidrs.join(", ")
+            by.join("; ")
         );
     }
     let _ = writeln!(s, "policies: {}", config.policies.len());
     for p in &config.policies {
-        let _ = writeln!(s, "  {}: {} allow rules", p.name, p.allowlist.len());
+        let l = &p.limits;
+        let _ = writeln!(
+            s,
+            "  {}: {} allow rules, mode {}, {} req/s burst {}, {} concurrent, body {} B, upload {} B, response {} B{}",
+            p.name,
+            p.allowlist.len(),
+            p.mode.as_str(),
+            l.requests_per_second,
+            l.burst,
+            l.max_concurrent,
+            l.max_request_body_bytes,
+            l.max_tunnel_upload_bytes,
+            l.max_response_body_bytes,
+            if p.allow_cidrs.is_empty() {
+                String::new()
+            } else {
+                format!(", {} allow_cidrs", p.allow_cidrs.len())
+            }
+        );
     }
     let _ = writeln!(
         s,

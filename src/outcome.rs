@@ -29,6 +29,20 @@ pub enum Reason {
     HeaderTooLarge,
     /// The client matched no `[[agents]]` entry.
     UnknownAgent,
+    /// Credentials are required (an agent uses tokens) and none were sent.
+    AuthRequired,
+    /// The credentials sent do not match any agent.
+    AuthFailed,
+    /// The agent is over its request rate (`requests_per_second`, `burst`).
+    RateLimited,
+    /// The agent has `max_concurrent` requests and tunnels open already.
+    TooManyConcurrent,
+    /// The request body is larger than `max_request_body_bytes`.
+    BodyTooLarge,
+    /// A tunnel's client-to-upstream bytes passed `max_tunnel_upload_bytes`; it was closed.
+    UploadCap,
+    /// A response body passed `max_response_body_bytes`; it was cut.
+    ResponseCap,
     /// The host is not on the agent's allowlist.
     HostNotAllowed,
     /// The host is on the allowlist, but not for this port.
@@ -64,6 +78,8 @@ pub enum Decision {
     Allow,
     /// The request was refused.
     Deny,
+    /// Report mode: the request would have been refused, and was let through.
+    WouldDeny,
 }
 
 /// A refusal: the reason from the closed vocabulary plus a human detail for the response body.
@@ -74,13 +90,15 @@ pub struct Deny {
     /// One human-readable clause saying what exactly was refused ("host not on allowlist of policy
     /// llm-apis"). Never contains secrets; may contain the target the client itself sent.
     pub detail: Cow<'static, str>,
+    /// For 429: seconds until a retry can succeed (the `Retry-After` header).
+    pub retry_after: Option<u64>,
 }
 
 // === impl Reason ===
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -89,6 +107,13 @@ impl Reason {
         Reason::HeaderTimeout,
         Reason::HeaderTooLarge,
         Reason::UnknownAgent,
+        Reason::AuthRequired,
+        Reason::AuthFailed,
+        Reason::RateLimited,
+        Reason::TooManyConcurrent,
+        Reason::BodyTooLarge,
+        Reason::UploadCap,
+        Reason::ResponseCap,
         Reason::HostNotAllowed,
         Reason::PortNotAllowed,
         Reason::IpLiteralNotAllowed,
@@ -115,6 +140,13 @@ impl Reason {
             Reason::HeaderTimeout => "header_timeout",
             Reason::HeaderTooLarge => "header_too_large",
             Reason::UnknownAgent => "unknown_agent",
+            Reason::AuthRequired => "auth_required",
+            Reason::AuthFailed => "auth_failed",
+            Reason::RateLimited => "rate_limited",
+            Reason::TooManyConcurrent => "too_many_concurrent",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::UploadCap => "upload_cap",
+            Reason::ResponseCap => "response_cap",
             Reason::HostNotAllowed => "host_not_allowed",
             Reason::PortNotAllowed => "port_not_allowed",
             Reason::IpLiteralNotAllowed => "ip_literal_not_allowed",
@@ -134,9 +166,14 @@ impl Reason {
     /// The status a client sees when a request is refused for this reason.
     pub const fn status(self) -> StatusCode {
         match self {
-            Reason::Allowed | Reason::IdleTimeout | Reason::Shutdown | Reason::ClientClosed => {
-                StatusCode::OK
-            }
+            Reason::Allowed
+            | Reason::IdleTimeout
+            | Reason::Shutdown
+            | Reason::ClientClosed
+            | Reason::UploadCap => StatusCode::OK,
+            Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Reason::RateLimited | Reason::TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
+            Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::MalformedRequest
             | Reason::NotProxyRequest
             | Reason::UnsupportedScheme
@@ -151,7 +188,8 @@ impl Reason {
             Reason::DnsFailed
             | Reason::DnsNoAddresses
             | Reason::UpstreamConnectFailed
-            | Reason::UpstreamError => StatusCode::BAD_GATEWAY,
+            | Reason::UpstreamError
+            | Reason::ResponseCap => StatusCode::BAD_GATEWAY,
             Reason::DnsTimeout | Reason::UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -166,7 +204,38 @@ impl Reason {
                 | Reason::PortNotAllowed
                 | Reason::IpLiteralNotAllowed
                 | Reason::DeniedAddress
+                | Reason::BodyTooLarge
         )
+    }
+
+    /// True for the refusals that report mode turns into `would_deny`: the allowlist and the
+    /// per-agent limits. Identity, parsing and destination vetting are enforced in every mode.
+    pub const fn is_reportable(self) -> bool {
+        matches!(
+            self,
+            Reason::HostNotAllowed
+                | Reason::PortNotAllowed
+                | Reason::IpLiteralNotAllowed
+                | Reason::RateLimited
+                | Reason::TooManyConcurrent
+                | Reason::HeaderTooLarge
+                | Reason::BodyTooLarge
+                | Reason::UploadCap
+                | Reason::ResponseCap
+        )
+    }
+
+    /// The index of this reason in [`Reason::ALL`] (a compact code for atomics).
+    pub fn code(self) -> u8 {
+        Reason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .map_or(0, |i| i as u8)
+    }
+
+    /// The reason with this [`Reason::code`].
+    pub fn from_code(code: u8) -> Option<Reason> {
+        Reason::ALL.get(usize::from(code)).copied()
     }
 }
 
@@ -184,6 +253,7 @@ impl Decision {
         match self {
             Decision::Allow => "allow",
             Decision::Deny => "deny",
+            Decision::WouldDeny => "would_deny",
         }
     }
 }
@@ -196,6 +266,7 @@ impl Deny {
         Deny {
             reason,
             detail: Cow::Borrowed(detail),
+            retry_after: None,
         }
     }
 
@@ -204,7 +275,15 @@ impl Deny {
         Deny {
             reason,
             detail: Cow::Owned(detail),
+            retry_after: None,
         }
+    }
+
+    /// Add a `Retry-After` (whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(secs.max(1));
+        self
     }
 }
 

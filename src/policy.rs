@@ -8,18 +8,59 @@ mod allowlist;
 
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 pub use allowlist::{parse_rule, Allowlist, Miss, Pattern, Rule};
 
+use crate::limits::Limits;
 use crate::outcome::{Deny, Reason};
 use crate::target::{Kind, Target};
 
-/// A named policy: its allowlist (limits and mode arrive with the per-agent work).
+/// Whether refusals are enforced or only reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuse what the policy does not allow.
+    #[default]
+    Enforce,
+    /// Let allowlist and limit refusals through, audited as `would_deny` (for rolling a policy
+    /// out). Destination vetting is enforced in every mode.
+    Report,
+}
+
+/// A named policy: allowlist, limits, mode and its own address exceptions.
 #[derive(Clone, Debug)]
 pub struct Policy {
     /// The policy's name from `[policies.NAME]`.
     pub name: Arc<str>,
     /// The compiled allow rules.
     pub allowlist: Allowlist,
+    /// The limits in force (the `[limits]` defaults with this policy's overrides).
+    pub limits: Limits,
+    /// Enforce or report.
+    pub mode: Mode,
+    /// Exceptions to the built-in deny set that hold only for this policy's agents.
+    pub allow_cidrs: Vec<IpNet>,
+}
+
+// === impl Mode ===
+
+impl Mode {
+    /// The token used in the audit line's `mode` field and in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
+
+    /// Parse the config value.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "enforce" => Some(Mode::Enforce),
+            "report" => Some(Mode::Report),
+            _ => None,
+        }
+    }
 }
 
 // === impl Policy ===

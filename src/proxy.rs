@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -32,9 +33,11 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::connect;
-use crate::io::{Direction, Meter, Metered};
+use crate::io::{Cap, Direction, Meter, Metered};
+use crate::limits::Limits;
 use crate::outcome::{Deny, Reason};
-use crate::resolve::Resolver;
+use crate::policy::Mode;
+use crate::reload::{Live, Snapshot};
 use crate::target::{self, Kind};
 use ctx::{Audited, RequestCtx};
 use forward::ForwardBody;
@@ -42,18 +45,19 @@ use forward::ForwardBody;
 /// The response body type of every proxy response.
 pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
 
-/// Largest request head accepted (hyper's read buffer bound), in bytes.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest request head any config may allow (`max_request_header_bytes` is checked per agent).
+pub const MAX_HEAD_BYTES: usize = 256 * 1024;
+
+/// hyper's smallest read buffer.
+const MIN_BUF_BYTES: usize = 8 * 1024;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What every connection and request shares.
 pub struct Shared {
-    /// The configuration.
-    pub config: Arc<Config>,
-    /// The resolver.
-    pub resolver: Resolver,
+    /// The live configuration; each request loads one snapshot and keeps it.
+    pub live: Arc<Live>,
     /// Where audit lines go.
     pub audit: AuditSink,
     /// Every connection, tunnel and upstream task, so shutdown can wait for them.
@@ -62,29 +66,36 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Set when the grace period is over: end everything still open.
     pub abort: CancellationToken,
-    http: http1::Builder,
+    timer: TokioTimer,
 }
 
 // === impl Shared ===
 
 impl Shared {
     /// Bundle what the proxy needs.
-    pub fn new(config: Arc<Config>, resolver: Resolver, audit: AuditSink) -> Self {
-        let mut http = http1::Builder::new();
-        // Without a timer hyper silently skips the header timeout (and panics on a configured one).
-        http.timer(TokioTimer::new())
-            .header_read_timeout(config.timeouts.request_header)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .keep_alive(true);
+    pub fn new(live: Arc<Live>, audit: AuditSink) -> Self {
         Shared {
-            config,
-            resolver,
+            live,
             audit,
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
-            http,
+            timer: TokioTimer::new(),
         }
+    }
+
+    /// The HTTP/1.1 server settings for a new connection under `config`.
+    fn http(&self, config: &Config) -> http1::Builder {
+        let mut http = http1::Builder::new();
+        // Without a timer hyper silently skips the header timeout (and panics on a configured one).
+        // The read buffer bounds the request head: the largest any policy allows, plus room for
+        // the pipelined bytes that may follow it.
+        let head = usize::try_from(config.max_header_bytes()).unwrap_or(MAX_HEAD_BYTES);
+        http.timer(self.timer.clone())
+            .header_read_timeout(config.timeouts.request_header)
+            .max_buf_size(head.max(MIN_BUF_BYTES) + MIN_BUF_BYTES)
+            .keep_alive(true);
+        http
     }
 }
 
@@ -120,9 +131,14 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         svc_requests.fetch_add(1, Relaxed);
         handle(req, peer, svc_shared.clone())
     });
-    let conn = shared.http.serve_connection(io, svc).with_upgrades();
+    let snap = shared.live.load();
+    let idle = snap.config.timeouts.idle;
+    let conn = shared
+        .http(&snap.config)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    drop(snap);
     tokio::pin!(conn);
-    let idle = shared.config.timeouts.idle;
     let result = tokio::select! {
         r = conn.as_mut() => r,
         // hyper bounds reading a request head, but not a client that stops reading our
@@ -171,27 +187,44 @@ async fn audit_broken_head(e: &hyper::Error, peer: SocketAddr, sink: &AuditSink)
     Audited::new(ctx, sink.clone()).finish().await;
 }
 
+/// What [`steps`] hands over when a request may proceed.
+struct Admitted {
+    kind: Kind,
+    upstream: TcpStream,
+    limits: Limits,
+}
+
 /// Run the pipeline for one request and produce its response.
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let snap = shared.live.load();
     let ctx = RequestCtx::new(peer, Some(req.method().clone()));
     let mut audited = Audited::new(ctx, shared.audit.clone());
-    let (kind, upstream) = match steps(&req, audited.ctx_mut(), &shared).await {
+    let admitted = match steps(&req, audited.ctx_mut(), &snap).await {
         Ok(ok) => ok,
         Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
     };
-    match kind {
+    let timeouts = snap.config.timeouts;
+    drop(snap);
+    let enforce = audited.ctx().mode == Mode::Enforce;
+    match admitted.kind {
         Kind::Connect => {
             audited.ctx_mut().status = Some(StatusCode::OK.as_u16());
             let on_upgrade = hyper::upgrade::on(&mut req);
+            let upload = Cap {
+                max: admitted.limits.max_tunnel_upload_bytes,
+                enforce,
+                reason: Reason::UploadCap,
+            };
             shared.tracker.spawn(tunnel::run(
                 on_upgrade,
-                upstream,
+                admitted.upstream,
                 audited,
-                shared.config.timeouts.idle,
+                upload,
+                timeouts.idle,
                 shared.abort.clone(),
             ));
             Ok(Response::new(Either::Left(Full::new(Bytes::new()))))
@@ -199,11 +232,24 @@ async fn handle(
         Kind::Http => {
             let uri = req.uri().clone();
             let meter = audited.ctx().meter.clone();
+            let caps = forward::Caps {
+                request: Cap {
+                    max: admitted.limits.max_request_body_bytes,
+                    enforce,
+                    reason: Reason::BodyTooLarge,
+                },
+                response: Cap {
+                    max: admitted.limits.max_response_body_bytes,
+                    enforce,
+                    reason: Reason::ResponseCap,
+                },
+            };
             let sent = forward::send(
                 req,
-                upstream,
+                admitted.upstream,
                 meter,
-                shared.config.timeouts.idle,
+                caps,
+                timeouts.idle,
                 &shared.tracker,
                 shared.abort.clone(),
             )
@@ -211,7 +257,8 @@ async fn handle(
             match sent {
                 Ok(resp) => {
                     audited.ctx_mut().status = Some(resp.status().as_u16());
-                    Ok(resp.map(|body| Either::Right(ForwardBody::new(body, audited))))
+                    Ok(resp
+                        .map(|body| Either::Right(ForwardBody::new(body, audited, caps.response))))
                 }
                 Err(deny) => Ok(refuse(audited, &deny, &uri).await),
             }
@@ -219,13 +266,14 @@ async fn handle(
     }
 }
 
-/// The pipeline up to a connected upstream socket. Every `?` is a refusal.
+/// The pipeline up to a connected upstream socket. Every `?` is a refusal; in report mode the
+/// allowlist and limit refusals are recorded as `would_deny` and the request goes on.
 async fn steps(
     req: &Request<Incoming>,
     ctx: &mut RequestCtx,
-    shared: &Shared,
-) -> Result<(Kind, TcpStream), Deny> {
-    let cfg = &*shared.config;
+    snap: &Snapshot,
+) -> Result<Admitted, Deny> {
+    let cfg = &snap.config;
     let (kind, target) = target::parse(req.method(), req.uri())?;
     ctx.kind = Some(kind);
     ctx.target = Some(target.clone());
@@ -234,22 +282,93 @@ async fn steps(
         forward::check_host(req.headers(), &target)?;
         forward::check_framing(req.headers())?;
     }
-    let agent = cfg.agents.get(cfg.agents.identify(ctx.client)?);
+    let agent_id = cfg.agents.identify(ctx.client, req.headers())?;
+    let agent = cfg.agents.get(agent_id);
     let policy = cfg.policy_of(agent);
     ctx.agent = Some(agent.name.clone());
     ctx.policy = Some(policy.name.clone());
-    let rule = policy.check(kind, &target)?;
-    ctx.rule = Some(rule.text.clone());
-    let addrs = shared.resolver.resolve(&target.host).await?;
-    let vetted = cfg.vetter.vet(&addrs, target.port)?;
-    let (stream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
+    ctx.mode = policy.mode;
+    match policy.check(kind, &target) {
+        Ok(rule) => ctx.rule = Some(rule.text.clone()),
+        Err(deny) => report_or_refuse(ctx, deny)?,
+    }
+    let limits = policy.limits;
+    let (permit, over) = snap.gate(agent_id).admit(limits.max_concurrent);
+    ctx.permit = Some(permit);
+    if let Some(deny) = over {
+        report_or_refuse(ctx, deny)?;
+    }
+    check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
+    let addrs = snap.resolver.resolve(&target.host).await?;
+    let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
+    let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
     ctx.upstream = Some(addr);
-    Ok((kind, stream))
+    Ok(Admitted {
+        kind,
+        upstream,
+        limits,
+    })
+}
+
+/// In report mode a reportable refusal becomes `would_deny` and the request continues.
+fn report_or_refuse(ctx: &mut RequestCtx, deny: Deny) -> Result<(), Deny> {
+    if ctx.mode == Mode::Report && deny.reason.is_reportable() {
+        ctx.would_deny(&deny);
+        Ok(())
+    } else {
+        ctx.permit = None;
+        Err(deny)
+    }
+}
+
+/// The agent's head and declared body size caps, checked before any upstream connection.
+fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
+    let head = head_bytes(req);
+    if head > limits.max_request_header_bytes {
+        return Err(Deny::with_detail(
+            Reason::HeaderTooLarge,
+            format!(
+                "request head is {head} bytes; the agent's max_request_header_bytes is {}",
+                limits.max_request_header_bytes
+            ),
+        ));
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limits.max_request_body_bytes => Err(Deny::with_detail(
+            Reason::BodyTooLarge,
+            format!(
+                "request body is {n} bytes; the agent's max_request_body_bytes is {}",
+                limits.max_request_body_bytes
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Size of the request head as sent: request line and header lines with their CRLFs.
+fn head_bytes(req: &Request<Incoming>) -> u64 {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (line + headers + 2) as u64
 }
 
 /// Turn a refusal into its response and write the audit line.
 async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<ProxyBody> {
-    audited.ctx_mut().deny(deny);
+    let ctx = audited.ctx_mut();
+    ctx.deny(deny);
+    ctx.permit = None;
+    if deny.reason == Reason::ClientClosed {
+        ctx.status = None; // nobody is left to read the response
+    }
     let raw = uri.to_string();
     let resp = respond::render(audited.ctx(), deny, &raw);
     tracing::debug!(reason = deny.reason.as_str(), detail = %deny.detail, "refused");

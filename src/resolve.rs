@@ -20,7 +20,7 @@ use crate::target::Host;
 use crate::vet::MAX_ADDRS;
 
 /// The `[dns]` section, validated.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DnsConfig {
     /// Nameservers to ask; `None` uses the system resolver configuration (/etc/resolv.conf).
     pub nameservers: Option<Vec<SocketAddr>>,
@@ -44,6 +44,15 @@ pub enum ResolverError {
 }
 
 // === impl Resolver ===
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("static_hosts", &self.hosts.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Resolver {
     /// Build from the `[dns]` section and the lookup timeout.

@@ -179,14 +179,20 @@ impl Vetter {
         &self.allow
     }
 
-    /// Vet every address (at most [`MAX_ADDRS`]); keep the allowed ones in answer order.
-    /// Refused when none is left; the detail names the first refused address and why.
-    pub fn vet(&self, addrs: &[IpAddr], port: u16) -> Result<Vec<VettedAddr>, Deny> {
+    /// Vet every address (at most [`MAX_ADDRS`]) with the policy's own exceptions
+    /// `policy_allow` added to `allow_cidrs`; keep the allowed ones in answer order. Refused when
+    /// none is left; the detail names the first refused address and why.
+    pub fn vet(
+        &self,
+        addrs: &[IpAddr],
+        port: u16,
+        policy_allow: &[IpNet],
+    ) -> Result<Vec<VettedAddr>, Deny> {
         let mut ok = Vec::with_capacity(addrs.len().min(MAX_ADDRS));
         let mut first_refusal = None;
         for &ip in addrs.iter().take(MAX_ADDRS) {
             let ip = canonical(ip);
-            match self.check(ip, port) {
+            match self.check_with(ip, port, policy_allow) {
                 Ok(()) => ok.push(VettedAddr(SocketAddr::new(ip, port))),
                 Err(r) => {
                     first_refusal.get_or_insert((ip, r));
@@ -207,29 +213,42 @@ impl Vetter {
 
     /// Decide one address (an IPv4-mapped address is decided as the IPv4 address it is).
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
+        self.check_with(ip, port, &[])
+    }
+
+    /// Decide one address with extra exceptions (a policy's `allow_cidrs`).
+    pub fn check_with(&self, ip: IpAddr, port: u16, extra_allow: &[IpNet]) -> Result<(), Refusal> {
         let ip = canonical(ip);
         if self.own.iter().any(|o| {
             o.port() == port && (o.ip() == ip || (o.ip().is_unspecified() && ip.is_loopback()))
         }) {
             return Err(Refusal::SelfLoop);
         }
-        self.check_one(ip)?;
+        self.check_one(ip, extra_allow)?;
         if let IpAddr::V6(v6) = ip {
             for inner in embedded_v4(v6) {
-                self.check_one(IpAddr::V4(inner))?;
+                self.check_one(IpAddr::V4(inner), extra_allow)?;
             }
         }
         Ok(())
     }
 
-    fn check_one(&self, ip: IpAddr) -> Result<(), Refusal> {
+    fn check_one(&self, ip: IpAddr, extra_allow: &[IpNet]) -> Result<(), Refusal> {
         let longest = |nets: &[IpNet]| {
             nets.iter()
                 .filter(|n| n.contains(&ip))
                 .max_by_key(|n| n.prefix_len())
                 .copied()
         };
-        match (longest(&self.deny), longest(&self.allow)) {
+        let allow = match (longest(&self.allow), longest(extra_allow)) {
+            (Some(a), Some(b)) => Some(if b.prefix_len() > a.prefix_len() {
+                b
+            } else {
+                a
+            }),
+            (a, b) => a.or(b),
+        };
+        match (longest(&self.deny), allow) {
             (Some(d), Some(a)) if a.prefix_len() > d.prefix_len() => {
                 return self.metadata_guard(ip, a)
             }

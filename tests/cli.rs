@@ -42,7 +42,11 @@ fn shipped_and_valid_configs_pass_check() {
         out.contains("  local -> policy llm-apis (source 127.0.0.0/8, ::1/128)"),
         "{out}"
     );
-    assert!(out.contains("  llm-apis: 6 allow rules"), "{out}");
+    assert!(
+        out.contains("  llm-apis: 6 allow rules, mode enforce, 20 req/s burst 40"),
+        "{out}"
+    );
+    assert_eq!(err, "", "the shipped config has no warnings");
 
     for dir in ["config/examples", "tests/fixtures/config/valid"] {
         let dir = root().join(dir);
@@ -73,6 +77,19 @@ fn invalid_configs_fail_with_the_pinned_message() {
             assert_eq!(parts.next(), Some(f.as_str()));
             assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
         }
+    }
+}
+
+#[test]
+fn warnings_are_printed_and_do_not_fail_check() {
+    let dir = root().join("tests/fixtures/config/warn");
+    for f in toml_files(&dir) {
+        let expected = std::fs::read_to_string(dir.join(f.replace(".toml", ".stderr"))).unwrap();
+        let (code, out, err) = check(&dir, &f);
+        assert_eq!(code, 0, "{f}: {err}");
+        assert!(out.starts_with(&format!("{f}: ok")), "{out}");
+        assert_eq!(err, expected, "{f}");
+        assert!(err.lines().all(|l| l.starts_with("warning: ")), "{err}");
     }
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) destinations: RawDestinations,
     #[serde(default)]
+    pub(crate) limits: RawLimits,
+    #[serde(default)]
     pub(crate) agents: Vec<RawAgent>,
     #[serde(default)]
     pub(crate) policies: BTreeMap<Str, RawPolicy>,
@@ -30,6 +32,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub(crate) listen: Str,
+    pub(crate) mode: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,8 +66,8 @@ pub(crate) struct RawDestinations {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAgent {
     pub(crate) name: Str,
-    #[serde(default)]
-    pub(crate) source_cidrs: Vec<Str>,
+    pub(crate) source_cidrs: Option<Spanned<Vec<Str>>>,
+    pub(crate) token_file: Option<Str>,
     pub(crate) policy: Str,
 }
 
@@ -73,4 +76,22 @@ pub(crate) struct RawAgent {
 pub(crate) struct RawPolicy {
     #[serde(default)]
     pub(crate) allow: Vec<Str>,
+    #[serde(default)]
+    pub(crate) allow_cidrs: Vec<Str>,
+    pub(crate) limits: Option<Spanned<RawLimits>>,
+    pub(crate) mode: Option<Str>,
+}
+
+/// `[limits]` and a policy's `limits = { … }`: every key optional (a policy overrides only what
+/// it names).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub(crate) max_request_header_bytes: Option<Spanned<i64>>,
+    pub(crate) max_request_body_bytes: Option<Spanned<i64>>,
+    pub(crate) max_tunnel_upload_bytes: Option<Spanned<i64>>,
+    pub(crate) max_response_body_bytes: Option<Spanned<i64>>,
+    pub(crate) requests_per_second: Option<Spanned<f64>>,
+    pub(crate) burst: Option<Spanned<i64>>,
+    pub(crate) max_concurrent: Option<Spanned<i64>>,
 }

@@ -14,7 +14,9 @@ use time::OffsetDateTime;
 
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
+use crate::limits::Permit;
 use crate::outcome::{Decision, Deny, Reason};
+use crate::policy::Mode;
 use crate::target::{Kind, Target};
 
 /// Everything known about one request or tunnel.
@@ -50,8 +52,12 @@ pub struct RequestCtx {
     pub decision: Decision,
     /// Why it ended as it did.
     pub reason: Reason,
-    /// Bytes both ways.
+    /// Bytes both ways, and the first cap passed.
     pub meter: Arc<Meter>,
+    /// Enforce or report, from the agent's policy.
+    pub mode: Mode,
+    /// The agent's concurrency slot, held until the audit line is written.
+    pub permit: Option<Permit>,
 }
 
 // === impl RequestCtx ===
@@ -76,12 +82,42 @@ impl RequestCtx {
             decision: Decision::Allow,
             reason: Reason::Allowed,
             meter: Arc::new(Meter::default()),
+            mode: Mode::Enforce,
+            permit: None,
+        }
+    }
+
+    /// Report mode: record the refusal that would have happened (the first one counts) and go on.
+    pub fn would_deny(&mut self, deny: &Deny) {
+        if self.decision == Decision::Allow {
+            self.decision = Decision::WouldDeny;
+            self.reason = deny.reason;
+        }
+    }
+
+    /// Fold a cap passed while streaming (or a client failure) into the outcome.
+    fn apply_cut(&mut self) {
+        match self.meter.cut_reason() {
+            Some(Reason::ClientClosed) if self.reason == Reason::Allowed => {
+                self.reason = Reason::ClientClosed;
+            }
+            Some(Reason::ClientClosed) | None => {}
+            // Report mode: the first would-be refusal is the one recorded.
+            Some(r) if self.mode == Mode::Report && self.decision == Decision::Allow => {
+                self.decision = Decision::WouldDeny;
+                self.reason = r;
+            }
+            Some(_) if self.mode == Mode::Report => {}
+            Some(r) => {
+                self.decision = Decision::Deny;
+                self.reason = r;
+            }
         }
     }
 
     /// Record a refusal. The decision is `deny` for refusals the client caused (4xx); a fault on
-    /// the way to an allowed destination (DNS, connect, upstream: 5xx) keeps `allow` with the
-    /// fault as its reason.
+    /// the way to an allowed destination (DNS, connect, upstream: 5xx) keeps the decision made so
+    /// far (`allow`, or `would_deny` in report mode) with the fault as its reason.
     pub fn deny(&mut self, deny: &Deny) {
         if deny.reason.status().is_client_error() {
             self.decision = Decision::Deny;
@@ -124,7 +160,7 @@ impl RequestCtx {
             decision: self.decision.as_str(),
             reason: self.reason.as_str(),
             rule: self.rule.as_deref(),
-            mode: "enforce",
+            mode: self.mode.as_str(),
             upstream: self.upstream,
             status: self.status,
             bytes_up: self.meter.up(),
@@ -172,7 +208,8 @@ impl Audited {
     /// until a slot is reserved, so if this future is dropped while waiting, `Drop` still writes it.
     pub async fn finish(mut self) {
         let permit = self.sink.reserve().await;
-        if let Some(ctx) = self.ctx.take() {
+        if let Some(mut ctx) = self.ctx.take() {
+            ctx.apply_cut();
             log_end(&ctx);
             match permit {
                 Ok(p) => p.send(ctx.audit_line()),
@@ -188,6 +225,7 @@ impl Audited {
 
     fn finish_sync(&mut self, cancelled: Option<Reason>) {
         if let Some(mut ctx) = self.ctx.take() {
+            ctx.apply_cut();
             if let (Some(reason), Reason::Allowed) = (cancelled, ctx.reason) {
                 ctx.reason = reason;
             }

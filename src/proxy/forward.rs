@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ctx::Audited;
-use crate::io::{Direction, Meter, Metered, MeteredBody};
+use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody};
 use crate::outcome::{Deny, Reason};
 use crate::target::{self, Target};
 
@@ -41,6 +41,15 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// The request body as sent upstream.
 pub type UpBody = MeteredBody<Incoming>;
+
+/// The byte caps of one forwarded exchange.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// On the request body (`body_too_large`).
+    pub request: Cap,
+    /// On the response body (`response_cap`).
+    pub response: Cap,
+}
 
 /// Refuse a request whose `Host` header names another destination than its absolute-form target
 /// (two parsers, two answers: the classic smuggling and cache-poisoning set-up).
@@ -91,13 +100,15 @@ pub async fn send(
     req: Request<Incoming>,
     stream: TcpStream,
     meter: Arc<Meter>,
+    caps: Caps,
     idle: Duration,
     tracker: &TaskTracker,
     abort: CancellationToken,
 ) -> Result<Response<Incoming>, Deny> {
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts)?;
-    let req = Request::from_parts(parts, MeteredBody::new(body, meter.clone(), Direction::Up));
+    let body = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
+    let req = Request::from_parts(parts, body);
 
     // The socket gets its own activity meter: the idle bound covers waiting for the response
     // head too, which the body meter never sees.
@@ -116,20 +127,54 @@ pub async fn send(
             () = abort.cancelled() => {}
         }
     });
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| upstream_error("request", &e))?;
+    let mut resp = match sender.send_request(req).await {
+        Ok(resp) => resp,
+        // The request body decides what a failed exchange was: over its cap, or the client gone.
+        Err(e) => {
+            return Err(match meter.cut_reason() {
+                Some(Reason::BodyTooLarge) => Deny::with_detail(
+                    Reason::BodyTooLarge,
+                    format!(
+                        "request body passed the agent's max_request_body_bytes ({}); the upstream request was aborted",
+                        caps.request.max
+                    ),
+                ),
+                Some(Reason::ClientClosed) => {
+                    Deny::new(Reason::ClientClosed, "client body ended early")
+                }
+                _ => upstream_error("request", &e),
+            })
+        }
+    };
     if check_framing(resp.headers()).is_err() {
         return Err(Deny::new(
             Reason::UpstreamError,
             "upstream used a transfer coding other than chunked",
         ));
     }
+    if let Some(len) = content_length(resp.headers()) {
+        if len > caps.response.max {
+            let deny = Deny::with_detail(
+                Reason::ResponseCap,
+                format!(
+                    "response body is {len} bytes; the agent's max_response_body_bytes is {}",
+                    caps.response.max
+                ),
+            );
+            if caps.response.enforce {
+                return Err(deny);
+            }
+            meter.cut(Reason::ResponseCap);
+        }
+    }
     strip_hop_by_hop(resp.headers_mut());
     // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 #[cold]
@@ -216,11 +261,12 @@ pin_project! {
 // === impl ForwardBody ===
 
 impl ForwardBody {
-    /// Wrap `body`, counting into the request's meter; `audited` is finished when it ends.
-    pub fn new(body: Incoming, audited: Audited) -> Self {
+    /// Wrap `body`, counting into the request's meter against `cap`; `audited` is finished when
+    /// it ends.
+    pub fn new(body: Incoming, audited: Audited, cap: Cap) -> Self {
         let meter = audited.ctx().meter.clone();
         ForwardBody {
-            inner: MeteredBody::new(body, meter, Direction::Down),
+            inner: MeteredBody::new(body, meter, Direction::Down).with_cap(cap),
             audited: Some(audited),
         }
     }
@@ -228,7 +274,7 @@ impl ForwardBody {
 
 impl Body for ForwardBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -244,8 +290,11 @@ impl Body for ForwardBody {
             }
             Some(Err(e)) => {
                 if let Some(mut a) = this.audited.take() {
-                    tracing::debug!(error = %e, "upstream response body failed");
-                    a.ctx_mut().reason = Reason::UpstreamError;
+                    tracing::debug!(error = %e, "response body ended early");
+                    // A cap passed is folded in by the guard; anything else is the upstream.
+                    if a.ctx().meter.cut_reason().is_none() {
+                        a.ctx_mut().reason = Reason::UpstreamError;
+                    }
                     a.finish_now();
                 }
             }

@@ -3,7 +3,7 @@
 //! agent can act on it (and tell a policy refusal, which retrying will not fix, from a fault).
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, PROXY_AUTHENTICATE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -32,6 +32,15 @@ pub fn render(ctx: &RequestCtx, deny: &Deny, raw_target: &str) -> Response<Full<
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        h.insert(
+            PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"chokepoint\""),
+        );
+    }
+    if let Some(secs) = deny.retry_after {
+        h.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
     if status == StatusCode::BAD_REQUEST {
         // After a request we could not make sense of, the connection's framing is suspect.
         h.insert(CONNECTION, HeaderValue::from_static("close"));

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::ctx::Audited;
-use crate::io::{Direction, Metered};
+use crate::io::{Cap, Direction, Metered};
 use crate::outcome::Reason;
 
 /// Copy buffer per direction.
@@ -26,6 +26,7 @@ pub async fn run(
     on_upgrade: OnUpgrade,
     upstream: TcpStream,
     mut audited: Audited,
+    upload: Cap,
     idle: Duration,
     abort: CancellationToken,
 ) {
@@ -43,14 +44,16 @@ pub async fn run(
         }
     };
     let meter = audited.ctx().meter.clone();
-    let mut client = Metered::new(TokioIo::new(upgraded), meter.clone(), Direction::Up);
+    let mut client =
+        Metered::new(TokioIo::new(upgraded), meter.clone(), Direction::Up).with_cap(upload);
     let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
     let copy =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF_SIZE, BUF_SIZE);
     let reason = tokio::select! {
         r = copy => {
             if let Err(e) = r {
-                // A reset from either side is how many tunnels end; it is not a refusal.
+                // A reset from either side is how many tunnels end; it is not a refusal. An
+                // upload cap shows up here too, and is recorded on the meter.
                 tracing::debug!(error = %e, "tunnel ended with an I/O error");
             }
             Reason::Allowed

@@ -144,18 +144,42 @@ fn self_loop() {
 fn vet_keeps_allowed_in_order_and_names_refusal() {
     let v = Vetter::new(vec![], nets(&["127.0.0.1/32"]), vec![]);
     let got = v
-        .vet(&[ip("10.0.0.1"), ip("127.0.0.1"), ip("::1")], 443)
+        .vet(&[ip("10.0.0.1"), ip("127.0.0.1"), ip("::1")], 443, &[])
         .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].addr(), "127.0.0.1:443".parse().unwrap());
-    let err = v.vet(&[ip("169.254.169.254")], 80).unwrap_err();
+    let err = v.vet(&[ip("169.254.169.254")], 80, &[]).unwrap_err();
     assert_eq!(err.reason, Reason::DeniedAddress);
     assert!(err.detail.contains("169.254.169.254"), "{}", err.detail);
-    assert_eq!(v.vet(&[], 80).unwrap_err().reason, Reason::DnsNoAddresses);
-    let mapped = v.vet(&[ip("::ffff:127.0.0.1")], 80).unwrap();
+    assert_eq!(
+        v.vet(&[], 80, &[]).unwrap_err().reason,
+        Reason::DnsNoAddresses
+    );
+    let mapped = v.vet(&[ip("::ffff:127.0.0.1")], 80, &[]).unwrap();
     assert_eq!(
         mapped[0].addr(),
         "127.0.0.1:80".parse().unwrap(),
         "dialled as IPv4"
+    );
+}
+
+#[test]
+fn policy_exceptions_hold_only_where_given_and_never_widen_metadata() {
+    let v = Vetter::new(nets(&["127.0.0.64/26"]), vec![], vec![]);
+    let registry = nets(&["127.0.0.9/32", "169.254.0.0/16"]);
+    assert!(
+        v.check(ip("127.0.0.9"), 443).is_err(),
+        "not without the policy's exception"
+    );
+    assert_eq!(v.check_with(ip("127.0.0.9"), 443, &registry), Ok(()));
+    assert!(v.check_with(ip("127.0.0.10"), 443, &registry).is_err());
+    assert_eq!(
+        v.check_with(ip("169.254.169.254"), 80, &registry),
+        Err(Refusal::Metadata)
+    );
+    assert!(
+        v.check_with(ip("127.0.0.66"), 443, &nets(&["127.0.0.0/24"]))
+            .is_err(),
+        "global deny is longer"
     );
 }

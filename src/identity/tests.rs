@@ -1,0 +1,141 @@
+use super::*;
+use http::HeaderValue;
+
+fn agent(name: &str, cidrs: &[&str], token: Option<Arc<Token>>) -> Agent {
+    Agent {
+        name: name.into(),
+        source_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        token,
+        policy: 0,
+    }
+}
+
+fn token(dir: &tempfile::TempDir, name: &str, secret: &str) -> Arc<Token> {
+    let path = dir.path().join(name);
+    std::fs::write(&path, secret).unwrap();
+    Arc::new(Token::load(&path).unwrap())
+}
+
+fn basic(user: &str, pass: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    h.insert(
+        PROXY_AUTHORIZATION,
+        HeaderValue::from_str(&format!("Basic {enc}")).unwrap(),
+    );
+    h
+}
+
+#[test]
+fn first_address_match_wins() {
+    let agents = Agents::new(vec![
+        agent("narrow", &["127.0.0.10/32"], None),
+        agent("wide", &["127.0.0.0/8", "::1/128"], None),
+    ]);
+    let none = HeaderMap::new();
+    let id = |s: &str| {
+        agents
+            .identify(s.parse().unwrap(), &none)
+            .map(|a| &*agents.get(a).name)
+    };
+    assert_eq!(id("127.0.0.10:1000"), Ok("narrow"));
+    assert_eq!(id("127.0.0.11:1000"), Ok("wide"));
+    assert_eq!(
+        id("[::ffff:127.0.0.10]:1000"),
+        Ok("narrow"),
+        "mapped client address"
+    );
+    assert_eq!(id("[::1]:1000"), Ok("wide"));
+    assert_eq!(
+        id("192.0.2.1:1000").unwrap_err().reason,
+        Reason::UnknownAgent
+    );
+}
+
+#[test]
+fn tokens_identify_and_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = Agents::new(vec![
+        agent("coder", &[], Some(token(&dir, "coder", "s3cret\n"))),
+        agent(
+            "pinned",
+            &["127.0.0.5/32"],
+            Some(token(&dir, "pinned", "other")),
+        ),
+        agent("fallback", &["10.0.0.0/8"], None),
+    ]);
+    let client = "127.0.0.1:1000".parse().unwrap();
+    let id = |h: &HeaderMap, c: SocketAddr| agents.identify(c, h).map(|a| &*agents.get(a).name);
+    assert_eq!(
+        id(&basic("coder", "s3cret"), client),
+        Ok("coder"),
+        "trailing newline trimmed"
+    );
+    assert_eq!(
+        id(&basic("coder", "wrong"), client).unwrap_err().reason,
+        Reason::AuthFailed
+    );
+    assert_eq!(
+        id(&basic("nobody", "s3cret"), client).unwrap_err().reason,
+        Reason::AuthFailed
+    );
+    assert_eq!(
+        id(&HeaderMap::new(), client).unwrap_err().reason,
+        Reason::AuthRequired
+    );
+    // Token and address both required for "pinned".
+    assert_eq!(
+        id(&basic("pinned", "other"), client).unwrap_err().reason,
+        Reason::AuthFailed
+    );
+    assert_eq!(
+        id(&basic("pinned", "other"), "127.0.0.5:1".parse().unwrap()),
+        Ok("pinned")
+    );
+    // Address-only agent still reachable.
+    assert_eq!(
+        id(&HeaderMap::new(), "10.1.1.1:1".parse().unwrap()),
+        Ok("fallback")
+    );
+    // A token containing ':' survives (split at the first colon only).
+    let colon = Agents::new(vec![agent("c", &[], Some(token(&dir, "c", "a:b")))]);
+    assert!(colon.identify(client, &basic("c", "a:b")).is_ok());
+}
+
+#[test]
+fn malformed_credentials_are_refused() {
+    let agents = Agents::new(vec![agent("a", &["127.0.0.0/8"], None)]);
+    let client = "127.0.0.1:1".parse().unwrap();
+    for v in [
+        "Bearer abc",
+        "Basic",
+        "Basic !!!",
+        "Basic dXNlcg==",
+        "basic",
+    ] {
+        let mut h = HeaderMap::new();
+        h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static(v));
+        assert_eq!(
+            agents.identify(client, &h).unwrap_err().reason,
+            Reason::AuthFailed,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = token(&dir, "t", "one");
+    assert!(t.matches(b"one"));
+    assert!(!t.refresh().unwrap());
+    std::fs::write(t.path(), "two").unwrap();
+    assert!(t.refresh().unwrap());
+    assert!(t.matches(b"two") && !t.matches(b"one"));
+    std::fs::write(t.path(), "  \n").unwrap();
+    assert!(t.refresh().is_err());
+    assert!(t.matches(b"two"), "an empty file keeps the previous token");
+    std::fs::remove_file(t.path()).unwrap();
+    assert!(t.refresh().is_err());
+    assert!(t.matches(b"two"));
+}

@@ -1,0 +1,243 @@
+//! The live configuration: a [`Snapshot`] behind an `ArcSwap`, replaced atomically when the file
+//! changes or on SIGHUP.
+//!
+//! Each request loads the current snapshot once and keeps it to the end, so an open tunnel keeps
+//! the config it started with while new requests see the new one. A snapshot bundles what must
+//! change together: the validated [`Config`], the per-agent limit [`Gate`]s (carried over by agent
+//! name, so a reload neither resets rate budgets nor forgets open requests), and the resolver
+//! (rebuilt only when `[dns]` changed).
+//!
+//! Watching: every [`POLL`] the file is read again (through symlinks, so the `..data` swap
+//! Kubernetes does for ConfigMap volumes is seen like any edit) and compared with what was last
+//! loaded; token files are re-read on the same tick. A file that fails to parse or validate is
+//! reported and the running snapshot stays: a config is applied whole or not at all.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, ConfigError};
+use crate::identity::AgentId;
+use crate::limits::Gate;
+use crate::resolve::{Resolver, ResolverError};
+
+/// How often the config file and token files are checked for changes.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Everything a request needs from the configuration, consistent with itself.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The validated config (its vetter knows the bound listen address).
+    pub config: Config,
+    /// Limit state per agent, aligned with `config.agents`.
+    pub gates: Vec<Arc<Gate>>,
+    /// The resolver for `config.dns`.
+    pub resolver: Arc<Resolver>,
+}
+
+/// Why a reload did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid; the old config keeps serving.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new `[dns]` section could not be turned into a resolver.
+    #[error(transparent)]
+    Resolver(#[from] ResolverError),
+}
+
+/// The live snapshot and where it comes from.
+#[derive(Debug)]
+pub struct Live {
+    current: ArcSwap<Snapshot>,
+    path: PathBuf,
+    bound: SocketAddr,
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// Build a snapshot, reusing gates and the resolver of `prev` where nothing changed.
+    pub fn build(
+        config: Config,
+        bound: SocketAddr,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, ResolverError> {
+        let mut config = config;
+        config.vetter = config.vetter.clone().with_own(vec![bound]);
+        let resolver = match prev {
+            Some(p)
+                if p.config.dns == config.dns && p.config.timeouts.dns == config.timeouts.dns =>
+            {
+                p.resolver.clone()
+            }
+            _ => Arc::new(Resolver::new(&config.dns, config.timeouts.dns)?),
+        };
+        let old: HashMap<&str, &Arc<Gate>> = prev
+            .map(|p| {
+                p.config
+                    .agents
+                    .iter()
+                    .zip(&p.gates)
+                    .map(|(a, g)| (&*a.name, g))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut gates = Vec::with_capacity(config.agents.len());
+        for agent in config.agents.iter() {
+            let limits = config.policy_of(agent).limits;
+            // Validation keeps every rate and burst in range, so a quota always exists.
+            let quota = limits
+                .quota()
+                .unwrap_or_else(|| unreachable!("validated limits"));
+            let gate = match old.get(&*agent.name) {
+                Some(g) if g.quota() == quota => Arc::clone(g),
+                Some(g) => Arc::new(Gate::new(quota, g.active())),
+                None => Arc::new(Gate::new(quota, Arc::default())),
+            };
+            gates.push(gate);
+        }
+        Ok(Snapshot {
+            config,
+            gates,
+            resolver,
+        })
+    }
+
+    /// The limit gate of an agent.
+    pub fn gate(&self, agent: AgentId) -> &Gate {
+        &self.gates[agent.0]
+    }
+}
+
+// === impl Live ===
+
+impl Live {
+    /// Start from an already loaded config, for a proxy bound to `bound`.
+    pub fn new(config: Config, bound: SocketAddr) -> Result<Self, ResolverError> {
+        let path = config.source.clone();
+        let snapshot = Snapshot::build(config, bound, None)?;
+        log_warnings(&snapshot.config);
+        Ok(Live {
+            current: ArcSwap::from_pointee(snapshot),
+            path,
+            bound,
+        })
+    }
+
+    /// The current snapshot; hold it for the whole request.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Read the file again and, if it is valid, swap it in.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let config = config::load(&self.path)?;
+        if config.listen != self.bound && config.listen.port() != 0 {
+            tracing::warn!(
+                configured = %config.listen,
+                bound = %self.bound,
+                "server.listen changed; it takes effect at the next restart"
+            );
+        }
+        let prev = self.current.load();
+        let next = Snapshot::build(config, self.bound, Some(&prev))?;
+        log_warnings(&next.config);
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Re-read every token file of the current config.
+    fn refresh_tokens(&self) {
+        let snap = self.current.load();
+        for agent in snap.config.agents.iter() {
+            let Some(token) = &agent.token else { continue };
+            match token.refresh() {
+                Ok(true) => tracing::info!(agent = %agent.name, "proxy token rotated"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %agent.name, error = %e, "token file unreadable; keeping the previous token")
+                }
+            }
+        }
+    }
+
+    /// Watch the file (and token files) until `stop`, reloading on change and on SIGHUP.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut last = std::fs::read(&self.path).ok();
+        let mut hup = hangup();
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => false,
+                Some(()) = recv(&mut hup) => true,
+            };
+            self.refresh_tokens();
+            let now = match std::fs::read(&self.path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    // A ConfigMap swap can leave the path briefly missing; try again next tick.
+                    tracing::debug!(error = %e, "config file unreadable; will retry");
+                    continue;
+                }
+            };
+            if !forced && last.as_deref() == Some(now.as_slice()) {
+                continue;
+            }
+            last = Some(now);
+            match self.reload() {
+                Ok(()) => tracing::info!(config = %self.path.display(), "config reloaded"),
+                Err(e) => tracing::error!(
+                    config = %self.path.display(),
+                    error = %e,
+                    "config reload failed; the previous config keeps serving"
+                ),
+            }
+        }
+    }
+}
+
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "config warning");
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup() -> Hangup {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; file changes are still picked up");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup() -> Hangup {
+    None
+}
+
+/// Completes with `Some` on each SIGHUP; never completes without a handler.
+async fn recv(hup: &mut Hangup) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(s) = hup {
+        return s.recv().await;
+    }
+    let _ = hup;
+    std::future::pending().await
+}
