@@ -62,6 +62,8 @@ pub struct Config {
     pub mode: Mode,
     /// The `[limits]` defaults.
     pub limits: Limits,
+    /// A hash of the exact file content this config was built from (reload compares it).
+    pub fingerprint: u64,
     /// Problems that do not stop the config from loading (dead rules, shadowed agents, very
     /// broad exceptions); `check` prints them and the gateway logs them.
     pub warnings: Vec<ConfigIssue>,
@@ -201,6 +203,7 @@ impl Validator<'_> {
             policies,
             mode,
             limits,
+            fingerprint: fingerprint(self.src.as_bytes()),
             warnings: Vec::new(),
         }
     }
@@ -677,6 +680,14 @@ impl Validator<'_> {
             );
         }
     }
+}
+
+/// A stable hash of config file content.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 const NAME_RULE: &str = "names use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'";

@@ -92,11 +92,18 @@ where
 {
     let bound = listener.local_addr().map_err(RunError::Listener)?;
     let grace = config.timeouts.shutdown_grace;
+    let (source, agents, policies) = (
+        config.source.clone(),
+        config.agents.len(),
+        config.policies.len(),
+    );
     let live = Arc::new(Live::new(config, bound)?);
     let (sink, writer) = audit::spawn(audit_out);
     let shared = Arc::new(Shared::new(live.clone(), sink));
-    let watching = shared.draining.clone();
-    let watcher = tokio::spawn(live.watch(watching));
+    let hup = reload::hangup();
+    let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
+    // Announced only now: signal handlers are installed and every part is ready.
+    tracing::info!(listen = %bound, config = %source.display(), agents, policies, "proxy listening");
 
     let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
     tokio::select! {

@@ -92,14 +92,6 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
-        let bound = listener.local_addr().unwrap_or(config.listen);
-        tracing::info!(
-            listen = %bound,
-            config = %config.source.display(),
-            agents = config.agents.len(),
-            policies = config.policies.len(),
-            "proxy listening"
-        );
         let run = chokepoint::run(
             listener,
             config,

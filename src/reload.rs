@@ -168,9 +168,10 @@ impl Live {
     }
 
     /// Watch the file (and token files) until `stop`, reloading on change and on SIGHUP.
-    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut last = std::fs::read(&self.path).ok();
-        let mut hup = hangup();
+    /// `hup` comes from [`hangup`], installed before the gateway announces itself.
+    pub async fn watch(self: Arc<Self>, mut hup: Hangup, stop: CancellationToken) {
+        // The content that last failed to load, so a broken file is reported once, not every tick.
+        let mut failed: Option<u64> = None;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -188,17 +189,24 @@ impl Live {
                     continue;
                 }
             };
-            if !forced && last.as_deref() == Some(now.as_slice()) {
+            let seen = config::fingerprint(&now);
+            let current = self.current.load().config.fingerprint;
+            if !forced && (seen == current || Some(seen) == failed) {
                 continue;
             }
-            last = Some(now);
             match self.reload() {
-                Ok(()) => tracing::info!(config = %self.path.display(), "config reloaded"),
-                Err(e) => tracing::error!(
-                    config = %self.path.display(),
-                    error = %e,
-                    "config reload failed; the previous config keeps serving"
-                ),
+                Ok(()) => {
+                    failed = None;
+                    tracing::info!(config = %self.path.display(), "config reloaded");
+                }
+                Err(e) => {
+                    failed = Some(seen);
+                    tracing::error!(
+                        config = %self.path.display(),
+                        error = %e,
+                        "config reload failed; the previous config keeps serving"
+                    );
+                }
             }
         }
     }
@@ -210,13 +218,17 @@ fn log_warnings(config: &Config) {
     }
 }
 
+/// The SIGHUP stream (absent where it cannot be installed).
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub type Hangup = Option<tokio::signal::unix::Signal>;
+/// The SIGHUP stream (absent where it cannot be installed).
 #[cfg(not(unix))]
-type Hangup = Option<()>;
+pub type Hangup = Option<()>;
 
+/// Install the SIGHUP handler now (before the gateway announces itself, so an early SIGHUP is
+/// never the default action, which would end the process).
 #[cfg(unix)]
-fn hangup() -> Hangup {
+pub fn hangup() -> Hangup {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -227,8 +239,9 @@ fn hangup() -> Hangup {
     }
 }
 
+/// Install the SIGHUP handler now (no-op where signals do not exist).
 #[cfg(not(unix))]
-fn hangup() -> Hangup {
+pub fn hangup() -> Hangup {
     None
 }
 

@@ -70,6 +70,11 @@ impl Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("chokepoint.toml");
         std::fs::write(&config_path, config).unwrap();
+        Self::start_at(dir, config_path)
+    }
+
+    /// Start the binary on an existing config file (kept alive with `dir`).
+    pub fn start_at(dir: tempfile::TempDir, config_path: PathBuf) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
             .arg("--config")
             .arg(&config_path)
@@ -170,6 +175,28 @@ impl Proxy {
 
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Wait (bounded) for a diagnostic log line containing `needle`; returns it.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?} within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Send a signal by name (e.g. "HUP").
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 }
 

@@ -1,0 +1,236 @@
+//! Hot reload: a changed file (or SIGHUP) swaps the config atomically; open tunnels keep the
+//! config they started with; a broken file keeps the old config serving; rate-limit state of
+//! agents that still exist survives.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Replace a file atomically, as editors and `kubectl` do (write aside, rename over).
+fn replace(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn hosts() -> &'static str {
+    "\"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"]"
+}
+
+fn status_of(proxy: &Proxy, url: &str) -> String {
+    let (_, out, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-x",
+        &proxy.url(),
+        url,
+    ]);
+    out
+}
+
+/// Poll (bounded) until `url` answers `want`; each probe leaves one audit line, drained here.
+fn until_status(proxy: &Proxy, url: &str, want: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = status_of(proxy, url);
+        proxy.audit();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered {want} (last {got})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn open_tunnel(proxy: &Proxy, authority: &str) -> TcpStream {
+    let mut s = raw(proxy);
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn reload_applies_to_new_requests_while_an_open_tunnel_survives() {
+    let echo_srv = Echo::start("127.0.0.1:0");
+    let port = echo_srv.addr.port();
+    let before = config(hosts(), &[format!("a.test:{port}")], "");
+    let proxy = Proxy::start(&before);
+    let a = format!("http://a.test:{port}/");
+    let b = format!("http://b.test:{port}/");
+
+    let mut tunnel = open_tunnel(&proxy, &format!("a.test:{port}"));
+    echo(&mut tunnel, b"before reload");
+
+    replace(
+        &proxy.config_path,
+        &config(hosts(), &[format!("b.test:{port}")], ""),
+    );
+    proxy.wait_log("config reloaded");
+    // New requests see the new allowlist...
+    let (_, out, _) = curl(&[
+        "-p",
+        "-x",
+        &proxy.url(),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_connect}",
+        &b,
+    ]);
+    assert_eq!(out, "200");
+    let allowed = proxy.audit();
+    assert_eq!(
+        (allowed.reason.as_str(), allowed.rule),
+        ("allowed", Some(format!("b.test:{port}")))
+    );
+    assert_eq!(status_of(&proxy, &a), "403");
+    assert_eq!(proxy.audit().reason, "host_not_allowed");
+
+    // ...while the tunnel opened under the old one keeps working.
+    echo(&mut tunnel, b"after reload");
+    drop(tunnel);
+    let old = proxy.audit();
+    assert_eq!(
+        (old.event.as_str(), old.reason.as_str()),
+        ("connect", "allowed")
+    );
+    assert_eq!(old.rule, Some(format!("a.test:{port}")));
+    assert_eq!(
+        old.bytes_up,
+        (b"before reload".len() + b"after reload".len()) as u64
+    );
+}
+
+#[test]
+fn a_broken_file_keeps_the_old_config_serving() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let good = config(hosts(), &[format!("a.test:{port}")], "");
+    let proxy = Proxy::start(&good);
+    let a = format!("http://a.test:{port}/");
+
+    // Valid TOML, invalid config: every issue is logged, nothing is applied.
+    replace(
+        &proxy.config_path,
+        &good.replace(&format!("\"a.test:{port}\""), "\"*\""),
+    );
+    let line = proxy.wait_log("config reload failed");
+    assert!(line.contains("policies.test.allow[0]"), "{line}");
+    assert_eq!(status_of(&proxy, &a), "200");
+    assert_eq!(proxy.audit().reason, "allowed");
+
+    // Not even TOML.
+    replace(&proxy.config_path, "[server\nlisten = ");
+    proxy.wait_log("config reload failed");
+    assert_eq!(status_of(&proxy, &a), "200");
+    proxy.audit();
+
+    // Fixed: the next good file applies.
+    replace(
+        &proxy.config_path,
+        &config(hosts(), &[format!("b.test:{port}")], ""),
+    );
+    proxy.wait_log("config reloaded");
+    until_status(&proxy, &a, "403");
+}
+
+#[test]
+fn sighup_reloads_at_once() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let proxy = Proxy::start(&config(hosts(), &[format!("a.test:{port}")], ""));
+    proxy.signal("HUP");
+    proxy.wait_log("config reloaded");
+    assert_eq!(status_of(&proxy, &format!("http://a.test:{port}/")), "200");
+    proxy.audit();
+}
+
+#[test]
+fn kubernetes_configmap_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    // The layout kubelet makes for a ConfigMap volume:
+    //   chokepoint.toml -> ..data/chokepoint.toml, ..data -> ..v1 (swapped atomically to ..v2).
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("..v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(
+        v1.join("chokepoint.toml"),
+        config(hosts(), &[format!("a.test:{port}")], ""),
+    )
+    .unwrap();
+    symlink("..v1", dir.path().join("..data")).unwrap();
+    symlink("..data/chokepoint.toml", dir.path().join("chokepoint.toml")).unwrap();
+    let path = dir.path().join("chokepoint.toml");
+    let proxy = Proxy::start_at(dir, path.clone());
+    assert_eq!(status_of(&proxy, &format!("http://a.test:{port}/")), "200");
+    proxy.audit();
+
+    let root = path.parent().unwrap();
+    let v2 = root.join("..v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(
+        v2.join("chokepoint.toml"),
+        config(hosts(), &[format!("b.test:{port}")], ""),
+    )
+    .unwrap();
+    symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..v1")).unwrap();
+
+    proxy.wait_log("config reloaded");
+    until_status(&proxy, &format!("http://b.test:{port}/"), "200");
+    assert_eq!(status_of(&proxy, &format!("http://a.test:{port}/")), "403");
+    proxy.audit();
+}
+
+#[test]
+fn rate_state_survives_a_reload() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let limits = "limits = { requests_per_second = 0.01, burst = 2 }";
+    let proxy = Proxy::start(&config(hosts(), &[format!("a.test:{port}")], limits));
+    let a = format!("http://a.test:{port}/");
+    for _ in 0..2 {
+        assert_eq!(status_of(&proxy, &a), "200");
+        proxy.audit();
+    }
+    // Same agent, same quota, another rule: the spent burst must not come back.
+    replace(
+        &proxy.config_path,
+        &config(
+            hosts(),
+            &[format!("a.test:{port}"), format!("b.test:{port}")],
+            limits,
+        ),
+    );
+    proxy.wait_log("config reloaded");
+    assert_eq!(status_of(&proxy, &format!("http://b.test:{port}/")), "429");
+    let a429 = proxy.audit();
+    assert_eq!(
+        (a429.reason.as_str(), a429.decision.as_str()),
+        ("rate_limited", "deny")
+    );
+}
