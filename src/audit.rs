@@ -5,6 +5,8 @@
 //! requests wait for queue space instead of dropping lines (the audit trail is lossless by design).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
@@ -82,6 +84,7 @@ fn host_field<S: Serializer>(host: &Option<&Host>, s: S) -> Result<S::Ok, S::Err
 #[derive(Clone, Debug)]
 pub struct AuditSink {
     tx: mpsc::Sender<String>,
+    written: Arc<AtomicU64>,
 }
 
 /// The writer task; await [`AuditWriter::finish`] after every sink is dropped to flush the tail.
@@ -107,25 +110,29 @@ where
     let (tx, rx) = mpsc::channel(QUEUE_LINES);
     let failed = CancellationToken::new();
     let on_fail = failed.clone();
+    let written = Arc::new(AtomicU64::new(0));
+    let count = written.clone();
     let task = tokio::spawn(async move {
-        let r = write_lines(rx, out).await;
+        let r = write_lines(rx, out, &count).await;
         if r.is_err() {
             // The gateway must not keep passing traffic it cannot audit: `run` shuts down.
             on_fail.cancel();
         }
         r
     });
-    (AuditSink { tx }, AuditWriter { task, failed })
+    (AuditSink { tx, written }, AuditWriter { task, failed })
 }
 
 async fn write_lines<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<String>,
     out: W,
+    written: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     while let Some(line) = rx.recv().await {
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
+        written.fetch_add(1, Ordering::Relaxed);
         // Flush when the queue is momentarily empty: batches under load, prompt when quiet.
         if rx.is_empty() {
             out.flush().await?;
@@ -149,6 +156,16 @@ impl AuditRecord<'_> {
 // === impl AuditSink ===
 
 impl AuditSink {
+    /// Lines queued and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Lines handed to the output so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
     /// Wait for a free slot in the queue (backpressure when the writer is behind).
     pub async fn reserve(&self) -> Result<AuditPermit<'_>, WriterGone> {
         self.tx

@@ -48,6 +48,8 @@ pub struct Config {
     pub source: PathBuf,
     /// The proxy listener address.
     pub listen: SocketAddr,
+    /// The admin listener address (`/metrics`, `/healthz`, `/readyz`), if any.
+    pub admin_listen: Option<SocketAddr>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// DNS settings.
@@ -180,6 +182,20 @@ impl Validator<'_> {
 
     fn build(&mut self, raw: &RawConfig) -> Config {
         let listen = self.socket_addr(&raw.server.listen, "server.listen", None);
+        let admin_listen = raw
+            .server
+            .admin_listen
+            .as_ref()
+            .map(|a| self.socket_addr(a, "server.admin_listen", None));
+        if let (Some(a), Some(raw_a)) = (admin_listen, raw.server.admin_listen.as_ref()) {
+            if a == listen && a.port() != 0 {
+                self.issue(
+                    raw_a,
+                    "server.admin_listen",
+                    "must differ from server.listen",
+                );
+            }
+        }
         let timeouts = self.timeouts(&raw.timeouts);
         let dns = self.dns(&raw.dns);
         let deny = self.cidrs(&raw.destinations.deny_cidrs, "destinations.deny_cidrs");
@@ -196,6 +212,7 @@ impl Validator<'_> {
         Config {
             source: self.file.to_owned(),
             listen,
+            admin_listen,
             timeouts,
             dns,
             vetter: Vetter::new(deny, allow, vec![listen]),

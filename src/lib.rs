@@ -33,12 +33,14 @@
 //! | [`audit`] | the audit line and its lossless writer |
 //! | [`shutdown`] | signals |
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod connect;
 pub mod identity;
 pub mod io;
 pub mod limits;
+pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;
@@ -71,9 +73,21 @@ pub enum RunError {
     /// The resolver could not be set up.
     #[error(transparent)]
     Resolver(#[from] resolve::ResolverError),
+    /// The metrics registry could not be set up.
+    #[error("setting up metrics")]
+    Metrics(#[source] prometheus::Error),
     /// Audit lines could not be written.
     #[error("writing audit lines")]
     Audit(#[source] std::io::Error),
+}
+
+/// The bound sockets the gateway serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The proxy listener.
+    pub proxy: TcpListener,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if configured.
+    pub admin: Option<TcpListener>,
 }
 
 /// Serve the proxy on `listener` until `shutdown` completes, then drain.
@@ -82,7 +96,7 @@ pub enum RunError {
 /// `timeouts.shutdown_grace`, then end what is left (tunnels are audited with reason `shutdown`)
 /// and flush the audit writer. Audit lines go to `audit_out`.
 pub async fn run<W>(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     audit_out: W,
     shutdown: impl Future<Output = ()>,
@@ -90,16 +104,34 @@ pub async fn run<W>(
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Listeners {
+        proxy: listener,
+        admin,
+    } = listeners;
     let bound = listener.local_addr().map_err(RunError::Listener)?;
+    let metrics = Arc::new(metrics::Metrics::new().map_err(RunError::Metrics)?);
     let grace = config.timeouts.shutdown_grace;
     let (source, agents, policies) = (
         config.source.clone(),
         config.agents.len(),
         config.policies.len(),
     );
-    let live = Arc::new(Live::new(config, bound)?);
+    let live = Arc::new(Live::new(config, bound, metrics.clone())?);
     let (sink, writer) = audit::spawn(audit_out);
-    let shared = Arc::new(Shared::new(live.clone(), sink));
+    let shared = Arc::new(Shared::new(live.clone(), sink, metrics));
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_task = match admin {
+        Some(l) => {
+            let at = l.local_addr().map_err(RunError::Listener)?;
+            tracing::info!(admin = %at, "admin listening");
+            Some(tokio::spawn(admin::serve(
+                l,
+                shared.clone(),
+                admin_stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let hup = reload::hangup();
     let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
     // Announced only now: signal handlers are installed and every part is ready.
@@ -112,6 +144,9 @@ where
             tracing::error!("audit log cannot be written; shutting down rather than pass traffic unaudited");
         }
     }
+    shared
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     shared.draining.cancel();
     let _ = accept.await; // the listener is closed once the accept loop has returned
     tracing::info!(grace = ?grace, "listener closed; draining open requests and tunnels");
@@ -126,6 +161,10 @@ where
         let _ = tokio::time::timeout(ABORT_WAIT, shared.tracker.wait()).await;
     }
     let _ = watcher.await;
+    admin_stop.cancel();
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     drop(shared);
     writer.finish().await.map_err(RunError::Audit)?;
     tracing::info!("stopped");

@@ -92,8 +92,22 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
+        let admin = match config.admin_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(admin_listen = %addr, error = %e, "cannot bind the admin listener");
+                    return ExitCode::from(EX_UNAVAILABLE);
+                }
+            },
+            None => None,
+        };
+        let listeners = chokepoint::Listeners {
+            proxy: listener,
+            admin,
+        };
         let run = chokepoint::run(
-            listener,
+            listeners,
             config,
             tokio::io::stdout(),
             chokepoint::shutdown::signal(),

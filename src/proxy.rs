@@ -14,9 +14,9 @@ pub mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
@@ -35,11 +35,12 @@ use crate::config::Config;
 use crate::connect;
 use crate::io::{Cap, Direction, Meter, Metered};
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::outcome::{Deny, Reason};
 use crate::policy::Mode;
 use crate::reload::{Live, Snapshot};
 use crate::target::{self, Kind};
-use ctx::{Audited, RequestCtx};
+use ctx::{Audited, Recorder, RequestCtx};
 use forward::ForwardBody;
 
 /// The response body type of every proxy response.
@@ -60,6 +61,10 @@ pub struct Shared {
     pub live: Arc<Live>,
     /// Where audit lines go.
     pub audit: AuditSink,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// True while the listener accepts and the gateway is not draining (`/readyz`).
+    pub ready: AtomicBool,
     /// Every connection, tunnel and upstream task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Set when shutdown starts: stop accepting, finish in-flight requests.
@@ -73,14 +78,24 @@ pub struct Shared {
 
 impl Shared {
     /// Bundle what the proxy needs.
-    pub fn new(live: Arc<Live>, audit: AuditSink) -> Self {
+    pub fn new(live: Arc<Live>, audit: AuditSink, metrics: Arc<Metrics>) -> Self {
         Shared {
             live,
             audit,
+            metrics,
+            ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
             timer: TokioTimer::new(),
+        }
+    }
+
+    /// Where finished requests are recorded.
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            sink: self.audit.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -101,6 +116,7 @@ impl Shared {
 
 /// Accept connections until `draining` is set, serving each on its own task.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    shared.ready.store(true, Relaxed);
     loop {
         let accepted = tokio::select! {
             () = shared.draining.cancelled() => break,
@@ -156,35 +172,50 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
     };
     if let Err(e) = result {
-        // A request head that never completed is audited: it is how slowloris and garbage look.
-        // Connections that sent nothing, or failed after a request, are only logged.
-        if requests.load(Relaxed) == 0 && received.up() > 0 {
-            audit_broken_head(&e, peer, &shared.audit).await;
-        } else {
-            tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+        let first_head = requests.load(Relaxed) == 0 && received.up() > 0;
+        match broken_head(&e, first_head) {
+            Some((reason, status)) => {
+                audit_broken_head(reason, status, peer, shared.recorder()).await;
+            }
+            None => {
+                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+            }
         }
     }
 }
 
-async fn audit_broken_head(e: &hyper::Error, peer: SocketAddr, sink: &AuditSink) {
-    let (reason, status) = if e.is_timeout() {
-        (Reason::HeaderTimeout, None)
-    } else if e.is_parse_too_large() {
-        (
+/// Which connection errors are refused request heads worth an audit line. A head that does not
+/// parse is always one. A head cut short (timeout, EOF) is one only on a connection that sent
+/// bytes but never completed a request: on a keep-alive connection after a request, the same
+/// error is just the client going quiet.
+fn broken_head(e: &hyper::Error, first_head: bool) -> Option<(Reason, Option<StatusCode>)> {
+    if e.is_parse_too_large() {
+        Some((
             Reason::HeaderTooLarge,
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-        )
+        ))
     } else if e.is_parse() {
-        (Reason::MalformedRequest, Some(StatusCode::BAD_REQUEST))
+        Some((Reason::MalformedRequest, Some(StatusCode::BAD_REQUEST)))
+    } else if first_head && e.is_timeout() {
+        Some((Reason::HeaderTimeout, None))
+    } else if first_head && e.is_incomplete_message() {
+        Some((Reason::ClientClosed, None))
     } else {
-        tracing::debug!(client = %peer, error = %e, "client connection failed before a request");
-        return;
-    };
+        None
+    }
+}
+
+async fn audit_broken_head(
+    reason: Reason,
+    status: Option<StatusCode>,
+    peer: SocketAddr,
+    rec: Recorder,
+) {
     tracing::info!(client = %peer, reason = reason.as_str(), "request head refused");
     let mut ctx = RequestCtx::new(peer, None);
     ctx.deny(&Deny::new(reason, ""));
     ctx.status = status.map(|s| s.as_u16());
-    Audited::new(ctx, sink.clone()).finish().await;
+    Audited::new(ctx, rec).finish().await;
 }
 
 /// What [`steps`] hands over when a request may proceed.
@@ -202,8 +233,8 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = shared.live.load();
     let ctx = RequestCtx::new(peer, Some(req.method().clone()));
-    let mut audited = Audited::new(ctx, shared.audit.clone());
-    let admitted = match steps(&req, audited.ctx_mut(), &snap).await {
+    let mut audited = Audited::new(ctx, shared.recorder());
+    let admitted = match steps(&req, audited.ctx_mut(), &snap, &shared.metrics).await {
         Ok(ok) => ok,
         Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
     };
@@ -272,6 +303,7 @@ async fn steps(
     req: &Request<Incoming>,
     ctx: &mut RequestCtx,
     snap: &Snapshot,
+    metrics: &Metrics,
 ) -> Result<Admitted, Deny> {
     let cfg = &snap.config;
     let (kind, target) = target::parse(req.method(), req.uri())?;
@@ -299,9 +331,15 @@ async fn steps(
         report_or_refuse(ctx, deny)?;
     }
     check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
+    let lookup = Instant::now();
     let addrs = snap.resolver.resolve(&target.host).await?;
+    if !snap.resolver.is_static(&target.host) {
+        metrics.dns_looked_up(lookup.elapsed());
+    }
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
+    let dialling = Instant::now();
     let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
+    metrics.upstream_connected(dialling.elapsed());
     ctx.upstream = Some(addr);
     Ok(Admitted {
         kind,

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigError};
 use crate::identity::AgentId;
 use crate::limits::Gate;
+use crate::metrics::Metrics;
 use crate::resolve::{Resolver, ResolverError};
 
 /// How often the config file and token files are checked for changes.
@@ -57,6 +58,7 @@ pub struct Live {
     current: ArcSwap<Snapshot>,
     path: PathBuf,
     bound: SocketAddr,
+    metrics: Arc<Metrics>,
 }
 
 // === impl Snapshot ===
@@ -119,7 +121,11 @@ impl Snapshot {
 
 impl Live {
     /// Start from an already loaded config, for a proxy bound to `bound`.
-    pub fn new(config: Config, bound: SocketAddr) -> Result<Self, ResolverError> {
+    pub fn new(
+        config: Config,
+        bound: SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ResolverError> {
         let path = config.source.clone();
         let snapshot = Snapshot::build(config, bound, None)?;
         log_warnings(&snapshot.config);
@@ -127,6 +133,7 @@ impl Live {
             current: ArcSwap::from_pointee(snapshot),
             path,
             bound,
+            metrics,
         })
     }
 
@@ -148,6 +155,14 @@ impl Live {
         let prev = self.current.load();
         let next = Snapshot::build(config, self.bound, Some(&prev))?;
         log_warnings(&next.config);
+        let gone: Vec<&str> = prev
+            .config
+            .agents
+            .iter()
+            .map(|a| &*a.name)
+            .filter(|name| !next.config.agents.iter().any(|a| &*a.name == *name))
+            .collect();
+        self.metrics.forget_agents(gone.into_iter());
         self.current.store(Arc::new(next));
         Ok(())
     }
@@ -197,10 +212,12 @@ impl Live {
             match self.reload() {
                 Ok(()) => {
                     failed = None;
+                    self.metrics.reloaded(true);
                     tracing::info!(config = %self.path.display(), "config reloaded");
                 }
                 Err(e) => {
                     failed = Some(seen);
+                    self.metrics.reloaded(false);
                     tracing::error!(
                         config = %self.path.display(),
                         error = %e,

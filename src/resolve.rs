@@ -89,6 +89,14 @@ impl Resolver {
         })
     }
 
+    /// True when `host` is answered without DNS (an IP literal or a static host).
+    pub fn is_static(&self, host: &Host) -> bool {
+        match host {
+            Host::Ip(_) => true,
+            Host::Name(n) => self.hosts.contains_key(&**n),
+        }
+    }
+
     /// Resolve `host`: an IP literal is its own answer; a name is looked up in `hosts`, then DNS.
     pub async fn resolve(&self, host: &Host) -> Result<Vec<IpAddr>, Deny> {
         let name = match host {

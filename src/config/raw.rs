@@ -32,6 +32,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub(crate) listen: Str,
+    pub(crate) admin_listen: Option<Str>,
     pub(crate) mode: Option<Str>,
 }
 

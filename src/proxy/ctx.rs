@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
 use crate::limits::Permit;
+use crate::metrics::{Done, Metrics};
 use crate::outcome::{Decision, Deny, Reason};
 use crate::policy::Mode;
 use crate::target::{Kind, Target};
@@ -171,22 +172,37 @@ impl RequestCtx {
     }
 }
 
-/// A context whose audit line is written exactly once: by [`Audited::finish`], or on drop.
+/// Where a finished request is recorded: the audit queue and the metrics.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    /// The audit queue.
+    pub sink: AuditSink,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A context whose audit line (and metrics) are written exactly once: by [`Audited::finish`],
+/// or on drop.
 #[derive(Debug)]
 pub struct Audited {
     ctx: Option<RequestCtx>,
-    sink: AuditSink,
+    rec: Recorder,
 }
 
 // === impl Audited ===
 
 impl Audited {
-    /// Guard `ctx`; its line goes to `sink`.
-    pub fn new(ctx: RequestCtx, sink: AuditSink) -> Self {
+    /// Guard `ctx`; it is recorded through `rec`.
+    pub fn new(ctx: RequestCtx, rec: Recorder) -> Self {
         Audited {
             ctx: Some(ctx),
-            sink,
+            rec,
         }
+    }
+
+    /// The metrics (for gauges that live as long as the request, like open tunnels).
+    pub fn metrics(&self) -> &Metrics {
+        &self.rec.metrics
     }
 
     /// The context.
@@ -207,10 +223,12 @@ impl Audited {
     /// Write the line, waiting for queue space (backpressure). The context stays in the guard
     /// until a slot is reserved, so if this future is dropped while waiting, `Drop` still writes it.
     pub async fn finish(mut self) {
-        let permit = self.sink.reserve().await;
+        let waiting = std::time::Instant::now();
+        let permit = self.rec.sink.reserve().await;
+        self.rec.metrics.audit_waited(waiting.elapsed());
         if let Some(mut ctx) = self.ctx.take() {
             ctx.apply_cut();
-            log_end(&ctx);
+            record(&ctx, &self.rec.metrics);
             match permit {
                 Ok(p) => p.send(ctx.audit_line()),
                 Err(_) => audit::fallback(&ctx.audit_line()),
@@ -229,8 +247,8 @@ impl Audited {
             if let (Some(reason), Reason::Allowed) = (cancelled, ctx.reason) {
                 ctx.reason = reason;
             }
-            log_end(&ctx);
-            self.sink.send_now(ctx.audit_line());
+            record(&ctx, &self.rec.metrics);
+            self.rec.sink.send_now(ctx.audit_line());
         }
     }
 }
@@ -242,7 +260,16 @@ impl Drop for Audited {
     }
 }
 
-fn log_end(ctx: &RequestCtx) {
+fn record(ctx: &RequestCtx, metrics: &Metrics) {
+    metrics.request_done(&Done {
+        agent: ctx.agent.as_deref(),
+        kind: ctx.kind.map_or("reject", |k| k.as_str()),
+        decision: ctx.decision.as_str(),
+        reason: ctx.reason.as_str(),
+        bytes_up: ctx.meter.up(),
+        bytes_down: ctx.meter.down(),
+        elapsed: ctx.start.elapsed(),
+    });
     tracing::debug!(
         request_id = %ctx.request_id,
         decision = ctx.decision.as_str(),

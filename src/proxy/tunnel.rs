@@ -44,6 +44,8 @@ pub async fn run(
         }
     };
     let meter = audited.ctx().meter.clone();
+    let agent = audited.ctx().agent.clone();
+    let _open = agent.map(|a| audited.metrics().tunnel_opened(&a));
     let mut client =
         Metered::new(TokioIo::new(upgraded), meter.clone(), Direction::Up).with_cap(upload);
     let mut server = Metered::new(upstream, meter.clone(), Direction::Down);

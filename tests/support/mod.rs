@@ -56,6 +56,8 @@ pub struct Audit {
 /// A running gateway process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `admin_listen`.
+    pub admin: Option<SocketAddr>,
     child: Child,
     audits: Receiver<Audit>,
     pub stderr: Receiver<String>,
@@ -110,16 +112,21 @@ impl Proxy {
             }
         });
         let deadline = Instant::now() + WAIT;
+        let mut admin = None;
         let addr = loop {
             let line = stderr
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("chokepoint did not report its listen address");
+            if let Some(rest) = line.split("admin=").nth(1) {
+                admin = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+            }
             if let Some(rest) = line.split("listen=").nth(1) {
                 break rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         };
         Proxy {
             addr,
+            admin,
             child,
             audits,
             stderr,

@@ -1,0 +1,323 @@
+//! Prometheus metrics: every family is created here, once, with its name and buckets as consts.
+//!
+//! Label values come only from the config (`agent`, `policy`) or from closed vocabularies
+//! (`kind`, `decision`, `reason`, `direction`, `result`), never from a host, path, client address
+//! or error text, so the number of series is bounded by the config. A client that matched no
+//! agent is counted under `agent="unknown"`.
+
+use std::time::Duration;
+
+use prometheus::{
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// `chokepoint_requests_total{agent,kind,decision,reason}`: requests and tunnels by outcome.
+pub const REQUESTS_TOTAL: &str = "chokepoint_requests_total";
+/// `chokepoint_bytes_total{agent,direction}`: payload bytes (`up`: client→upstream).
+pub const BYTES_TOTAL: &str = "chokepoint_bytes_total";
+/// `chokepoint_active_tunnels{agent}`: tunnels open now.
+pub const ACTIVE_TUNNELS: &str = "chokepoint_active_tunnels";
+/// `chokepoint_request_duration_seconds{kind}`: arrival to end of exchange.
+pub const REQUEST_DURATION: &str = "chokepoint_request_duration_seconds";
+/// `chokepoint_upstream_connect_seconds`: successful dials to a vetted address.
+pub const UPSTREAM_CONNECT: &str = "chokepoint_upstream_connect_seconds";
+/// `chokepoint_dns_lookup_seconds`: lookups that went to DNS (not static hosts).
+pub const DNS_LOOKUP: &str = "chokepoint_dns_lookup_seconds";
+/// `chokepoint_config_reloads_total{result}`: `ok` or `error`.
+pub const CONFIG_RELOADS: &str = "chokepoint_config_reloads_total";
+/// `chokepoint_build_info{version}`: always 1.
+pub const BUILD_INFO: &str = "chokepoint_build_info";
+/// `chokepoint_audit_queue_lines`: audit lines waiting for the writer.
+pub const AUDIT_QUEUE: &str = "chokepoint_audit_queue_lines";
+/// `chokepoint_audit_wait_seconds_total`: time requests spent waiting for audit queue space.
+pub const AUDIT_WAIT: &str = "chokepoint_audit_wait_seconds_total";
+/// `chokepoint_audit_lines_total`: audit lines written.
+pub const AUDIT_LINES: &str = "chokepoint_audit_lines_total";
+
+/// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
+/// the internet tens to hundreds of milliseconds.
+const FAST_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+/// Requests take milliseconds; tunnels live for minutes.
+const REQUEST_BUCKETS: [f64; 16] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+    600.0, 3600.0,
+];
+
+/// The agent label of a client that matched no agent.
+pub const UNKNOWN_AGENT: &str = "unknown";
+
+/// Every metric family of the gateway.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    bytes: IntCounterVec,
+    active_tunnels: IntGaugeVec,
+    duration: HistogramVec,
+    connect: Histogram,
+    dns: Histogram,
+    reloads: IntCounterVec,
+    audit_queue: IntGauge,
+    audit_wait: Counter,
+    audit_lines: IntCounter,
+}
+
+/// One finished request or tunnel, as the metrics see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Done<'a> {
+    /// The agent, or `None` if unidentified.
+    pub agent: Option<&'a str>,
+    /// `connect`, `http` or `reject`.
+    pub kind: &'static str,
+    /// `allow`, `deny` or `would_deny`.
+    pub decision: &'static str,
+    /// The reason token.
+    pub reason: &'static str,
+    /// Bytes client→upstream.
+    pub bytes_up: u64,
+    /// Bytes upstream→client.
+    pub bytes_down: u64,
+    /// Arrival to end.
+    pub elapsed: Duration,
+}
+
+/// Decrements `chokepoint_active_tunnels` for its agent when dropped.
+#[derive(Debug)]
+pub struct TunnelGuard(IntGauge);
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Create and register every family (and the process collector) in a new registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                REQUESTS_TOTAL,
+                "Requests and tunnels by agent, kind, decision and reason.",
+            ),
+            &["agent", "kind", "decision", "reason"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                BYTES_TOTAL,
+                "Payload bytes by agent and direction (up: client to upstream).",
+            ),
+            &["agent", "direction"],
+        )?;
+        let active_tunnels = IntGaugeVec::new(
+            Opts::new(ACTIVE_TUNNELS, "CONNECT tunnels open now, by agent."),
+            &["agent"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                REQUEST_DURATION,
+                "Time from request arrival to the end of the exchange.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["kind"],
+        )?;
+        let connect = Histogram::with_opts(
+            HistogramOpts::new(
+                UPSTREAM_CONNECT,
+                "Time to connect to a vetted upstream address.",
+            )
+            .buckets(FAST_BUCKETS.to_vec()),
+        )?;
+        let dns = Histogram::with_opts(
+            HistogramOpts::new(DNS_LOOKUP, "Time of DNS lookups (static hosts excluded).")
+                .buckets(FAST_BUCKETS.to_vec()),
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(CONFIG_RELOADS, "Config reloads by result (ok, error)."),
+            &["result"],
+        )?;
+        let build = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Build information; always 1."),
+            &["version"],
+        )?;
+        let audit_queue = IntGauge::new(AUDIT_QUEUE, "Audit lines waiting for the writer.")?;
+        let audit_wait = Counter::new(
+            AUDIT_WAIT,
+            "Total time requests waited for audit queue space (the writer fell behind).",
+        )?;
+        let audit_lines = IntCounter::new(AUDIT_LINES, "Audit lines written.")?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(bytes.clone()),
+            Box::new(active_tunnels.clone()),
+            Box::new(duration.clone()),
+            Box::new(connect.clone()),
+            Box::new(dns.clone()),
+            Box::new(reloads.clone()),
+            Box::new(build.clone()),
+            Box::new(audit_queue.clone()),
+            Box::new(audit_wait.clone()),
+            Box::new(audit_lines.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            bytes,
+            active_tunnels,
+            duration,
+            connect,
+            dns,
+            reloads,
+            audit_queue,
+            audit_wait,
+            audit_lines,
+        })
+    }
+
+    /// Record a finished request or tunnel.
+    pub fn request_done(&self, d: &Done<'_>) {
+        let agent = d.agent.unwrap_or(UNKNOWN_AGENT);
+        self.requests
+            .with_label_values(&[agent, d.kind, d.decision, d.reason])
+            .inc();
+        if d.bytes_up > 0 {
+            self.bytes
+                .with_label_values(&[agent, "up"])
+                .inc_by(d.bytes_up);
+        }
+        if d.bytes_down > 0 {
+            self.bytes
+                .with_label_values(&[agent, "down"])
+                .inc_by(d.bytes_down);
+        }
+        self.duration
+            .with_label_values(&[d.kind])
+            .observe(d.elapsed.as_secs_f64());
+    }
+
+    /// A tunnel of `agent` opened; the gauge goes down when the guard is dropped.
+    pub fn tunnel_opened(&self, agent: &str) -> TunnelGuard {
+        let g = self.active_tunnels.with_label_values(&[agent]);
+        g.inc();
+        TunnelGuard(g)
+    }
+
+    /// A successful dial took `d`.
+    pub fn upstream_connected(&self, d: Duration) {
+        self.connect.observe(d.as_secs_f64());
+    }
+
+    /// A DNS lookup took `d`.
+    pub fn dns_looked_up(&self, d: Duration) {
+        self.dns.observe(d.as_secs_f64());
+    }
+
+    /// A reload finished.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// A request waited `d` for audit queue space.
+    pub fn audit_waited(&self, d: Duration) {
+        self.audit_wait.inc_by(d.as_secs_f64());
+    }
+
+    /// Update the audit writer's figures (sampled at scrape time).
+    pub fn audit_state(&self, queued: usize, written: u64) {
+        self.audit_queue
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+        let seen = self.audit_lines.get();
+        if written > seen {
+            self.audit_lines.inc_by(written - seen);
+        }
+    }
+
+    /// Forget the per-agent series of agents no longer in the config.
+    pub fn forget_agents<'a>(&self, gone: impl Iterator<Item = &'a str>) {
+        for agent in gone {
+            let _ = self.active_tunnels.remove_label_values(&[agent]);
+            for dir in ["up", "down"] {
+                let _ = self.bytes.remove_label_values(&[agent, dir]);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+// === impl TunnelGuard ===
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_bounded_labels() {
+        let m = Metrics::new().unwrap();
+        m.request_done(&Done {
+            agent: Some("coder"),
+            kind: "connect",
+            decision: "allow",
+            reason: "allowed",
+            bytes_up: 10,
+            bytes_down: 20,
+            elapsed: Duration::from_millis(3),
+        });
+        m.request_done(&Done {
+            agent: None,
+            kind: "reject",
+            decision: "deny",
+            reason: "unknown_agent",
+            bytes_up: 0,
+            bytes_down: 0,
+            elapsed: Duration::ZERO,
+        });
+        let guard = m.tunnel_opened("coder");
+        m.reloaded(false);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"chokepoint_requests_total{agent="coder",decision="allow",kind="connect",reason="allowed"} 1"#,
+            r#"chokepoint_requests_total{agent="unknown",decision="deny",kind="reject",reason="unknown_agent"} 1"#,
+            r#"chokepoint_bytes_total{agent="coder",direction="up"} 10"#,
+            r#"chokepoint_bytes_total{agent="coder",direction="down"} 20"#,
+            r#"chokepoint_active_tunnels{agent="coder"} 1"#,
+            r#"chokepoint_config_reloads_total{result="error"} 1"#,
+            r#"chokepoint_config_reloads_total{result="ok"} 0"#,
+            r#"chokepoint_build_info{version=""#,
+            "chokepoint_request_duration_seconds_bucket{kind=\"connect\",le=\"0.005\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        drop(guard);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"chokepoint_active_tunnels{agent="coder"} 0"#));
+        m.forget_agents(["coder"].into_iter());
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains(r#"chokepoint_active_tunnels{agent="coder"}"#));
+    }
+}
