@@ -379,3 +379,28 @@ fn query_without_path_and_foreign_transfer_codings() {
     assert_eq!(proxy.audit().reason, "malformed_request");
     assert_eq!(origin.connections(), 1);
 }
+
+#[test]
+fn a_malformed_head_after_a_good_request_is_audited_too() {
+    let (_origin, proxy, port) = setup(&["origin.test"]);
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!("GET http://origin.test:{port}/ok HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = vec![0; "GET /ok HTTP/1.1\n".len()];
+    s.read_exact(&mut body).unwrap();
+    assert_eq!(proxy.audit().reason, "allowed");
+    s.write_all(b"GET http://origin.test/ HTTP/1.1\r\nBad Header\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str(), a.status),
+        ("reject", "malformed_request", Some(400))
+    );
+}
