@@ -41,6 +41,29 @@ enum Command {
     Run,
     /// Validate the config and print a summary; exits non-zero naming file, line and key on error.
     Check,
+    /// Show what the gateway would decide for one agent and one target (exit 0 allow, 1 deny).
+    Explain {
+        /// The agent, by name.
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        agent: Option<String>,
+        /// A client address, matched as a connection without credentials would be.
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// Also resolve the host (static hosts, then DNS) and show which addresses vetting keeps.
+        #[arg(long)]
+        resolve: bool,
+        /// A URL (`https://host/...` = CONNECT, `http://host/...` = plain HTTP) or `host:port`.
+        target: String,
+    },
+    /// Propose allow rules that admit the would_deny requests of an audit log (report mode).
+    Propose {
+        /// Audit log file (JSON lines); `-` for standard input.
+        #[arg(long)]
+        audit: PathBuf,
+        /// Only this policy.
+        #[arg(long)]
+        policy: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -70,6 +93,13 @@ fn main() -> ExitCode {
             init_tracing(cli.log_format);
             serve(config)
         }
+        Command::Explain {
+            agent,
+            client,
+            resolve,
+            target,
+        } => explain(&config, agent, client, resolve, &target),
+        Command::Propose { audit, policy } => propose(&config, &audit, policy.as_deref()),
     }
 }
 
@@ -120,6 +150,85 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+fn explain(
+    config: &Config,
+    agent: Option<String>,
+    client: Option<std::net::IpAddr>,
+    resolve: bool,
+    target: &str,
+) -> ExitCode {
+    use chokepoint::explain::{self, Who};
+    let who = match (agent, client) {
+        (Some(a), _) => Who::Agent(a),
+        (None, Some(c)) => Who::Client(c),
+        (None, None) => unreachable!("clap requires --agent or --client"),
+    };
+    let mut e = match explain::explain(config, &who, target) {
+        Ok(e) => e,
+        Err(err) => {
+            eprintln!("chokepoint explain: {err}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if resolve {
+        let Some(policy) = config.policies.iter().find(|p| *p.name == *e.policy) else {
+            return ExitCode::from(EX_UNAVAILABLE);
+        };
+        let answer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let resolver =
+                        chokepoint::resolve::Resolver::new(&config.dns, config.timeouts.dns)
+                            .map_err(|e| e.to_string())?;
+                    Ok(resolver.resolve(&e.target.host).await)
+                })
+            });
+        match answer {
+            Ok(Ok(addrs)) => {
+                e.addresses = Some(Ok(explain::vet_each(config, policy, &addrs, e.target.port)));
+            }
+            Ok(Err(deny)) => e.addresses = Some(Err(deny)),
+            Err(msg) => {
+                eprintln!("chokepoint explain: cannot resolve: {msg}");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        }
+    }
+    print!("{e}");
+    ExitCode::from(e.exit_code())
+}
+
+fn propose(config: &Config, audit: &std::path::Path, policy: Option<&str>) -> ExitCode {
+    let result = if audit == std::path::Path::new("-") {
+        chokepoint::propose::propose(config, std::io::stdin().lock(), policy)
+    } else {
+        match std::fs::File::open(audit) {
+            Ok(f) => chokepoint::propose::propose(config, std::io::BufReader::new(f), policy),
+            Err(e) => {
+                eprintln!("chokepoint propose: {}: {e}", audit.display());
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    };
+    match result {
+        Ok((text, sum)) => {
+            eprintln!(
+                "read {} audit line(s): {} would_deny, {} not audit JSON (skipped)",
+                sum.lines, sum.would_deny, sum.skipped
+            );
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chokepoint propose: reading {}: {e}", audit.display());
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {

@@ -102,3 +102,151 @@ fn missing_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn explain_exit_codes() {
+    let root = root();
+    let cfg = "config/chokepoint.toml";
+    let (code, out, _) = run(
+        &root,
+        &[
+            "explain",
+            "--config",
+            cfg,
+            "--agent",
+            "local",
+            "https://api.github.com/zen",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("decision: allow") && out.contains("rule:     api.github.com"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        &root,
+        &[
+            "explain",
+            "--config",
+            cfg,
+            "--client",
+            "127.0.0.1",
+            "example.com:443",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason:   host_not_allowed"), "{out}");
+    let (code, _, err) = run(
+        &root,
+        &[
+            "explain",
+            "--config",
+            cfg,
+            "--client",
+            "192.0.2.1",
+            "example.com:443",
+        ],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("unknown_agent"), "{err}");
+    let (code, _, err) = run(
+        &root,
+        &[
+            "explain",
+            "--config",
+            cfg,
+            "--agent",
+            "nobody",
+            "example.com:443",
+        ],
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("no agent named `nobody` (agents: local)"),
+        "{err}"
+    );
+    // --resolve with a static host: the answer and the vetting verdict of each address.
+    let (code, out, _) = run(
+        &root.join("tests/fixtures/config/valid"),
+        &[
+            "explain",
+            "--config",
+            "full.toml",
+            "--agent",
+            "batch",
+            "--resolve",
+            "tools.internal.test:443",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("127.0.0.2: kept") && out.contains("::1: refused"),
+        "{out}"
+    );
+}
+
+#[test]
+fn propose_then_paste_then_explain_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = r#"[server]
+listen = "127.0.0.1:3128"
+
+[[agents]]
+name = "coder"
+source_cidrs = ["127.0.0.0/8"]
+policy = "llm"
+
+[policies.llm]
+mode = "report"
+allow = ["api.openai.com"]
+"#;
+    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
+    // Lines as the gateway writes them in report mode.
+    let line = |event: &str, host: &str, port: u16| {
+        format!(
+            r#"{{"v":1,"ts":"2026-11-23T10:00:00.000Z","event":"{event}","request_id":"01M83TVDSHSNTYQ01QDY1EFDPQ","agent":"coder","policy":"llm","client":"127.0.0.1:5000","method":"GET","host":"{host}","port":{port},"path":null,"decision":"would_deny","reason":"host_not_allowed","rule":null,"mode":"report","upstream":"127.0.0.1:443","status":200,"bytes_up":0,"bytes_down":0,"duration_ms":1}}"#
+        )
+    };
+    let log = [
+        line("connect", "pypi.org", 443),
+        line("http", "mirror.test", 8080),
+        line("connect", "pypi.org", 443),
+    ]
+    .join("\n");
+    std::fs::write(dir.path().join("audit.log"), log).unwrap();
+    let (code, proposal, err) = run(
+        dir.path(),
+        &["propose", "--config", "c.toml", "--audit", "audit.log"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("read 3 audit line(s): 3 would_deny"), "{err}");
+    // Paste: replace the policy table with the proposal.
+    let head = cfg.split("[policies.llm]").next().unwrap();
+    std::fs::write(dir.path().join("c2.toml"), format!("{head}{proposal}")).unwrap();
+    let (code, _, err) = run(dir.path(), &["check", "--config", "c2.toml"]);
+    assert_eq!(code, 0, "{err}\n{proposal}");
+    for target in [
+        "https://pypi.org/simple/",
+        "http://mirror.test:8080/",
+        "https://api.openai.com/",
+    ] {
+        let (code, out, _) = run(
+            dir.path(),
+            &["explain", "--config", "c2.toml", "--agent", "coder", target],
+        );
+        assert_eq!(code, 0, "{target}: {out}");
+    }
+}

@@ -1,0 +1,333 @@
+//! `chokepoint explain`: what the gateway would decide for one agent and one target, without
+//! sending anything — the decision, the rule or reason, the policy, the limits, and with
+//! `--resolve` the DNS answers and which addresses vetting keeps.
+
+use std::fmt::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::config::Config;
+use crate::identity::{AgentId, Agents};
+use crate::outcome::Deny;
+use crate::policy::{Mode, Policy};
+use crate::target::{self, Kind, Target};
+
+/// Who is asking.
+#[derive(Clone, Debug)]
+pub enum Who {
+    /// An agent by name.
+    Agent(String),
+    /// A client address, matched like a connection (address classes only: tokens cannot be
+    /// presented here).
+    Client(IpAddr),
+}
+
+/// The outcome of `explain`.
+#[derive(Debug)]
+pub struct Explanation {
+    /// The request the target stands for.
+    pub kind: Kind,
+    /// The parsed target.
+    pub target: Target,
+    /// The agent's name.
+    pub agent: String,
+    /// How the agent was found.
+    pub matched_by: String,
+    /// Policy name and mode.
+    pub policy: String,
+    /// Mode of the policy.
+    pub mode: Mode,
+    /// Allowed by the rule, or refused with the reason.
+    pub verdict: Result<String, Deny>,
+    /// The limits line.
+    pub limits: String,
+    /// With `--resolve`: each address and whether vetting keeps it.
+    pub addresses: Option<Result<Vec<(IpAddr, Result<(), String>)>, Deny>>,
+}
+
+/// Why a question could not be answered (usage errors: exit 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The target could not be parsed.
+    #[error("target `{0}`: {1}")]
+    Target(String, String),
+    /// No such agent.
+    #[error("no agent named `{0}` (agents: {1})")]
+    NoAgent(String, String),
+    /// The client address matches no agent.
+    #[error("{0}")]
+    Unmatched(String),
+}
+
+/// Parse the TARGET argument: `https://host[:port]/…` (a CONNECT), `http://host[:port]/…` (plain
+/// HTTP), or `host:port` (a CONNECT).
+pub fn parse_target(arg: &str) -> Result<(Kind, Target), ExplainError> {
+    let bad = |d: Deny| ExplainError::Target(arg.to_owned(), d.detail.into_owned());
+    let lower = arg.to_ascii_lowercase();
+    let (kind, rest, default_port) = if let Some(r) = lower.strip_prefix("https://") {
+        (Kind::Connect, &arg[arg.len() - r.len()..], Some(443))
+    } else if let Some(r) = lower.strip_prefix("http://") {
+        (Kind::Http, &arg[arg.len() - r.len()..], Some(80))
+    } else {
+        (Kind::Connect, arg, None)
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let t = target::parse_authority(authority, default_port).map_err(bad)?;
+    Ok((kind, t))
+}
+
+/// Decide, as the gateway would, everything but the network steps.
+pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, ExplainError> {
+    let (kind, target) = parse_target(arg)?;
+    let (id, matched_by) = find_agent(&config.agents, who)?;
+    let agent = config.agents.get(id);
+    let policy = config.policy_of(agent);
+    let verdict = policy
+        .check(kind, &target)
+        .map(|rule| rule.text.to_string());
+    Ok(Explanation {
+        kind,
+        target,
+        agent: agent.name.to_string(),
+        matched_by,
+        policy: policy.name.to_string(),
+        mode: policy.mode,
+        verdict,
+        limits: limits_line(policy),
+        addresses: None,
+    })
+}
+
+/// Vet resolved addresses as the gateway would for this policy.
+pub fn vet_each(
+    config: &Config,
+    policy: &Policy,
+    addrs: &[IpAddr],
+    port: u16,
+) -> Vec<(IpAddr, Result<(), String>)> {
+    addrs
+        .iter()
+        .map(|&ip| {
+            let verdict = config
+                .vetter
+                .check_with(ip, port, &policy.allow_cidrs)
+                .map_err(|r| r.to_string());
+            (ip, verdict)
+        })
+        .collect()
+}
+
+fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainError> {
+    match who {
+        Who::Agent(name) => agents
+            .iter()
+            .position(|a| &*a.name == name)
+            .map(|i| (AgentId(i), "chosen with --agent".to_owned()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = agents.iter().map(|a| &*a.name).collect();
+                ExplainError::NoAgent(name.clone(), names.join(", "))
+            }),
+        Who::Client(ip) => {
+            // Exactly the gateway's matching, for a client that sends no credentials.
+            let client = SocketAddr::new(*ip, 0);
+            match agents.identify(client, &http::HeaderMap::new()) {
+                Ok(id) => Ok((id, format!("by source address {ip}, without credentials"))),
+                Err(d) => Err(ExplainError::Unmatched(format!(
+                    "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token agents",
+                    d.reason, d.detail
+                ))),
+            }
+        }
+    }
+}
+
+fn limits_line(policy: &Policy) -> String {
+    let l = &policy.limits;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "{} req/s, burst {}, {} concurrent; head <= {} B, body <= {} B, tunnel upload <= {} B, response <= {} B",
+        l.requests_per_second,
+        l.burst,
+        l.max_concurrent,
+        l.max_request_header_bytes,
+        l.max_request_body_bytes,
+        l.max_tunnel_upload_bytes,
+        l.max_response_body_bytes
+    );
+    s
+}
+
+// === impl Explanation ===
+
+impl Explanation {
+    /// `allow`, `deny`, or `would_deny` (report mode), including vetting when resolved.
+    pub fn decision(&self) -> &'static str {
+        let vetted_out = matches!(&self.addresses, Some(Ok(list)) if list.iter().all(|(_, v)| v.is_err()))
+            || matches!(&self.addresses, Some(Err(_)));
+        match (&self.verdict, self.mode) {
+            (Err(d), Mode::Enforce) if d.reason.is_reportable() => "deny",
+            (Err(d), Mode::Report) if d.reason.is_reportable() => {
+                if vetted_out {
+                    "deny"
+                } else {
+                    "would_deny"
+                }
+            }
+            (Err(_), _) => "deny",
+            (Ok(_), _) if vetted_out => "deny",
+            (Ok(_), _) => "allow",
+        }
+    }
+
+    /// Exit status: 0 only when the request would be let through as allowed.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.decision() != "allow")
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let method = match self.kind {
+            Kind::Connect => "CONNECT",
+            Kind::Http => "plain HTTP to",
+        };
+        writeln!(f, "request:  {method} {}", self.target)?;
+        writeln!(f, "agent:    {} ({})", self.agent, self.matched_by)?;
+        writeln!(f, "policy:   {} (mode {})", self.policy, self.mode.as_str())?;
+        writeln!(f, "decision: {}", self.decision())?;
+        match &self.verdict {
+            Ok(rule) => writeln!(f, "rule:     {rule}")?,
+            Err(d) => writeln!(f, "reason:   {} ({})", d.reason, d.detail)?,
+        }
+        writeln!(f, "limits:   {}", self.limits)?;
+        match &self.addresses {
+            None => {}
+            Some(Err(d)) => writeln!(f, "resolve:  {} ({})", d.reason, d.detail)?,
+            Some(Ok(list)) => {
+                writeln!(f, "resolve:  {} address(es)", list.len())?;
+                for (ip, verdict) in list {
+                    match verdict {
+                        Ok(()) => writeln!(f, "  {ip}: kept")?,
+                        Err(why) => writeln!(f, "  {ip}: refused, {why}")?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CFG: &str = r#"
+[server]
+listen = "127.0.0.1:3128"
+[destinations]
+deny_cidrs = ["127.0.0.64/26"]
+[[agents]]
+name = "coder"
+source_cidrs = ["10.42.0.0/16"]
+policy = "llm"
+[[agents]]
+name = "watcher"
+source_cidrs = ["10.43.0.0/16"]
+policy = "trial"
+[policies.llm]
+allow = ["api.openai.com", "*.githubusercontent.com:443"]
+limits = { requests_per_second = 5, burst = 10 }
+[policies.trial]
+mode = "report"
+allow = ["api.openai.com"]
+"#;
+
+    fn cfg() -> Config {
+        crate::config::parse(Path::new("t.toml"), CFG).unwrap()
+    }
+
+    #[test]
+    fn allow_deny_and_report() {
+        let c = cfg();
+        let e = explain(
+            &c,
+            &Who::Agent("coder".into()),
+            "https://api.openai.com/v1/chat",
+        )
+        .unwrap();
+        assert_eq!((e.decision(), e.exit_code()), ("allow", 0));
+        assert_eq!(e.verdict.as_deref().unwrap(), "api.openai.com");
+        let text = e.to_string();
+        assert!(
+            text.contains("request:  CONNECT api.openai.com:443"),
+            "{text}"
+        );
+        assert!(text.contains("5 req/s, burst 10"), "{text}");
+
+        let e = explain(
+            &c,
+            &Who::Client("10.42.1.7".parse().unwrap()),
+            "evil.test:443",
+        )
+        .unwrap();
+        assert_eq!((e.decision(), e.exit_code()), ("deny", 1));
+        assert!(e.to_string().contains("reason:   host_not_allowed"));
+
+        let e = explain(&c, &Who::Agent("watcher".into()), "http://evil.test/").unwrap();
+        assert_eq!((e.decision(), e.exit_code()), ("would_deny", 1));
+
+        let e = explain(
+            &c,
+            &Who::Agent("coder".into()),
+            "http://raw.githubusercontent.com/x",
+        )
+        .unwrap();
+        assert_eq!(
+            e.decision(),
+            "deny",
+            "the wildcard rule is for port 443 only"
+        );
+    }
+
+    #[test]
+    fn resolution_vetting_is_part_of_the_decision() {
+        let c = cfg();
+        let mut e = explain(&c, &Who::Agent("coder".into()), "api.openai.com:443").unwrap();
+        let policy = &c.policies[c.agents.get(AgentId(0)).policy];
+        e.addresses = Some(Ok(vet_each(
+            &c,
+            policy,
+            &["127.0.0.66".parse().unwrap()],
+            443,
+        )));
+        assert_eq!(e.decision(), "deny");
+        assert!(e
+            .to_string()
+            .contains("127.0.0.66: refused, in deny_cidrs range 127.0.0.64/26"));
+    }
+
+    #[test]
+    fn usage_errors() {
+        let c = cfg();
+        assert!(matches!(
+            explain(&c, &Who::Agent("nobody".into()), "a.test:443"),
+            Err(ExplainError::NoAgent(..))
+        ));
+        assert!(matches!(
+            explain(&c, &Who::Client("192.0.2.1".parse().unwrap()), "a.test:443"),
+            Err(ExplainError::Unmatched(_))
+        ));
+        assert!(matches!(
+            explain(&c, &Who::Agent("coder".into()), "a.test"),
+            Err(ExplainError::Target(..))
+        ));
+        assert_eq!(
+            parse_target("HTTPS://API.openai.com:8443/x?y")
+                .unwrap()
+                .1
+                .port,
+            8443
+        );
+    }
+}
