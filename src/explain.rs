@@ -21,6 +21,9 @@ pub enum Who {
     Client(IpAddr),
 }
 
+/// Each resolved address and, if vetting refuses it, why.
+pub type Vetted = Vec<(IpAddr, Result<(), String>)>;
+
 /// The outcome of `explain`.
 #[derive(Debug)]
 pub struct Explanation {
@@ -41,7 +44,7 @@ pub struct Explanation {
     /// The limits line.
     pub limits: String,
     /// With `--resolve`: each address and whether vetting keeps it.
-    pub addresses: Option<Result<Vec<(IpAddr, Result<(), String>)>, Deny>>,
+    pub addresses: Option<Result<Vetted, Deny>>,
 }
 
 /// Why a question could not be answered (usage errors: exit 64).
@@ -98,12 +101,7 @@ pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, Exp
 }
 
 /// Vet resolved addresses as the gateway would for this policy.
-pub fn vet_each(
-    config: &Config,
-    policy: &Policy,
-    addrs: &[IpAddr],
-    port: u16,
-) -> Vec<(IpAddr, Result<(), String>)> {
+pub fn vet_each(config: &Config, policy: &Policy, addrs: &[IpAddr], port: u16) -> Vetted {
     addrs
         .iter()
         .map(|&ip| {

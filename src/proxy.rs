@@ -388,9 +388,14 @@ fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
     }
 }
 
-/// Size of the request head as sent: request line and header lines with their CRLFs.
+/// Size of the request head as sent: `METHOD SP target SP HTTP/1.1 CRLF`, each header line
+/// with its `: ` and CRLF, and the final CRLF. Computed without allocating.
 fn head_bytes(req: &Request<Incoming>) -> u64 {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
     let headers: usize = req
         .headers()
         .iter()

@@ -161,10 +161,12 @@ pub async fn send(
                     caps.response.max
                 ),
             );
+            // Recorded either way, so a response refused up front and one cut while streaming
+            // are audited alike (decision deny, or would_deny in report mode).
+            meter.cut(Reason::ResponseCap);
             if caps.response.enforce {
                 return Err(deny);
             }
-            meter.cut(Reason::ResponseCap);
         }
     }
     strip_hop_by_hop(resp.headers_mut());

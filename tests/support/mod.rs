@@ -306,11 +306,19 @@ fn serve_http(stream: TcpStream, tx: &mpsc::Sender<Seen>) {
             .is_some_and(|v| v.contains("chunked"))
         {
             loop {
+                // A body cut short (the proxy aborted it) ends this connection quietly.
                 let mut size = String::new();
-                reader.read_line(&mut size).unwrap();
-                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let Ok(n) = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                else {
+                    return;
+                };
                 let mut chunk = vec![0; n + 2];
-                reader.read_exact(&mut chunk).unwrap();
+                if reader.read_exact(&mut chunk).is_err() {
+                    return;
+                }
                 if n == 0 {
                     break;
                 }
@@ -318,7 +326,9 @@ fn serve_http(stream: TcpStream, tx: &mpsc::Sender<Seen>) {
             }
         } else if let Some(len) = seen.header("content-length") {
             let mut body = vec![0; len.parse().unwrap()];
-            reader.read_exact(&mut body).unwrap();
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
             seen.body = body;
         }
         let mut body = format!("{}\n", seen.request_line()).into_bytes();
