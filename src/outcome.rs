@@ -321,5 +321,35 @@ mod tests {
             Reason::UpstreamConnectFailed.status(),
             StatusCode::BAD_GATEWAY
         );
+        assert_eq!(
+            Reason::AuthRequired.status(),
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        );
+        assert_eq!(Reason::RateLimited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(Reason::BodyTooLarge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn codes_round_trip_and_retry_after_rounds_up() {
+        use std::time::Duration;
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_code(r.code()), Some(r));
+        }
+        let d = Deny::new(Reason::RateLimited, "x");
+        let after = |ms| d.clone().retry_after(Duration::from_millis(ms)).retry_after;
+        assert_eq!(after(1), Some(1));
+        assert_eq!(after(2001), Some(3));
+        assert_eq!(after(0), Some(1));
+    }
+
+    #[test]
+    fn every_reason_is_documented() {
+        let doc = include_str!("../docs/audit-log.md");
+        for r in Reason::ALL {
+            assert!(
+                doc.contains(&format!("| `{}` |", r.as_str())),
+                "docs/audit-log.md lacks {r}"
+            );
+        }
     }
 }
