@@ -44,6 +44,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;
+pub mod probe;
 pub mod propose;
 pub mod proxy;
 pub mod reload;

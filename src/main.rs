@@ -55,6 +55,31 @@ enum Command {
         /// A URL (`https://host/...` = CONNECT, `http://host/...` = plain HTTP) or `host:port`.
         target: String,
     },
+    /// From inside an agent pod: prove that only the gateway leads out (one line per check;
+    /// exit 0 when every check passes). Needs no config file.
+    Probe {
+        /// The gateway, `http://[agent:token@]host:port`.
+        #[arg(long, default_value = "http://chokepoint.chokepoint-system.svc:3128")]
+        proxy: String,
+        /// A URL the agent's policy allows (https = CONNECT, http = GET).
+        #[arg(long)]
+        allowed_url: String,
+        /// A URL the agent's policy does not allow.
+        #[arg(long)]
+        denied_url: String,
+        /// An outside address that must not be reachable directly.
+        #[arg(long, default_value = "1.1.1.1:443")]
+        direct: std::net::SocketAddr,
+        /// A resolver other than the cluster's that must not answer.
+        #[arg(long, default_value = "8.8.8.8:53")]
+        dns_server: std::net::SocketAddr,
+        /// The cloud metadata endpoint.
+        #[arg(long, default_value = "169.254.169.254:80")]
+        metadata: std::net::SocketAddr,
+        /// Time bound per check.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Propose allow rules that admit the would_deny requests of an audit log (report mode).
     Propose {
         /// Audit log file (JSON lines); `-` for standard input.
@@ -74,6 +99,27 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Probe {
+        proxy,
+        allowed_url,
+        denied_url,
+        direct,
+        dns_server,
+        metadata,
+        timeout,
+    }) = cli.command
+    {
+        let p = chokepoint::probe::Probe {
+            proxy,
+            allowed_url,
+            denied_url,
+            direct,
+            dns_server,
+            metadata,
+            timeout,
+        };
+        return probe(&p);
+    }
     let config = match config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -100,6 +146,7 @@ fn main() -> ExitCode {
             target,
         } => explain(&config, agent, client, resolve, &target),
         Command::Propose { audit, policy } => propose(&config, &audit, policy.as_deref()),
+        Command::Probe { .. } => unreachable!("handled before loading a config"),
     }
 }
 
@@ -201,6 +248,30 @@ fn explain(
     }
     print!("{e}");
     ExitCode::from(e.exit_code())
+}
+
+fn probe(p: &chokepoint::probe::Probe) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chokepoint probe: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    let checks = rt.block_on(chokepoint::probe::run(p));
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    println!(
+        "{} of {} checks passed",
+        checks.len() - failed,
+        checks.len()
+    );
+    ExitCode::from(u8::from(failed > 0))
 }
 
 fn propose(config: &Config, audit: &std::path::Path, policy: Option<&str>) -> ExitCode {
