@@ -1,0 +1,98 @@
+//! Question: what do the pure per-request steps cost — parsing and normalising a target,
+//! vetting resolved addresses, and encoding the audit line — for every address form and target
+//! shape the gateway sees? Each must stay far below the ~15 µs per-request budget of issue 6.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::net::IpAddr;
+
+use chokepoint::audit::{AuditRecord, SCHEMA_VERSION};
+use chokepoint::target::{parse_authority, Host};
+use chokepoint::vet::Vetter;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+fn targets(c: &mut Criterion) {
+    let mut g = c.benchmark_group("target");
+    for (name, input) in [
+        ("name", "api.openai.com:443"),
+        ("upper_trailing_dot", "API.OpenAI.com.:443"),
+        ("idn", "b\u{fc}cher.example:443"),
+        ("ipv4", "203.0.113.7:443"),
+        ("ipv6", "[2001:db8::1]:443"),
+        (
+            "long_name",
+            "a.very.deeply.nested.subdomain.of.some.cdn.provider.example.com:443",
+        ),
+        ("rejected_hex_ip", "0x7f.1:443"),
+    ] {
+        g.bench_with_input(BenchmarkId::from_parameter(name), input, |b, i| {
+            b.iter(|| black_box(parse_authority(black_box(i), None).is_ok()))
+        });
+    }
+    g.finish();
+}
+
+fn vetting(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vet");
+    let v = Vetter::new(
+        ["127.0.0.64/26", "93.184.0.0/16", "fd00:1::/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        ["127.0.0.1/32", "10.100.7.20/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        vec!["10.0.0.5:3128".parse().unwrap()],
+    );
+    for (name, addr) in [
+        ("public_v4", "104.18.7.192"),
+        ("private_v4", "10.1.2.3"),
+        ("metadata", "169.254.169.254"),
+        ("public_v6", "2606:4700::6812:7c0"),
+        ("mapped_v6", "::ffff:104.18.7.192"),
+        ("nat64", "64:ff9b::6812:7c0"),
+        ("teredo", "2001:0:4136:e378:8000:63bf:3fff:fdd2"),
+    ] {
+        let ips: Vec<IpAddr> = vec![addr.parse().unwrap()];
+        g.bench_with_input(BenchmarkId::from_parameter(name), &ips, |b, ips| {
+            b.iter(|| black_box(v.vet(black_box(ips), 443, &[]).is_ok()))
+        });
+    }
+    g.finish();
+}
+
+fn audit_line(c: &mut Criterion) {
+    let host = Host::Name("api.anthropic.com".into());
+    c.bench_function("audit/encode_connect_line", |b| {
+        b.iter(|| {
+            let rec = AuditRecord {
+                v: SCHEMA_VERSION,
+                ts: "2026-11-23T09:12:34.865Z",
+                event: "connect",
+                request_id: "01M83TVDSHSNTYQ01QDY1EFDPQ",
+                agent: Some("coding-agent"),
+                policy: Some("llm-apis"),
+                client: "10.42.1.7:54212".parse().unwrap(),
+                method: Some("CONNECT"),
+                host: Some(&host),
+                port: Some(443),
+                path: None,
+                decision: "allow",
+                reason: "allowed",
+                rule: Some("api.anthropic.com:443"),
+                mode: "enforce",
+                upstream: Some("160.79.104.10:443".parse().unwrap()),
+                status: Some(200),
+                bytes_up: 4811,
+                bytes_down: 23160,
+                duration_ms: 1532,
+            };
+            black_box(rec.to_line())
+        })
+    });
+}
+
+criterion_group!(benches, targets, vetting, audit_line);
+criterion_main!(benches);
