@@ -1,4 +1,5 @@
 use super::*;
+use std::net::IpAddr;
 
 fn parse_str(src: &str) -> Result<Config, ConfigError> {
     parse(Path::new("test.toml"), src)

@@ -1,0 +1,594 @@
+//! Validation: turns the raw serde mirror into domain values, collecting every issue (with
+//! file, line, column and key) and every warning before reporting.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::error::{self, ConfigIssue};
+use super::raw::{self, RawConfig, Str};
+use super::{fingerprint, Config, Timeouts};
+use crate::identity::{Agent, Agents, Token};
+use crate::limits::Limits;
+use crate::policy::{self, Allowlist, Mode, Pattern, Policy};
+use crate::resolve::DnsConfig;
+use crate::target::{self, Host};
+use crate::vet::Vetter;
+
+/// Collects issues while building domain values.
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+    pub(super) src: &'a str,
+    pub(super) issues: Vec<ConfigIssue>,
+    pub(super) warnings: Vec<ConfigIssue>,
+}
+
+// === impl Validator ===
+
+impl Validator<'_> {
+    fn issue(&mut self, at: &Str, key: impl Into<String>, problem: impl Into<String>) {
+        let issue = self.at(at.span().start, key.into(), problem.into());
+        self.issues.push(issue);
+    }
+
+    fn warn(&mut self, offset: usize, key: impl Into<String>, problem: impl Into<String>) {
+        let issue = self.at(offset, key.into(), problem.into());
+        self.warnings.push(issue);
+    }
+
+    fn at(&self, offset: usize, key: String, problem: String) -> ConfigIssue {
+        let (line, col) = error::line_col(self.src, offset);
+        ConfigIssue {
+            file: self.file.to_owned(),
+            line,
+            col,
+            key,
+            problem,
+        }
+    }
+
+    fn issue_at_top(&mut self, key: &str, problem: &str) {
+        self.issues.push(ConfigIssue {
+            file: self.file.to_owned(),
+            line: 1,
+            col: 1,
+            key: key.into(),
+            problem: problem.into(),
+        });
+    }
+
+    pub(super) fn build(&mut self, raw: &RawConfig) -> Config {
+        let listen = self.socket_addr(&raw.server.listen, "server.listen", None);
+        let admin_listen = raw
+            .server
+            .admin_listen
+            .as_ref()
+            .map(|a| self.socket_addr(a, "server.admin_listen", None));
+        if let (Some(a), Some(raw_a)) = (admin_listen, raw.server.admin_listen.as_ref()) {
+            if a == listen && a.port() != 0 {
+                self.issue(
+                    raw_a,
+                    "server.admin_listen",
+                    "must differ from server.listen",
+                );
+            }
+        }
+        let timeouts = self.timeouts(&raw.timeouts);
+        let dns = self.dns(&raw.dns);
+        let deny = self.cidrs(&raw.destinations.deny_cidrs, "destinations.deny_cidrs");
+        let allow = self.cidrs(&raw.destinations.allow_cidrs, "destinations.allow_cidrs");
+        self.warn_broad(
+            &raw.destinations.allow_cidrs,
+            &allow,
+            "destinations.allow_cidrs",
+        );
+        let mode = self.mode(raw.server.mode.as_ref(), "server.mode", Mode::Enforce);
+        let limits = self.limits(&raw.limits, "limits", Limits::default());
+        let (policies, by_name) = self.policies(&raw.policies, mode, limits);
+        let agents = self.agents(&raw.agents, &by_name);
+        Config {
+            source: self.file.to_owned(),
+            listen,
+            admin_listen,
+            timeouts,
+            dns,
+            vetter: Vetter::new(deny, allow, vec![listen]),
+            agents,
+            policies,
+            mode,
+            limits,
+            fingerprint: fingerprint(self.src.as_bytes()),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn mode(&mut self, v: Option<&Str>, key: &str, default: Mode) -> Mode {
+        let Some(v) = v else { return default };
+        Mode::parse(v.get_ref()).unwrap_or_else(|| {
+            self.issue(
+                v,
+                key,
+                format!(
+                    "`{}` is not a mode: use \"enforce\" or \"report\"",
+                    v.get_ref()
+                ),
+            );
+            default
+        })
+    }
+
+    /// Apply the keys present in `raw` on top of `base`, checking each against its range.
+    fn limits(&mut self, raw: &raw::RawLimits, key: &str, base: Limits) -> Limits {
+        const KIB: i64 = 1024;
+        const TIB: i64 = 1024 * 1024 * 1024 * 1024;
+        let mut out = base;
+        let mut int =
+            |v: &Option<toml::Spanned<i64>>, name: &str, min: i64, max: i64, unit: &str| {
+                let v = v.as_ref()?;
+                let n = *v.get_ref();
+                if (min..=max).contains(&n) {
+                    return u64::try_from(n).ok();
+                }
+                let (line, col) = error::line_col(self.src, v.span().start);
+                self.issues.push(ConfigIssue {
+                    file: self.file.to_owned(),
+                    line,
+                    col,
+                    key: format!("{key}.{name}"),
+                    problem: format!("{n} is out of range: use {min} to {max}{unit}"),
+                });
+                None
+            };
+        if let Some(n) = int(
+            &raw.max_request_header_bytes,
+            "max_request_header_bytes",
+            KIB,
+            256 * KIB,
+            " bytes",
+        ) {
+            out.max_request_header_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_request_body_bytes,
+            "max_request_body_bytes",
+            1,
+            TIB,
+            " bytes",
+        ) {
+            out.max_request_body_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_tunnel_upload_bytes,
+            "max_tunnel_upload_bytes",
+            1,
+            64 * TIB,
+            " bytes",
+        ) {
+            out.max_tunnel_upload_bytes = n;
+        }
+        if let Some(n) = int(
+            &raw.max_response_body_bytes,
+            "max_response_body_bytes",
+            1,
+            64 * TIB,
+            " bytes",
+        ) {
+            out.max_response_body_bytes = n;
+        }
+        if let Some(n) = int(&raw.burst, "burst", 1, 1_000_000, "") {
+            out.burst = n as u32;
+        }
+        if let Some(n) = int(&raw.max_concurrent, "max_concurrent", 1, 1_000_000, "") {
+            out.max_concurrent = n as u32;
+        }
+        if let Some(v) = &raw.requests_per_second {
+            let r = *v.get_ref();
+            if (0.001..=1_000_000.0).contains(&r) {
+                out.requests_per_second = r;
+            } else {
+                let issue = self.at(
+                    v.span().start,
+                    format!("{key}.requests_per_second"),
+                    format!("{r} is out of range: use 0.001 to 1000000 (fractions allowed: 0.5 = one every 2 s)"),
+                );
+                self.issues.push(issue);
+            }
+        }
+        out
+    }
+
+    /// Exceptions so broad that they switch the built-in protection off for whole networks.
+    fn warn_broad(&mut self, raw: &[Str], nets: &[IpNet], key: &str) {
+        for (i, (s, net)) in raw.iter().zip(nets).enumerate() {
+            let broad = match net {
+                IpNet::V4(n) => n.prefix_len() < 8,
+                IpNet::V6(n) => n.prefix_len() < 16,
+            };
+            if broad {
+                self.warn(
+                    s.span().start,
+                    format!("{key}[{i}]"),
+                    format!("`{net}` exempts a very large range from the built-in deny set; prefer the exact service addresses"),
+                );
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, v: &Str, key: &str, default_port: Option<u16>) -> SocketAddr {
+        if let Ok(a) = v.get_ref().parse::<SocketAddr>() {
+            return a;
+        }
+        if let (Some(port), Ok(ip)) = (default_port, v.get_ref().parse::<IpAddr>()) {
+            return SocketAddr::new(ip, port);
+        }
+        let hint = if default_port.is_some() {
+            "expected an IP address or IP:port, e.g. \"10.96.0.10\" or \"[fd00::a]:53\""
+        } else {
+            "expected IP:port, e.g. \"0.0.0.0:3128\" or \"[::]:3128\""
+        };
+        self.issue(v, key, format!("`{}` is not valid: {hint}", v.get_ref()));
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+
+    fn duration(
+        &mut self,
+        v: Option<&Str>,
+        key: &str,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.issue(v, key, "must be greater than zero");
+                default
+            }
+            Ok(d) if d > max => {
+                let max = humantime::format_duration(max);
+                self.issue(v, key, format!("must be at most {max}"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.issue(
+                    v,
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"10s\", \"500ms\", \"5m\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn timeouts(&mut self, raw: &raw::RawTimeouts) -> Timeouts {
+        let d = Timeouts::default();
+        let hour = Duration::from_secs(3600);
+        let day = Duration::from_secs(86_400);
+        Timeouts {
+            request_header: self.duration(
+                raw.request_header.as_ref(),
+                "timeouts.request_header",
+                d.request_header,
+                Duration::from_secs(600),
+            ),
+            connect: self.duration(
+                raw.connect.as_ref(),
+                "timeouts.connect",
+                d.connect,
+                Duration::from_secs(600),
+            ),
+            dns: self.duration(
+                raw.dns.as_ref(),
+                "timeouts.dns",
+                d.dns,
+                Duration::from_secs(600),
+            ),
+            idle: self.duration(raw.idle.as_ref(), "timeouts.idle", d.idle, day),
+            shutdown_grace: self.duration(
+                raw.shutdown_grace.as_ref(),
+                "timeouts.shutdown_grace",
+                d.shutdown_grace,
+                hour,
+            ),
+        }
+    }
+
+    fn dns(&mut self, raw: &raw::RawDns) -> DnsConfig {
+        let nameservers = raw.nameservers.as_ref().map(|list| {
+            if list.is_empty() {
+                self.issue_at_top(
+                    "dns.nameservers",
+                    "an empty list resolves nothing; remove the key to use the system resolver",
+                );
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| self.socket_addr(s, &format!("dns.nameservers[{i}]"), Some(53)))
+                .collect()
+        });
+        let mut hosts = HashMap::new();
+        for (name, ips) in &raw.hosts {
+            let key = format!("dns.hosts.\"{}\"", name.get_ref());
+            let normalised = match target::normalise_host(name.get_ref()) {
+                Ok(Host::Name(n)) => n,
+                Ok(Host::Ip(_)) => {
+                    self.issue(name, &key, "static hosts map names, not IP addresses");
+                    continue;
+                }
+                Err(d) => {
+                    self.issue(name, &key, d.detail.into_owned());
+                    continue;
+                }
+            };
+            if ips.is_empty() {
+                self.issue(name, &key, "needs at least one address");
+            }
+            let mut addrs = Vec::with_capacity(ips.len());
+            for (i, ip) in ips.iter().enumerate() {
+                match ip.get_ref().parse::<IpAddr>() {
+                    Ok(a) => addrs.push(a),
+                    Err(_) => self.issue(
+                        ip,
+                        format!("{key}[{i}]"),
+                        format!("`{}` is not an IP address", ip.get_ref()),
+                    ),
+                }
+            }
+            if hosts.insert(normalised.clone(), addrs).is_some() {
+                self.issue(
+                    name,
+                    &key,
+                    format!("`{normalised}` is listed twice (names are compared normalised)"),
+                );
+            }
+        }
+        DnsConfig { nameservers, hosts }
+    }
+
+    fn cidrs(&mut self, list: &[Str], key: &str) -> Vec<IpNet> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, s) in list.iter().enumerate() {
+            let key = format!("{key}[{i}]");
+            match s.get_ref().parse::<IpNet>() {
+                Ok(IpNet::V6(v6)) if v6.network().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 => {
+                    let v4 = v6.network().to_ipv4_mapped().map_or_else(String::new, |a| a.to_string());
+                    self.issue(
+                        s,
+                        key,
+                        format!(
+                            "IPv4-mapped ranges are matched as IPv4; write `{v4}/{}`",
+                            v6.prefix_len() - 96
+                        ),
+                    )
+                }
+                Ok(net) if net.trunc() != net => self.issue(
+                    s,
+                    key,
+                    format!("`{net}` has host bits set; did you mean `{}`?", net.trunc()),
+                ),
+                Ok(net) => out.push(net),
+                Err(_) => self.issue(
+                    s,
+                    key,
+                    format!("`{}` is not a CIDR (write e.g. \"10.0.0.0/8\" or \"fd00::/8\"; a single address is \"/32\" or \"/128\")", s.get_ref()),
+                ),
+            }
+        }
+        out
+    }
+
+    fn policies(
+        &mut self,
+        raw: &std::collections::BTreeMap<Str, raw::RawPolicy>,
+        mode: Mode,
+        defaults: Limits,
+    ) -> (Vec<Policy>, HashMap<String, usize>) {
+        let mut policies = Vec::with_capacity(raw.len());
+        let mut by_name = HashMap::with_capacity(raw.len());
+        for (name, p) in raw {
+            let key = format!("policies.{}", name.get_ref());
+            if !valid_name(name.get_ref()) {
+                self.issue(name, &key, NAME_RULE);
+            }
+            let mut allowlist = Allowlist::default();
+            let mut parsed = Vec::with_capacity(p.allow.len());
+            for (i, rule) in p.allow.iter().enumerate() {
+                let rkey = format!("{key}.allow[{i}]");
+                match policy::parse_rule(rule.get_ref()) {
+                    Ok((pattern, port)) => {
+                        if allowlist.insert(rule.get_ref(), pattern.clone(), port) {
+                            parsed.push((i, rule, pattern, port));
+                        } else {
+                            self.issue(rule, rkey, format!("duplicate rule `{}`", rule.get_ref()));
+                        }
+                    }
+                    Err(problem) => {
+                        self.issue(rule, rkey, format!("`{}`: {problem}", rule.get_ref()))
+                    }
+                }
+            }
+            self.warn_dead_rules(&key, &parsed);
+            let allow_cidrs = self.cidrs(&p.allow_cidrs, &format!("{key}.allow_cidrs"));
+            self.warn_broad(&p.allow_cidrs, &allow_cidrs, &format!("{key}.allow_cidrs"));
+            let limits = match &p.limits {
+                Some(l) => self.limits(l.get_ref(), &format!("{key}.limits"), defaults),
+                None => defaults,
+            };
+            let mode = self.mode(p.mode.as_ref(), &format!("{key}.mode"), mode);
+            by_name.insert(name.get_ref().clone(), policies.len());
+            policies.push(Policy {
+                name: name.get_ref().as_str().into(),
+                allowlist,
+                limits,
+                mode,
+                allow_cidrs,
+            });
+        }
+        (policies, by_name)
+    }
+
+    /// A rule that a wildcard of the same policy already admits (same port) never decides
+    /// anything: say so, since it usually means the operator meant something else.
+    fn warn_dead_rules(&mut self, key: &str, rules: &[(usize, &Str, Pattern, Option<u16>)]) {
+        for (i, rule, pattern, port) in rules {
+            let name = match pattern {
+                Pattern::Exact(n) | Pattern::Below(n) => n,
+                Pattern::Ip(_) => continue,
+            };
+            let covering = rules.iter().find(|(j, _, other, other_port)| {
+                let Pattern::Below(suffix) = other else {
+                    return false;
+                };
+                j != i
+                    && other_port == port
+                    && name.len() > suffix.len()
+                    && name.ends_with(&**suffix)
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+            });
+            if let Some((_, other, _, _)) = covering {
+                self.warn(
+                    rule.span().start,
+                    format!("{key}.allow[{i}]"),
+                    format!(
+                        "`{}` is already admitted by `{}`; this rule never decides anything",
+                        rule.get_ref(),
+                        other.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
+    fn agents(&mut self, raw: &[raw::RawAgent], policies: &HashMap<String, usize>) -> Agents {
+        if raw.is_empty() {
+            self.issue_at_top(
+                "agents",
+                "no [[agents]] entry: every client would be refused; add one with source_cidrs and policy",
+            );
+        }
+        let mut seen = HashSet::new();
+        let mut agents: Vec<Agent> = Vec::with_capacity(raw.len());
+        for (i, a) in raw.iter().enumerate() {
+            let key = format!("agents[{i}]");
+            if !seen.insert(a.name.get_ref().as_str()) {
+                self.issue(
+                    &a.name,
+                    format!("{key}.name"),
+                    format!("agent `{}` is defined twice", a.name.get_ref()),
+                );
+            }
+            let agent = self.agent(a, &key, policies);
+            self.warn_shadowed(&agents, &agent, &a.name, &key);
+            agents.push(agent);
+        }
+        Agents::new(agents)
+    }
+
+    /// One `[[agents]]` entry.
+    fn agent(&mut self, a: &raw::RawAgent, key: &str, policies: &HashMap<String, usize>) -> Agent {
+        if !valid_name(a.name.get_ref()) {
+            self.issue(&a.name, format!("{key}.name"), NAME_RULE);
+        }
+        let source_cidrs = match &a.source_cidrs {
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    let issue = self.at(
+                        list.span().start,
+                        format!("{key}.source_cidrs"),
+                        "an empty list matches no client; remove the key to identify the agent by token only".into(),
+                    );
+                    self.issues.push(issue);
+                }
+                self.cidrs(list.get_ref(), &format!("{key}.source_cidrs"))
+            }
+            None => Vec::new(),
+        };
+        let token = a
+            .token_file
+            .as_ref()
+            .and_then(|f| self.token(f, &format!("{key}.token_file")));
+        if a.source_cidrs.is_none() && a.token_file.is_none() {
+            self.issue(
+                &a.name,
+                key,
+                "needs source_cidrs (the agent's address class) or token_file (a proxy token), or both",
+            );
+        }
+        let policy = match policies.get(a.policy.get_ref()) {
+            Some(&p) => p,
+            None => {
+                let mut known: Vec<&str> = policies.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                self.issue(
+                    &a.policy,
+                    format!("{key}.policy"),
+                    format!(
+                        "no [policies.{}] (defined: {})",
+                        a.policy.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+                0
+            }
+        };
+        Agent {
+            name: Arc::from(a.name.get_ref().as_str()),
+            source_cidrs,
+            token,
+            policy,
+        }
+    }
+
+    /// Read a token file (relative paths are relative to the config file's directory).
+    fn token(&mut self, file: &Str, key: &str) -> Option<Arc<Token>> {
+        let path = Path::new(file.get_ref());
+        let path = match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        };
+        match Token::load(&path) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.issue(file, key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// An address-only agent whose every range an earlier address-only agent already covers can
+    /// never be chosen (first match wins).
+    fn warn_shadowed(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
+        if agent.token.is_some() || agent.source_cidrs.is_empty() {
+            return;
+        }
+        let shadow = earlier.iter().find(|e| {
+            e.token.is_none()
+                && agent
+                    .source_cidrs
+                    .iter()
+                    .all(|n| e.source_cidrs.iter().any(|m| m.contains(n)))
+        });
+        if let Some(e) = shadow {
+            self.warn(
+                name.span().start,
+                key,
+                format!("agent `{}` can never match: agent `{}` comes first and covers all its source_cidrs", agent.name, e.name),
+            );
+        }
+    }
+}
+
+const NAME_RULE: &str = "names use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'";
+
+fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
