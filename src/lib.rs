@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod commands;
 pub mod config;
 pub mod connect;
 pub mod explain;

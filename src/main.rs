@@ -8,10 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use chokepoint::config::{self, Config};
 
-/// sysexits EX_USAGE: the config is wrong.
-const EX_CONFIG: u8 = 64;
-/// sysexits EX_UNAVAILABLE: the gateway could not start or failed.
-const EX_UNAVAILABLE: u8 = 69;
+use chokepoint::commands::{self, EX_CONFIG, EX_UNAVAILABLE};
 
 /// chokepoint: egress gateway for AI agents (HTTP forward proxy with per-agent allowlists).
 #[derive(Debug, Parser)]
@@ -118,7 +115,7 @@ fn main() -> ExitCode {
             metadata,
             timeout,
         };
-        return probe(&p);
+        return ExitCode::from(commands::probe(&p));
     }
     let config = match config::load(&cli.config) {
         Ok(c) => c,
@@ -132,7 +129,7 @@ fn main() -> ExitCode {
             for w in &config.warnings {
                 eprintln!("warning: {w}");
             }
-            print!("{}", summary(&config));
+            print!("{}", commands::summary(&config));
             ExitCode::SUCCESS
         }
         Command::Run => {
@@ -144,8 +141,10 @@ fn main() -> ExitCode {
             client,
             resolve,
             target,
-        } => explain(&config, agent, client, resolve, &target),
-        Command::Propose { audit, policy } => propose(&config, &audit, policy.as_deref()),
+        } => ExitCode::from(commands::explain(&config, agent, client, resolve, &target)),
+        Command::Propose { audit, policy } => {
+            ExitCode::from(commands::propose(&config, &audit, policy.as_deref()))
+        }
         Command::Probe { .. } => unreachable!("handled before loading a config"),
     }
 }
@@ -199,109 +198,6 @@ fn serve(config: Config) -> ExitCode {
     })
 }
 
-fn explain(
-    config: &Config,
-    agent: Option<String>,
-    client: Option<std::net::IpAddr>,
-    resolve: bool,
-    target: &str,
-) -> ExitCode {
-    use chokepoint::explain::{self, Who};
-    let who = match (agent, client) {
-        (Some(a), _) => Who::Agent(a),
-        (None, Some(c)) => Who::Client(c),
-        (None, None) => unreachable!("clap requires --agent or --client"),
-    };
-    let mut e = match explain::explain(config, &who, target) {
-        Ok(e) => e,
-        Err(err) => {
-            eprintln!("chokepoint explain: {err}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    if resolve {
-        let Some(policy) = config.policies.iter().find(|p| *p.name == *e.policy) else {
-            return ExitCode::from(EX_UNAVAILABLE);
-        };
-        let answer = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| {
-                rt.block_on(async {
-                    let resolver =
-                        chokepoint::resolve::Resolver::new(&config.dns, config.timeouts.dns)
-                            .map_err(|e| e.to_string())?;
-                    Ok(resolver.resolve(&e.target.host).await)
-                })
-            });
-        match answer {
-            Ok(Ok(addrs)) => {
-                e.addresses = Some(Ok(explain::vet_each(config, policy, &addrs, e.target.port)));
-            }
-            Ok(Err(deny)) => e.addresses = Some(Err(deny)),
-            Err(msg) => {
-                eprintln!("chokepoint explain: cannot resolve: {msg}");
-                return ExitCode::from(EX_UNAVAILABLE);
-            }
-        }
-    }
-    print!("{e}");
-    ExitCode::from(e.exit_code())
-}
-
-fn probe(p: &chokepoint::probe::Probe) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("chokepoint probe: {e}");
-            return ExitCode::from(EX_UNAVAILABLE);
-        }
-    };
-    let checks = rt.block_on(chokepoint::probe::run(p));
-    for c in &checks {
-        println!("{c}");
-    }
-    let failed = checks.iter().filter(|c| !c.pass).count();
-    println!(
-        "{} of {} checks passed",
-        checks.len() - failed,
-        checks.len()
-    );
-    ExitCode::from(u8::from(failed > 0))
-}
-
-fn propose(config: &Config, audit: &std::path::Path, policy: Option<&str>) -> ExitCode {
-    let result = if audit == std::path::Path::new("-") {
-        chokepoint::propose::propose(config, std::io::stdin().lock(), policy)
-    } else {
-        match std::fs::File::open(audit) {
-            Ok(f) => chokepoint::propose::propose(config, std::io::BufReader::new(f), policy),
-            Err(e) => {
-                eprintln!("chokepoint propose: {}: {e}", audit.display());
-                return ExitCode::from(EX_CONFIG);
-            }
-        }
-    };
-    match result {
-        Ok((text, sum)) => {
-            eprintln!(
-                "read {} audit line(s): {} would_deny, {} not audit JSON (skipped)",
-                sum.lines, sum.would_deny, sum.skipped
-            );
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("chokepoint propose: reading {}: {e}", audit.display());
-            ExitCode::from(EX_UNAVAILABLE)
-        }
-    }
-}
-
 fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("CHOKEPOINT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -312,64 +208,4 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.with_ansi(false).init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-/// The `check` report: what the gateway would enforce.
-fn summary(config: &Config) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "{}: ok", config.source.display());
-    let _ = writeln!(s, "listen: {}", config.listen);
-    let _ = writeln!(s, "agents: {}", config.agents.len());
-    for a in config.agents.iter() {
-        let mut by = Vec::new();
-        if !a.source_cidrs.is_empty() {
-            let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
-            by.push(format!("source {}", cidrs.join(", ")));
-        }
-        if let Some(t) = &a.token {
-            by.push(format!("token {}", t.path().display()));
-        }
-        let _ = writeln!(
-            s,
-            "  {} -> policy {} ({})",
-            a.name,
-            config.policies[a.policy].name,
-            by.join("; ")
-        );
-    }
-    let _ = writeln!(s, "policies: {}", config.policies.len());
-    for p in &config.policies {
-        let l = &p.limits;
-        let _ = writeln!(
-            s,
-            "  {}: {} allow rules, mode {}, {} req/s burst {}, {} concurrent, body {} B, upload {} B, response {} B{}",
-            p.name,
-            p.allowlist.len(),
-            p.mode.as_str(),
-            l.requests_per_second,
-            l.burst,
-            l.max_concurrent,
-            l.max_request_body_bytes,
-            l.max_tunnel_upload_bytes,
-            l.max_response_body_bytes,
-            if p.allow_cidrs.is_empty() {
-                String::new()
-            } else {
-                format!(", {} allow_cidrs", p.allow_cidrs.len())
-            }
-        );
-    }
-    let _ = writeln!(
-        s,
-        "destinations: {} deny_cidrs, {} allow_cidrs (plus the built-in deny set)",
-        config.vetter.deny_cidrs().len(),
-        config.vetter.allow_cidrs().len()
-    );
-    let dns = match &config.dns.nameservers {
-        Some(ns) => format!("{} nameservers", ns.len()),
-        None => "system resolver".to_owned(),
-    };
-    let _ = writeln!(s, "dns: {dns}, {} static hosts", config.dns.hosts.len());
-    s
 }

@@ -1,0 +1,176 @@
+//! The one-shot subcommands behind the CLI (`check`, `explain`, `propose`, `probe`): each takes
+//! parsed arguments and returns the process exit status; `main.rs` only parses and dispatches.
+
+use std::path::Path;
+
+use crate::config::Config;
+
+/// Exit status for a bad config, file or argument (sysexits EX_USAGE).
+pub const EX_CONFIG: u8 = 64;
+/// Exit status when the gateway cannot start or run (sysexits EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;
+
+/// `explain`: print the decision for one agent and target; 0 allow, 1 deny, 64 usage.
+pub fn explain(
+    config: &Config,
+    agent: Option<String>,
+    client: Option<std::net::IpAddr>,
+    resolve: bool,
+    target: &str,
+) -> u8 {
+    use crate::explain::{self, Who};
+    let who = match (agent, client) {
+        (Some(a), _) => Who::Agent(a),
+        (None, Some(c)) => Who::Client(c),
+        (None, None) => unreachable!("clap requires --agent or --client"),
+    };
+    let mut e = match explain::explain(config, &who, target) {
+        Ok(e) => e,
+        Err(err) => {
+            eprintln!("chokepoint explain: {err}");
+            return EX_CONFIG;
+        }
+    };
+    if resolve {
+        let Some(policy) = config.policies.iter().find(|p| *p.name == *e.policy) else {
+            return EX_UNAVAILABLE;
+        };
+        let answer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let resolver = crate::resolve::Resolver::new(&config.dns, config.timeouts.dns)
+                        .map_err(|e| e.to_string())?;
+                    Ok(resolver.resolve(&e.target.host).await)
+                })
+            });
+        match answer {
+            Ok(Ok(addrs)) => {
+                e.addresses = Some(Ok(explain::vet_each(config, policy, &addrs, e.target.port)));
+            }
+            Ok(Err(deny)) => e.addresses = Some(Err(deny)),
+            Err(msg) => {
+                eprintln!("chokepoint explain: cannot resolve: {msg}");
+                return EX_UNAVAILABLE;
+            }
+        }
+    }
+    print!("{e}");
+    e.exit_code()
+}
+
+/// `probe`: run the lock-down checks, one line each; 0 when all pass.
+pub fn probe(p: &crate::probe::Probe) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chokepoint probe: {e}");
+            return EX_UNAVAILABLE;
+        }
+    };
+    let checks = rt.block_on(crate::probe::run(p));
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    println!(
+        "{} of {} checks passed",
+        checks.len() - failed,
+        checks.len()
+    );
+    u8::from(failed > 0)
+}
+
+/// `propose`: print allow rules that admit the `would_deny` lines of an audit log.
+pub fn propose(config: &Config, audit: &Path, policy: Option<&str>) -> u8 {
+    let result = if audit == Path::new("-") {
+        crate::propose::propose(config, std::io::stdin().lock(), policy)
+    } else {
+        match std::fs::File::open(audit) {
+            Ok(f) => crate::propose::propose(config, std::io::BufReader::new(f), policy),
+            Err(e) => {
+                eprintln!("chokepoint propose: {}: {e}", audit.display());
+                return EX_CONFIG;
+            }
+        }
+    };
+    match result {
+        Ok((text, sum)) => {
+            eprintln!(
+                "read {} audit line(s): {} would_deny, {} not audit JSON (skipped)",
+                sum.lines, sum.would_deny, sum.skipped
+            );
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("chokepoint propose: reading {}: {e}", audit.display());
+            EX_UNAVAILABLE
+        }
+    }
+}
+
+/// The `check` report: what the gateway would enforce.
+pub fn summary(config: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: ok", config.source.display());
+    let _ = writeln!(s, "listen: {}", config.listen);
+    let _ = writeln!(s, "agents: {}", config.agents.len());
+    for a in config.agents.iter() {
+        let mut by = Vec::new();
+        if !a.source_cidrs.is_empty() {
+            let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
+            by.push(format!("source {}", cidrs.join(", ")));
+        }
+        if let Some(t) = &a.token {
+            by.push(format!("token {}", t.path().display()));
+        }
+        let _ = writeln!(
+            s,
+            "  {} -> policy {} ({})",
+            a.name,
+            config.policies[a.policy].name,
+            by.join("; ")
+        );
+    }
+    let _ = writeln!(s, "policies: {}", config.policies.len());
+    for p in &config.policies {
+        let l = &p.limits;
+        let _ = writeln!(
+            s,
+            "  {}: {} allow rules, mode {}, {} req/s burst {}, {} concurrent, body {} B, upload {} B, response {} B{}",
+            p.name,
+            p.allowlist.len(),
+            p.mode.as_str(),
+            l.requests_per_second,
+            l.burst,
+            l.max_concurrent,
+            l.max_request_body_bytes,
+            l.max_tunnel_upload_bytes,
+            l.max_response_body_bytes,
+            if p.allow_cidrs.is_empty() {
+                String::new()
+            } else {
+                format!(", {} allow_cidrs", p.allow_cidrs.len())
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "destinations: {} deny_cidrs, {} allow_cidrs (plus the built-in deny set)",
+        config.vetter.deny_cidrs().len(),
+        config.vetter.allow_cidrs().len()
+    );
+    let dns = match &config.dns.nameservers {
+        Some(ns) => format!("{} nameservers", ns.len()),
+        None => "system resolver".to_owned(),
+    };
+    let _ = writeln!(s, "dns: {dns}, {} static hosts", config.dns.hosts.len());
+    s
+}
