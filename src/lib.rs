@@ -8,12 +8,14 @@
 //!
 //! ```text
 //! accept ─► read request head (bounded, timed; hyper) ─► target: parse + normalise
-//!        ─► identity: which agent ─► policy: allowlist(host, port)
+//!        ─► identity: which agent (address class, proxy token) ─► policy: allowlist(host, port)
+//!        ─► limits: rate, concurrency, head and body size (report mode: record, let through)
 //!        ─► resolve (static hosts, then DNS; timed) ─► vet addresses (deny ranges, exceptions)
 //!        ─► connect (timed, only to a vetted address)
-//!        ─► CONNECT: 200, then tunnel bytes both ways (counted, idle-timed)
-//!           HTTP:    forward request (hop-by-hop stripped), stream the response back (counted)
-//!        ─► audit line (always: allow, deny, error, client gone)
+//!        ─► CONNECT: 200, then tunnel bytes both ways (counted, upload-capped, idle-timed)
+//!           HTTP:    forward request (hop-by-hop stripped, body capped), stream the response
+//!                    back (counted, capped)
+//!        ─► audit line + metrics (always: allow, deny, would_deny, error, client gone)
 //! ```
 //!
 //! # Layout
@@ -24,14 +26,19 @@
 //! | [`config`] | read and validate the TOML file into domain values |
 //! | [`target`] | step: parse and normalise the request target |
 //! | [`identity`] | step: match the client to an agent |
-//! | [`policy`] | step: the agent's allowlist |
+//! | [`policy`] | step: the agent's allowlist, mode |
+//! | [`limits`] | step: per-agent rate (GCRA) and concurrency gates, byte caps |
 //! | [`resolve`] | step: static hosts and DNS, with a deadline |
 //! | [`vet`] | step: refuse private, loopback, metadata and operator-denied addresses |
 //! | [`connect`] | step: dial a vetted address (the only upstream dialer) |
 //! | [`proxy`] | accept loop, request driver; `tunnel`, `forward`, `respond` |
-//! | [`io`] | byte counting and idle tracking |
+//! | [`io`] | byte counting, caps and idle tracking |
 //! | [`audit`] | the audit line and its lossless writer |
+//! | [`metrics`] | every Prometheus family |
+//! | [`admin`] | `/metrics`, `/healthz`, `/readyz` |
+//! | [`reload`] | the live config snapshot; file watch, SIGHUP, token refresh |
 //! | [`shutdown`] | signals |
+//! | [`explain`], [`propose`], [`probe`], [`commands`] | the operator subcommands |
 
 pub mod admin;
 pub mod audit;
