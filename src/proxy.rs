@@ -1,8 +1,8 @@
 //! The proxy: accept loop, one hyper HTTP/1.1 server per client connection, and the request
 //! driver that runs the pipeline steps in order.
 //!
-//! Lifecycle of one request: [`handle`] makes a [`RequestCtx`] inside an [`Audited`] guard, runs
-//! [`steps`] (parse → identify → policy → resolve → vet → dial), then either hands the upstream
+//! Lifecycle of one request: `handle` makes a [`RequestCtx`] inside an [`Audited`] guard, runs
+//! `steps` (parse → identify → policy → limits → resolve → vet → dial), then either hands the upstream
 //! socket to `tunnel` (CONNECT) or `forward` (plain HTTP), or turns the [`Deny`] into a response
 //! with `respond::render`. The audit line is written exactly once by the guard, whichever way the
 //! request ends.
