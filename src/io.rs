@@ -19,6 +19,10 @@ use tokio::time::Instant;
 
 use crate::outcome::Reason;
 
+mod copy;
+
+pub use copy::copy_bidirectional;
+
 /// The error type of bodies passed through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

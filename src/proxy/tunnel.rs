@@ -14,11 +14,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::ctx::Audited;
-use crate::io::{Cap, Direction, Metered};
+use crate::io::{self, Cap, Direction, Metered};
 use crate::outcome::Reason;
-
-/// Copy buffer per direction.
-const BUF_SIZE: usize = 16 * 1024;
 
 /// Run one tunnel to completion and write its audit line. `idle` also bounds the wait for
 /// hyper to hand over the client connection (the 200 must be written first).
@@ -49,8 +46,7 @@ pub async fn run(
     let mut client =
         Metered::new(TokioIo::new(upgraded), meter.clone(), Direction::Up).with_cap(upload);
     let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF_SIZE, BUF_SIZE);
+    let copy = io::copy_bidirectional(&mut client, &mut server);
     let reason = tokio::select! {
         r = copy => {
             if let Err(e) = r {
