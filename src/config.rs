@@ -57,6 +57,9 @@ pub struct Config {
     pub agents: Agents,
     /// Policies; agents refer to them by index.
     pub policies: Vec<Policy>,
+    /// Most client connections open at once (`server.max_connections`); beyond it new
+    /// connections are closed at once. Takes effect at start.
+    pub max_connections: usize,
     /// The global mode (`server.mode`); a policy may override it.
     pub mode: Mode,
     /// The `[limits]` defaults.
@@ -134,6 +137,9 @@ impl Config {
             .fold(self.limits.max_request_header_bytes, u64::max)
     }
 }
+
+/// Default for `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// A stable hash of config file content.
 pub fn fingerprint(bytes: &[u8]) -> u64 {

@@ -122,6 +122,7 @@ where
     let bound = listener.local_addr().map_err(RunError::Listener)?;
     let metrics = Arc::new(metrics::Metrics::new().map_err(RunError::Metrics)?);
     let grace = config.timeouts.shutdown_grace;
+    let max_connections = config.max_connections;
     let (source, agents, policies) = (
         config.source.clone(),
         config.agents.len(),
@@ -148,7 +149,11 @@ where
     // Announced only now: signal handlers are installed and every part is ready.
     tracing::info!(listen = %bound, config = %source.display(), agents, policies, "proxy listening");
 
-    let accept = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
+    let accept = tokio::spawn(proxy::accept_loop(
+        listener,
+        shared.clone(),
+        max_connections,
+    ));
     tokio::select! {
         () = shutdown => {}
         () = writer.failed() => {

@@ -27,6 +27,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -115,7 +116,11 @@ impl Shared {
 }
 
 /// Accept connections until `draining` is set, serving each on its own task.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+///
+/// At most `max_connections` client connections are served at once: beyond that a new
+/// connection is closed as soon as it is accepted, so a flood cannot starve the ones open.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connections: usize) {
+    let slots = Arc::new(Semaphore::new(max_connections));
     shared.ready.store(true, Relaxed);
     loop {
         let accepted = tokio::select! {
@@ -124,8 +129,15 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(client = %peer, max_connections, "connection limit reached; closing new connection");
+                    drop(stream);
+                    continue;
+                };
                 let conn_shared = shared.clone();
-                shared.tracker.spawn(serve_conn(stream, peer, conn_shared));
+                shared
+                    .tracker
+                    .spawn(serve_conn(stream, peer, conn_shared, Arc::new(slot)));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -136,7 +148,15 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Serve one client connection: keep-alive requests, then maybe an upgrade to a tunnel.
-async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+///
+/// `slot` is the connection's place under `max_connections`; every request holds a clone, so a
+/// tunnel that outlives the HTTP exchange keeps the slot until it closes.
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: Arc<OwnedSemaphorePermit>,
+) {
     let _ = stream.set_nodelay(true);
     let received = Arc::new(Meter::default());
     let requests = Arc::new(AtomicU64::new(0));
@@ -145,7 +165,7 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let svc_requests = requests.clone();
     let svc = service_fn(move |req| {
         svc_requests.fetch_add(1, Relaxed);
-        handle(req, peer, svc_shared.clone())
+        handle(req, peer, svc_shared.clone(), slot.clone())
     });
     let snap = shared.live.load();
     let idle = snap.config.timeouts.idle;
@@ -230,9 +250,11 @@ async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    slot: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = shared.live.load();
-    let ctx = RequestCtx::new(peer, Some(req.method().clone()));
+    let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
+    ctx.connection = Some(slot);
     let mut audited = Audited::new(ctx, shared.recorder());
     let admitted = match steps(&req, audited.ctx_mut(), &snap, &shared.metrics).await {
         Ok(ok) => ok,

@@ -34,6 +34,7 @@ pub(crate) struct RawServer {
     pub(crate) listen: Str,
     pub(crate) admin_listen: Option<Str>,
     pub(crate) mode: Option<Str>,
+    pub(crate) max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -87,6 +87,19 @@ impl Validator<'_> {
             "destinations.allow_cidrs",
         );
         let mode = self.mode(raw.server.mode.as_ref(), "server.mode", Mode::Enforce);
+        let max_connections = match &raw.server.max_connections {
+            Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                let issue = self.at(
+                    v.span().start,
+                    "server.max_connections".into(),
+                    format!("{} is out of range: use 1 to 1000000", v.get_ref()),
+                );
+                self.issues.push(issue);
+                super::DEFAULT_MAX_CONNECTIONS
+            }
+            None => super::DEFAULT_MAX_CONNECTIONS,
+        };
         let limits = self.limits(&raw.limits, "limits", Limits::default());
         let (policies, by_name) = self.policies(&raw.policies, mode, limits);
         let agents = self.agents(&raw.agents, &by_name);
@@ -99,6 +112,7 @@ impl Validator<'_> {
             vetter: Vetter::new(deny, allow, vec![listen]),
             agents,
             policies,
+            max_connections,
             mode,
             limits,
             fingerprint: fingerprint(self.src.as_bytes()),

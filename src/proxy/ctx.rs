@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use http::Method;
 use time::OffsetDateTime;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
@@ -59,6 +60,9 @@ pub struct RequestCtx {
     pub mode: Mode,
     /// The agent's concurrency slot, held until the audit line is written.
     pub permit: Option<Permit>,
+    /// The client connection's slot under `server.max_connections`, held as long as the request
+    /// (a tunnel outlives the HTTP connection it came from).
+    pub connection: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 // === impl RequestCtx ===
@@ -85,6 +89,7 @@ impl RequestCtx {
             meter: Arc::new(Meter::default()),
             mode: Mode::Enforce,
             permit: None,
+            connection: None,
         }
     }
 
