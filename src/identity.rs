@@ -161,9 +161,18 @@ impl Agents {
     }
 
     /// The first agent that matches the client's address and credentials.
+    ///
+    /// Credentials only matter to token agents: an address-only agent is matched whatever
+    /// `Proxy-Authorization` holds (its client may send credentials meant for another proxy).
+    /// Malformed credentials count as no usable credentials; they are the refusal only when no
+    /// agent matches at all.
     pub fn identify(&self, client: SocketAddr, headers: &HeaderMap) -> Result<AgentId, Deny> {
         let ip = canonical(client.ip());
-        let creds = credentials(headers)?;
+        let creds = credentials(headers);
+        let usable = match &creds {
+            Ok(Some(c)) => Some(c),
+            _ => None,
+        };
         for (i, a) in self.agents.iter().enumerate() {
             if !a.source_cidrs.is_empty() && !a.source_cidrs.iter().any(|n| n.contains(&ip)) {
                 continue;
@@ -171,7 +180,7 @@ impl Agents {
             let Some(token) = &a.token else {
                 return Ok(AgentId(i));
             };
-            match &creds {
+            match usable {
                 Some(c) if c.user() == a.name.as_bytes() => {
                     return if token.matches(c.secret()) {
                         Ok(AgentId(i))
@@ -185,18 +194,19 @@ impl Agents {
                 _ => continue,
             }
         }
-        Err(match (creds, self.any_token) {
-            (Some(_), _) => Deny::new(
+        Err(match (self.any_token, creds) {
+            (false, _) => Deny::new(
+                Reason::UnknownAgent,
+                "client address matches no [[agents]] entry",
+            ),
+            (true, Err(malformed)) => malformed,
+            (true, Ok(Some(_))) => Deny::new(
                 Reason::AuthFailed,
                 "proxy credentials match no agent allowed from this address",
             ),
-            (None, true) => Deny::new(
+            (true, Ok(None)) => Deny::new(
                 Reason::AuthRequired,
                 "proxy credentials required: Proxy-Authorization: Basic base64(agent:token)",
-            ),
-            (None, false) => Deny::new(
-                Reason::UnknownAgent,
-                "client address matches no [[agents]] entry",
             ),
         })
     }

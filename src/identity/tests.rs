@@ -103,9 +103,14 @@ fn tokens_identify_and_refuse() {
 }
 
 #[test]
-fn malformed_credentials_are_refused() {
-    let agents = Agents::new(vec![agent("a", &["127.0.0.0/8"], None)]);
-    let client = "127.0.0.1:1".parse().unwrap();
+fn malformed_credentials_refuse_only_where_a_token_is_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = Agents::new(vec![
+        agent("coder", &[], Some(token(&dir, "coder", "s3cret"))),
+        agent("local", &["127.0.0.10/32"], None),
+    ]);
+    let needs_token = "127.0.0.1:1".parse().unwrap();
+    let by_address = "127.0.0.10:1".parse().unwrap();
     for v in [
         "Bearer abc",
         "Basic",
@@ -116,11 +121,35 @@ fn malformed_credentials_are_refused() {
         let mut h = HeaderMap::new();
         h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static(v));
         assert_eq!(
-            agents.identify(client, &h).unwrap_err().reason,
+            agents.identify(needs_token, &h).unwrap_err().reason,
             Reason::AuthFailed,
             "{v}"
         );
+        assert_eq!(
+            agents.identify(by_address, &h),
+            Ok(AgentId(1)),
+            "{v}: address agent"
+        );
     }
+}
+
+#[test]
+fn without_token_agents_credentials_never_turn_403_into_407() {
+    let agents = Agents::new(vec![agent("a", &["127.0.0.10/32"], None)]);
+    let stranger = "127.0.0.12:1".parse().unwrap();
+    assert_eq!(
+        agents
+            .identify(stranger, &basic("a", "x"))
+            .unwrap_err()
+            .reason,
+        Reason::UnknownAgent
+    );
+    let mut h = HeaderMap::new();
+    h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+    assert_eq!(
+        agents.identify(stranger, &h).unwrap_err().reason,
+        Reason::UnknownAgent
+    );
 }
 
 #[test]
