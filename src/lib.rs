@@ -128,7 +128,11 @@ where
         config.agents.len(),
         config.policies.len(),
     );
-    let live = Arc::new(Live::new(config, bound, metrics.clone())?);
+    let mut own = vec![bound];
+    if let Some(a) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        own.push(a);
+    }
+    let live = Arc::new(Live::new(config, own, metrics.clone())?);
     let (sink, writer) = audit::spawn(audit_out);
     let shared = Arc::new(Shared::new(live.clone(), sink, metrics));
     let admin_stop = tokio_util::sync::CancellationToken::new();

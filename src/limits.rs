@@ -104,6 +104,13 @@ impl<C: Clock + Clone> Gate<C> {
         self.quota
     }
 
+    /// Spend the whole burst now: a gate that replaces one with another quota starts empty, so
+    /// changing an agent's rate during an incident never hands it a fresh burst.
+    pub fn spend_burst(&self) {
+        let burst = self.quota.burst_size();
+        let _ = self.rate.check_n(burst);
+    }
+
     /// The open-request counter, to carry over to the next config's gate.
     pub fn active(&self) -> Arc<AtomicU32> {
         self.active.clone()
@@ -207,6 +214,15 @@ mod tests {
         // The refused request did not spend the second burst cell.
         let (_p3, d3) = g.admit(1);
         assert!(d3.is_none());
+    }
+
+    #[test]
+    fn a_replacing_gate_starts_with_its_burst_spent() {
+        let (g, clock) = gate(1.0, 5);
+        g.spend_burst();
+        assert_eq!(g.admit(100).1.unwrap().reason, Reason::RateLimited);
+        clock.advance(Duration::from_secs(1));
+        assert!(g.admit(100).1.is_none(), "the rate itself still applies");
     }
 
     #[test]

@@ -245,9 +245,17 @@ impl Metrics {
         }
     }
 
-    /// Forget the per-agent series of agents no longer in the config.
+    /// Forget the per-agent series of agents no longer in the config (not while a tunnel of
+    /// theirs is still open: its gauge must still count down).
     pub fn forget_agents<'a>(&self, gone: impl Iterator<Item = &'a str>) {
         for agent in gone {
+            let open = self
+                .active_tunnels
+                .get_metric_with_label_values(&[agent])
+                .map_or(0, |g| g.get());
+            if open != 0 {
+                continue;
+            }
             let _ = self.active_tunnels.remove_label_values(&[agent]);
             for dir in ["up", "down"] {
                 let _ = self.bytes.remove_label_values(&[agent, dir]);

@@ -225,6 +225,14 @@ impl Reason {
         )
     }
 
+    /// True for the allowlist's refusals (host, port, IP literal).
+    pub const fn is_allowlist(self) -> bool {
+        matches!(
+            self,
+            Reason::HostNotAllowed | Reason::PortNotAllowed | Reason::IpLiteralNotAllowed
+        )
+    }
+
     /// The index of this reason in [`Reason::ALL`] (a compact code for atomics).
     pub fn code(self) -> u8 {
         Reason::ALL

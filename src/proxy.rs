@@ -342,15 +342,17 @@ async fn steps(
     ctx.agent = Some(agent.name.clone());
     ctx.policy = Some(policy.name.clone());
     ctx.mode = policy.mode;
-    match policy.check(kind, &target) {
-        Ok(rule) => ctx.rule = Some(rule.text.clone()),
-        Err(deny) => report_or_refuse(ctx, deny)?,
-    }
+    // Limits first: every request of an agent spends its budget, so a flood of refused requests
+    // is throttled too (and cannot flood the audit log at line rate).
     let limits = policy.limits;
     let (permit, over) = snap.gate(agent_id).admit(limits.max_concurrent);
     ctx.permit = Some(permit);
     if let Some(deny) = over {
         report_or_refuse(ctx, deny)?;
+    }
+    match policy.check(kind, &target) {
+        Ok(rule) => ctx.rule = Some(rule.text.clone()),
+        Err(deny) => report_or_refuse(ctx, deny)?,
     }
     check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
     let lookup = Instant::now();

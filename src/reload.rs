@@ -57,7 +57,8 @@ pub enum ReloadError {
 pub struct Live {
     current: ArcSwap<Snapshot>,
     path: PathBuf,
-    bound: SocketAddr,
+    /// The proxy and admin addresses actually bound: a tunnel to them is a loop.
+    own: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,11 +68,11 @@ impl Snapshot {
     /// Build a snapshot, reusing gates and the resolver of `prev` where nothing changed.
     pub fn build(
         config: Config,
-        bound: SocketAddr,
+        own: &[SocketAddr],
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, ResolverError> {
         let mut config = config;
-        config.vetter = config.vetter.clone().with_own(vec![bound]);
+        config.vetter = config.vetter.clone().with_own(own.to_vec());
         let resolver = match prev {
             Some(p)
                 if p.config.dns == config.dns && p.config.timeouts.dns == config.timeouts.dns =>
@@ -99,7 +100,11 @@ impl Snapshot {
                 .unwrap_or_else(|| unreachable!("validated limits"));
             let gate = match old.get(&*agent.name) {
                 Some(g) if g.quota() == quota => Arc::clone(g),
-                Some(g) => Arc::new(Gate::new(quota, g.active())),
+                Some(g) => {
+                    let fresh = Gate::new(quota, g.active());
+                    fresh.spend_burst();
+                    Arc::new(fresh)
+                }
                 None => Arc::new(Gate::new(quota, Arc::default())),
             };
             gates.push(gate);
@@ -123,16 +128,16 @@ impl Live {
     /// Start from an already loaded config, for a proxy bound to `bound`.
     pub fn new(
         config: Config,
-        bound: SocketAddr,
+        own: Vec<SocketAddr>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ResolverError> {
         let path = config.source.clone();
-        let snapshot = Snapshot::build(config, bound, None)?;
+        let snapshot = Snapshot::build(config, &own, None)?;
         log_warnings(&snapshot.config);
         Ok(Live {
             current: ArcSwap::from_pointee(snapshot),
             path,
-            bound,
+            own,
             metrics,
         })
     }
@@ -145,15 +150,16 @@ impl Live {
     /// Read the file again and, if it is valid, swap it in.
     pub fn reload(&self) -> Result<(), ReloadError> {
         let config = config::load(&self.path)?;
-        if config.listen != self.bound && config.listen.port() != 0 {
+        let bound = self.own[0];
+        if config.listen != bound && config.listen.port() != 0 {
             tracing::warn!(
                 configured = %config.listen,
-                bound = %self.bound,
+                bound = %bound,
                 "server.listen changed; it takes effect at the next restart"
             );
         }
         let prev = self.current.load();
-        let next = Snapshot::build(config, self.bound, Some(&prev))?;
+        let next = Snapshot::build(config, &self.own, Some(&prev))?;
         log_warnings(&next.config);
         let gone: Vec<&str> = prev
             .config

@@ -836,3 +836,49 @@ fn report_mode_records_caps_and_lets_the_bytes_through() {
     );
     assert_eq!((a.bytes_up, a.bytes_down), (32 * 1024, 32 * 1024));
 }
+
+#[test]
+fn head_responses_are_not_held_to_the_response_cap() {
+    // The origin answers HEAD with a Content-Length far over the cap, and no body.
+    let (_origin, proxy, port) = setup("limits = { max_response_body_bytes = 10 }");
+    let (code, out, err) = curl(&[
+        "-sS",
+        "-I",
+        "-x",
+        &proxy.url(),
+        &format!("http://origin.test:{port}/big.iso"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("allow", "allowed")
+    );
+}
+
+#[test]
+fn report_mode_tunnels_keep_the_would_be_reason_to_the_end() {
+    let echo = Echo::start("127.0.0.1:0");
+    let port = echo.addr.port();
+    let proxy = Proxy::start(&config(
+        &hosts_to_loopback(&["other.test"]),
+        &["listed.test".to_string()],
+        "mode = \"report\"",
+    ));
+    let (mut s, head) = open_tunnel(&proxy, &format!("other.test:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    echo_round_trip(&mut s, b"ping");
+    drop(s);
+    let a = proxy.audit();
+    assert_eq!(
+        (
+            a.event.as_str(),
+            a.decision.as_str(),
+            a.reason.as_str(),
+            a.mode.as_str()
+        ),
+        ("connect", "would_deny", "host_not_allowed", "report")
+    );
+    assert_eq!((a.bytes_up, a.bytes_down), (4, 4));
+}

@@ -73,6 +73,7 @@ impl Half {
         loop {
             ready!(self.poll_drain(cx, w))?;
             if self.read_done {
+                self.buf = None; // drained: a half-closed tunnel holds nothing for this side
                 if !self.shut_down {
                     ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                     self.shut_down = true;

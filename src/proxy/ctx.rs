@@ -93,9 +93,25 @@ impl RequestCtx {
         }
     }
 
+    /// Record how an allowed exchange ended (`idle_timeout`, `client_closed`, …). A refusal
+    /// reason already recorded (report mode's would-be denial) is kept: it is the one that
+    /// matters to the operator, and to `propose`.
+    pub fn ended(&mut self, how: Reason) {
+        if self.reason == Reason::Allowed {
+            self.reason = how;
+        }
+    }
+
     /// Report mode: record the refusal that would have happened (the first one counts) and go on.
+    ///
+    /// An allowlist reason replaces a limit reason recorded before it: the allowlist is what a
+    /// report-mode rollout evaluates, and what `propose` turns into rules.
     pub fn would_deny(&mut self, deny: &Deny) {
-        if self.decision == Decision::Allow {
+        let first = self.decision == Decision::Allow;
+        let upgrade = self.decision == Decision::WouldDeny
+            && !self.reason.is_allowlist()
+            && deny.reason.is_allowlist();
+        if first || upgrade {
             self.decision = Decision::WouldDeny;
             self.reason = deny.reason;
         }

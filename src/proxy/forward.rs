@@ -106,6 +106,7 @@ pub async fn send(
     abort: CancellationToken,
 ) -> Result<Response<Incoming>, Deny> {
     let (mut parts, body) = req.into_parts();
+    let is_head = parts.method == http::Method::HEAD;
     prepare(&mut parts)?;
     let body = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
     let req = Request::from_parts(parts, body);
@@ -152,7 +153,10 @@ pub async fn send(
             "upstream used a transfer coding other than chunked",
         ));
     }
-    if let Some(len) = content_length(resp.headers()) {
+    // HEAD answers and 1xx/204/304 carry no body, whatever Content-Length says.
+    let bodiless =
+        is_head || resp.status().is_informational() || matches!(resp.status().as_u16(), 204 | 304);
+    if let Some(len) = content_length(resp.headers()).filter(|_| !bodiless) {
         if len > caps.response.max {
             let deny = Deny::with_detail(
                 Reason::ResponseCap,
@@ -295,7 +299,7 @@ impl Body for ForwardBody {
                     tracing::debug!(error = %e, "response body ended early");
                     // A cap passed is folded in by the guard; anything else is the upstream.
                     if a.ctx().meter.cut_reason().is_none() {
-                        a.ctx_mut().reason = Reason::UpstreamError;
+                        a.ctx_mut().ended(Reason::UpstreamError);
                     }
                     a.finish_now();
                 }

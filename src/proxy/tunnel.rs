@@ -31,12 +31,12 @@ pub async fn run(
         Ok(Ok(u)) => u,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "client left before the tunnel started");
-            audited.ctx_mut().reason = Reason::ClientClosed;
+            audited.ctx_mut().ended(Reason::ClientClosed);
             return audited.finish().await;
         }
         Err(_) => {
             tracing::debug!("client did not take the 200 in time");
-            audited.ctx_mut().reason = Reason::IdleTimeout;
+            audited.ctx_mut().ended(Reason::IdleTimeout);
             return audited.finish().await;
         }
     };
@@ -59,6 +59,6 @@ pub async fn run(
         () = meter.idle_for(idle) => Reason::IdleTimeout,
         () = abort.cancelled() => Reason::Shutdown,
     };
-    audited.ctx_mut().reason = reason;
+    audited.ctx_mut().ended(reason);
     audited.finish().await;
 }
