@@ -13,6 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -35,8 +36,15 @@ pub struct AgentId(pub usize);
 #[derive(Debug)]
 pub struct Token {
     path: PathBuf,
+    /// The token; empty once revoked (an empty secret matches nothing).
     secret: ArcSwap<Vec<u8>>,
+    /// Consecutive refreshes that found the file missing, unreadable or empty.
+    misses: AtomicU32,
 }
+
+/// After this many consecutive missing or empty reads (one a second) the token is revoked: the
+/// kubelet swaps Secret files atomically, so a file that stays gone means the key was removed.
+pub const REVOKE_AFTER_MISSES: u32 = 3;
 
 /// One `[[agents]]` entry, validated.
 #[derive(Clone, Debug)]
@@ -87,6 +95,7 @@ impl Token {
         Ok(Token {
             path: path.to_owned(),
             secret: ArcSwap::from_pointee(secret),
+            misses: AtomicU32::new(0),
         })
     }
 
@@ -95,10 +104,22 @@ impl Token {
         &self.path
     }
 
-    /// Re-read the file; returns true if the token changed. A read error keeps the old token
-    /// (a Secret being swapped is briefly absent) and is returned for logging.
+    /// Re-read the file; returns true if the token changed. A missing, unreadable or empty file
+    /// keeps the old token for a moment and revokes it after [`REVOKE_AFTER_MISSES`] reads in a
+    /// row; the error is returned for logging.
     pub fn refresh(&self) -> Result<bool, TokenError> {
-        let fresh = read_token(&self.path)?;
+        let fresh = match read_token(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let misses = self.misses.fetch_add(1, Ordering::Relaxed) + 1;
+                if misses >= REVOKE_AFTER_MISSES && !self.secret.load().is_empty() {
+                    self.secret.store(Arc::new(Vec::new()));
+                    tracing::warn!(file = %self.path.display(), "token file gone: token revoked");
+                }
+                return Err(e);
+            }
+        };
+        self.misses.store(0, Ordering::Relaxed);
         if **self.secret.load() == fresh {
             return Ok(false);
         }
@@ -106,9 +127,16 @@ impl Token {
         Ok(true)
     }
 
-    /// Constant-time comparison with a presented token.
+    /// True when the token has been revoked (its file stayed missing or empty).
+    pub fn is_revoked(&self) -> bool {
+        self.secret.load().is_empty()
+    }
+
+    /// Constant-time comparison with a presented token. An empty secret (revoked) matches
+    /// nothing, not even an empty presented token.
     pub fn matches(&self, presented: &[u8]) -> bool {
-        self.secret.load().as_slice().ct_eq(presented).into()
+        let secret = self.secret.load();
+        !secret.is_empty() && bool::from(secret.as_slice().ct_eq(presented))
     }
 }
 

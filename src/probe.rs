@@ -198,16 +198,17 @@ async fn via_gateway(name: &'static str, p: &Probe, url: &str, want_allowed: boo
 
 /// `http://[user:token@]host:port` → (`host:port`, Proxy-Authorization header line or "").
 fn parse_proxy(url: &str) -> Result<(String, String), String> {
+    let shown = redact(url);
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("--proxy {url}: expected http://[user:token@]host:port"))?;
+        .ok_or_else(|| format!("--proxy {shown}: expected http://[user:token@]host:port"))?;
     let rest = rest.trim_end_matches('/');
     let (creds, hostport) = match rest.rsplit_once('@') {
         Some((c, h)) => (Some(c), h),
         None => (None, rest),
     };
     if !hostport.contains(':') {
-        return Err(format!("--proxy {url}: needs a port"));
+        return Err(format!("--proxy {shown}: needs a port"));
     }
     let auth = creds.map_or(String::new(), |c| {
         format!(
@@ -218,9 +219,31 @@ fn parse_proxy(url: &str) -> Result<(String, String), String> {
     Ok((hostport.to_owned(), auth))
 }
 
+/// The proxy URL with any token replaced, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_redacted_in_messages() {
+        assert_eq!(
+            redact("http://coder:s3cret@gw:3128"),
+            "http://coder:***@gw:3128"
+        );
+        let err = parse_proxy("http://coder:s3cret@gw").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 
     #[test]
     fn proxy_urls() {

@@ -191,8 +191,9 @@ impl Live {
     /// Watch the file (and token files) until `stop`, reloading on change and on SIGHUP.
     /// `hup` comes from [`hangup`], installed before the gateway announces itself.
     pub async fn watch(self: Arc<Self>, mut hup: Hangup, stop: CancellationToken) {
-        // The content that last failed to load, so a broken file is reported once, not every tick.
-        let mut failed: Option<u64> = None;
+        // The content that last failed to load and why: it is retried every tick (a token file
+        // it names may appear), but reported again only when the error changes.
+        let mut failed: Option<(u64, String)> = None;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -212,7 +213,7 @@ impl Live {
             };
             let seen = config::fingerprint(&now);
             let current = self.current.load().config.fingerprint;
-            if !forced && (seen == current || Some(seen) == failed) {
+            if !forced && seen == current {
                 continue;
             }
             match self.reload() {
@@ -222,13 +223,17 @@ impl Live {
                     tracing::info!(config = %self.path.display(), "config reloaded");
                 }
                 Err(e) => {
-                    failed = Some(seen);
-                    self.metrics.reloaded(false);
-                    tracing::error!(
-                        config = %self.path.display(),
-                        error = %e,
-                        "config reload failed; the previous config keeps serving"
-                    );
+                    let error = e.to_string();
+                    let repeat = failed.as_ref() == Some(&(seen, error.clone()));
+                    if !repeat || forced {
+                        self.metrics.reloaded(false);
+                        tracing::error!(
+                            config = %self.path.display(),
+                            error = %error,
+                            "config reload failed; the previous config keeps serving"
+                        );
+                    }
+                    failed = Some((seen, error));
                 }
             }
         }

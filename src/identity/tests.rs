@@ -166,5 +166,34 @@ fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
     assert!(t.matches(b"two"), "an empty file keeps the previous token");
     std::fs::remove_file(t.path()).unwrap();
     assert!(t.refresh().is_err());
-    assert!(t.matches(b"two"));
+    assert!(
+        t.matches(b"two"),
+        "a brief absence (2 misses: empty, then gone) keeps the token"
+    );
+    assert!(!t.is_revoked());
+    assert!(t.refresh().is_err());
+    assert!(
+        t.is_revoked(),
+        "missing or empty for {REVOKE_AFTER_MISSES} reads: revoked"
+    );
+    assert!(!t.matches(b"two"));
+    assert!(
+        !t.matches(b""),
+        "a revoked token never matches an empty secret"
+    );
+    std::fs::write(t.path(), "three").unwrap();
+    assert!(t.refresh().unwrap());
+    assert!(t.matches(b"three") && !t.is_revoked());
+}
+
+#[test]
+fn an_empty_presented_token_never_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = Agents::new(vec![agent(
+        "coder",
+        &[],
+        Some(token(&dir, "coder", "s3cret")),
+    )]);
+    let r = agents.identify("127.0.0.1:1".parse().unwrap(), &basic("coder", ""));
+    assert_eq!(r.unwrap_err().reason, Reason::AuthFailed);
 }
