@@ -156,6 +156,11 @@ impl AuditRecord<'_> {
 // === impl AuditSink ===
 
 impl AuditSink {
+    /// A poll-based handle on the queue, for bodies that must wait for space inside `poll_frame`.
+    pub fn poll_sender(&self) -> tokio_util::sync::PollSender<String> {
+        tokio_util::sync::PollSender::new(self.tx.clone())
+    }
+
     /// Lines queued and not yet taken by the writer.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -173,6 +178,11 @@ impl AuditSink {
             .await
             .map(AuditPermit)
             .map_err(|_| WriterGone)
+    }
+
+    /// A free slot now, if there is one.
+    pub fn try_reserve(&self) -> Result<AuditPermit<'_>, mpsc::error::TrySendError<()>> {
+        self.tx.try_reserve().map(AuditPermit)
     }
 
     /// Queue a line from a synchronous context (a `Drop` or a body's `poll`). Never drops it:

@@ -308,10 +308,14 @@ async fn handle(
             )
             .await;
             match sent {
-                Ok(resp) => {
-                    audited.ctx_mut().status = Some(resp.status().as_u16());
-                    Ok(resp
-                        .map(|body| Either::Right(ForwardBody::new(body, audited, caps.response))))
+                Ok(forward::Sent {
+                    response,
+                    request_done,
+                }) => {
+                    audited.ctx_mut().status = Some(response.status().as_u16());
+                    Ok(response.map(|body| {
+                        Either::Right(ForwardBody::new(body, audited, caps.response, request_done))
+                    }))
                 }
                 Err(deny) => Ok(refuse(audited, &deny, &uri).await),
             }

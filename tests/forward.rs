@@ -404,3 +404,52 @@ fn a_malformed_head_after_a_good_request_is_audited_too() {
         ("reject", "malformed_request", Some(400))
     );
 }
+
+#[test]
+fn an_early_answer_does_not_end_the_exchange_before_the_upload() {
+    // An origin that answers as soon as it has the head, then reads the body to its end.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, body_seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .unwrap();
+        while !seen.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        tx.send(seen).unwrap();
+    });
+    let proxy = Proxy::start(&config(
+        "\"early.test\" = [\"127.0.0.1\"]",
+        &[format!("early.test:{port}")],
+        "",
+    ));
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!("POST http://early.test:{port}/up HTTP/1.1\r\nHost: early.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The response is out, but the upload is not finished: no audit line yet.
+    proxy.no_audit_for(Duration::from_millis(300));
+    s.write_all(b"5\r\nworld\r\n0\r\n\r\n").unwrap();
+    let a = proxy.audit();
+    assert_eq!((a.reason.as_str(), a.bytes_up), ("allowed", 10));
+    let seen = String::from_utf8(body_seen.recv_timeout(WAIT).unwrap()).unwrap();
+    assert!(seen.contains("hello") && seen.contains("world"), "{seen}");
+}

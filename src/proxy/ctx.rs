@@ -257,9 +257,57 @@ impl Audited {
         }
     }
 
-    /// Write the line from a synchronous context.
+    /// Finish now and hand the line to the caller, which queues it (a body that reserved a
+    /// queue slot inside `poll_frame`).
+    pub fn into_line(mut self) -> Option<String> {
+        let mut ctx = self.ctx.take()?;
+        ctx.apply_cut();
+        record(&ctx, &self.rec.metrics);
+        Some(ctx.audit_line())
+    }
+
+    /// A poll-based handle on the audit queue.
+    pub fn poll_sender(&self) -> tokio_util::sync::PollSender<String> {
+        self.rec.sink.poll_sender()
+    }
+
+    /// Write the line from a synchronous context (a body's `poll` or `Drop`). With a free queue
+    /// slot it is queued at once; otherwise the whole guard, and with it the agent's concurrency
+    /// permit, moves to a task that waits for a slot, so pending lines are bounded by the agents'
+    /// `max_concurrent` and an agent whose lines cannot be written is held back.
     pub fn finish_now(mut self) {
-        self.finish_sync(None);
+        let sink = self.rec.sink.clone();
+        match sink.try_reserve() {
+            Ok(permit) => {
+                if let Some(mut ctx) = self.ctx.take() {
+                    ctx.apply_cut();
+                    record(&ctx, &self.rec.metrics);
+                    permit.send(ctx.audit_line());
+                }
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(self.finish());
+                    }
+                    Err(_) => self.finish_sync(None),
+                }
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => self.finish_sync(None),
+        };
+    }
+
+    /// Finish once `upload_done` completes (the request body has been sent), in a task.
+    pub fn finish_after(self, upload_done: tokio::sync::oneshot::Receiver<()>) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = upload_done.await;
+                    self.finish().await;
+                });
+            }
+            Err(_) => self.finish_now(),
+        }
     }
 
     fn finish_sync(&mut self, cancelled: Option<Reason>) {

@@ -6,6 +6,7 @@
 //! is wrapped in a [`ForwardBody`] that counts bytes and writes the audit line when the body ends
 //! (or when the client goes away first).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -18,7 +19,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
+use tokio_util::sync::{CancellationToken, PollSender};
 use tokio_util::task::TaskTracker;
 
 use super::ctx::Audited;
@@ -39,8 +41,43 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// The request body as sent upstream.
-pub type UpBody = MeteredBody<Incoming>;
+pin_project! {
+    /// The request body as sent upstream: counted and capped; when hyper is done with it
+    /// (sent, or failed), dropping it signals `done`.
+    pub struct UpBody {
+        #[pin]
+        inner: MeteredBody<Incoming>,
+        done: oneshot::Sender<()>,
+    }
+}
+
+impl Body for UpBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response head, and a signal that completes once the request body has been sent.
+pub struct Sent {
+    /// The upstream response.
+    pub response: Response<Incoming>,
+    /// Completes (with an error: the sender is dropped) when the request body is done.
+    pub request_done: oneshot::Receiver<()>,
+}
 
 /// The byte caps of one forwarded exchange.
 #[derive(Clone, Copy, Debug)]
@@ -104,11 +141,15 @@ pub async fn send(
     idle: Duration,
     tracker: &TaskTracker,
     abort: CancellationToken,
-) -> Result<Response<Incoming>, Deny> {
+) -> Result<Sent, Deny> {
     let (mut parts, body) = req.into_parts();
     let is_head = parts.method == http::Method::HEAD;
     prepare(&mut parts)?;
-    let body = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
+    let (done, request_done) = oneshot::channel();
+    let body = UpBody {
+        inner: MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request),
+        done,
+    };
     let req = Request::from_parts(parts, body);
 
     // The socket gets its own activity meter: the idle bound covers waiting for the response
@@ -176,7 +217,10 @@ pub async fn send(
     strip_hop_by_hop(resp.headers_mut());
     // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
     *resp.version_mut() = Version::HTTP_11;
-    Ok(resp)
+    Ok(Sent {
+        response: resp,
+        request_done,
+    })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -242,26 +286,69 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 pin_project! {
     /// The upstream response body on its way to the client: counted, and the audit line written
-    /// when it ends.
+    /// when it ends. The end of the body is held back until the request body has been sent (so
+    /// the line counts every byte and the agent's concurrency slot is held for the whole
+    /// exchange) and until the audit queue has room (backpressure, never a dropped line).
     pub struct ForwardBody {
         #[pin]
         inner: MeteredBody<Incoming>,
         audited: Option<Audited>,
+        request_done: Option<oneshot::Receiver<()>>,
+        audit_slot: Option<PollSender<String>>,
     }
 
     impl PinnedDrop for ForwardBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(audited) = this.audited.take() {
-                if this.inner.is_end_stream() {
-                    // hyper never polls a body that is already complete (HEAD, 204, 304, empty).
-                    audited.finish_now();
-                } else {
-                    drop(audited); // client went away mid-body: written as client_closed
+            let Some(audited) = this.audited.take() else { return };
+            if !this.inner.is_end_stream() {
+                drop(audited); // the client went away mid-body: written as client_closed
+                return;
+            }
+            // hyper drops a body it knows is complete (Content-Length reached, HEAD, 204, 304)
+            // without polling it to its end: finish here, after the upload if it is still going.
+            match this.request_done.take() {
+                Some(mut rx) => {
+                    if rx.try_recv() == Err(oneshot::error::TryRecvError::Empty) {
+                        audited.finish_after(rx);
+                    } else {
+                        audited.finish_now();
+                    }
                 }
+                None => audited.finish_now(),
             }
         }
     }
+}
+
+/// The end of a forwarded response: wait for the request body, then for an audit queue slot,
+/// then queue the line and end the body.
+fn finish_at_end(
+    audited: &mut Option<Audited>,
+    request_done: &mut Option<oneshot::Receiver<()>>,
+    audit_slot: &mut Option<PollSender<String>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
+    if let Some(rx) = request_done.as_mut() {
+        // Resolves (Err: sender dropped) once hyper is done with the request body.
+        let _ = ready!(Pin::new(rx).poll(cx));
+        *request_done = None;
+    }
+    if let Some(slot) = audit_slot.as_mut() {
+        if ready!(slot.poll_reserve(cx)).is_err() {
+            // The writer is gone: the guard's fallback logs the line instead.
+            *audit_slot = None;
+            if let Some(a) = audited.take() {
+                a.finish_now();
+            }
+            return Poll::Ready(None);
+        }
+        if let Some(line) = audited.take().and_then(Audited::into_line) {
+            let _ = slot.send_item(line);
+        }
+        *audit_slot = None;
+    }
+    Poll::Ready(None)
 }
 
 // === impl ForwardBody ===
@@ -269,11 +356,18 @@ pin_project! {
 impl ForwardBody {
     /// Wrap `body`, counting into the request's meter against `cap`; `audited` is finished when
     /// it ends.
-    pub fn new(body: Incoming, audited: Audited, cap: Cap) -> Self {
+    pub fn new(
+        body: Incoming,
+        audited: Audited,
+        cap: Cap,
+        request_done: oneshot::Receiver<()>,
+    ) -> Self {
         let meter = audited.ctx().meter.clone();
         ForwardBody {
             inner: MeteredBody::new(body, meter, Direction::Down).with_cap(cap),
             audited: Some(audited),
+            request_done: Some(request_done),
+            audit_slot: None,
         }
     }
 }
@@ -286,12 +380,17 @@ impl Body for ForwardBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        if this.audited.is_some() && this.audit_slot.is_some() {
+            // The body has ended; finishing the audit line is all that is left.
+            return finish_at_end(this.audited, this.request_done, this.audit_slot, cx);
+        }
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             None => {
-                if let Some(a) = this.audited.take() {
-                    a.finish_now();
+                if let Some(a) = this.audited.as_ref() {
+                    *this.audit_slot = Some(a.poll_sender());
+                    return finish_at_end(this.audited, this.request_done, this.audit_slot, cx);
                 }
             }
             Some(Err(e)) => {
@@ -310,7 +409,9 @@ impl Body for ForwardBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Not at the end while the audit line is pending: hyper stops polling a body that says
+        // it has ended, and the end is where the line waits for the upload and a queue slot.
+        self.inner.is_end_stream() && self.audited.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
