@@ -360,10 +360,12 @@ async fn steps(
     }
     check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
     let lookup = Instant::now();
-    let addrs = snap.resolver.resolve(&target.host).await?;
+    let resolved = snap.resolver.resolve(&target.host).await;
     if !snap.resolver.is_static(&target.host) {
+        // Failed and timed-out lookups too: they are the ones an operator looks for.
         metrics.dns_looked_up(lookup.elapsed());
     }
+    let addrs = resolved?;
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
     let dialling = Instant::now();
     let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;

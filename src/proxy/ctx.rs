@@ -244,9 +244,17 @@ impl Audited {
     /// Write the line, waiting for queue space (backpressure). The context stays in the guard
     /// until a slot is reserved, so if this future is dropped while waiting, `Drop` still writes it.
     pub async fn finish(mut self) {
-        let waiting = std::time::Instant::now();
-        let permit = self.rec.sink.reserve().await;
-        self.rec.metrics.audit_waited(waiting.elapsed());
+        let sink = self.rec.sink.clone();
+        // Only a reservation that had to wait counts as audit wait (the writer fell behind).
+        let permit = match sink.try_reserve() {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                let waiting = std::time::Instant::now();
+                let p = sink.reserve().await;
+                self.rec.metrics.audit_waited(waiting.elapsed());
+                p
+            }
+        };
         if let Some(mut ctx) = self.ctx.take() {
             ctx.apply_cut();
             record(&ctx, &self.rec.metrics);
