@@ -99,6 +99,17 @@ impl Token {
         })
     }
 
+    /// A token whose file could not be read at load: it matches nothing until the file appears
+    /// (picked up by [`Token::refresh`]). Starting revoked keeps a gateway whose Secret key was
+    /// removed running for every other agent.
+    pub fn revoked(path: &Path) -> Self {
+        Token {
+            path: path.to_owned(),
+            secret: ArcSwap::from_pointee(Vec::new()),
+            misses: AtomicU32::new(REVOKE_AFTER_MISSES),
+        }
+    }
+
     /// The file the token comes from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -73,8 +73,15 @@ enum Command {
         /// The cloud metadata endpoint.
         #[arg(long, default_value = "169.254.169.254:80")]
         metadata: std::net::SocketAddr,
-        /// Time bound per check.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        /// The agent name for a token class (with --proxy-token-file).
+        #[arg(long, requires = "proxy_token_file")]
+        proxy_user: Option<String>,
+        /// A file holding the agent's proxy token (the mounted Secret), so it never appears on
+        /// the command line.
+        #[arg(long, requires = "proxy_user")]
+        proxy_token_file: Option<PathBuf>,
+        /// Time bound per check (longer than the gateway's upstream connect timeout).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Propose allow rules that admit the would_deny requests of an audit log (report mode).
@@ -103,11 +110,24 @@ fn main() -> ExitCode {
         direct,
         dns_server,
         metadata,
+        proxy_user,
+        proxy_token_file,
         timeout,
     }) = cli.command
     {
+        let credentials = match (proxy_user, proxy_token_file) {
+            (Some(user), Some(file)) => match std::fs::read_to_string(&file) {
+                Ok(token) => Some(format!("{user}:{}", token.trim())),
+                Err(e) => {
+                    eprintln!("chokepoint probe: {}: {e}", file.display());
+                    return ExitCode::from(EX_CONFIG);
+                }
+            },
+            _ => None,
+        };
         let p = chokepoint::probe::Probe {
             proxy,
+            credentials,
             allowed_url,
             denied_url,
             direct,

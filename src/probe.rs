@@ -21,6 +21,9 @@ use crate::target::Kind;
 pub struct Probe {
     /// The gateway: `http://[user:token@]host:port`.
     pub proxy: String,
+    /// Proxy credentials `agent:token` (from `--proxy-user` and `--proxy-token-file`); take
+    /// precedence over userinfo in `proxy`.
+    pub credentials: Option<String>,
     /// A URL the agent's policy allows.
     pub allowed_url: String,
     /// A URL the agent's policy does not allow.
@@ -136,10 +139,13 @@ async fn via_gateway(name: &'static str, p: &Probe, url: &str, want_allowed: boo
         Ok(t) => t,
         Err(e) => return fail(e.to_string()),
     };
-    let (proxy_addr, auth) = match parse_proxy(&p.proxy) {
+    let (proxy_addr, mut auth) = match parse_proxy(&p.proxy) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
+    if let Some(c) = &p.credentials {
+        auth = basic_header(c);
+    }
     let request = match kind {
         Kind::Connect => format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n"),
         Kind::Http => {
@@ -210,13 +216,15 @@ fn parse_proxy(url: &str) -> Result<(String, String), String> {
     if !hostport.contains(':') {
         return Err(format!("--proxy {shown}: needs a port"));
     }
-    let auth = creds.map_or(String::new(), |c| {
-        format!(
-            "Proxy-Authorization: Basic {}\r\n",
-            base64::engine::general_purpose::STANDARD.encode(c)
-        )
-    });
+    let auth = creds.map_or(String::new(), basic_header);
     Ok((hostport.to_owned(), auth))
+}
+
+fn basic_header(credentials: &str) -> String {
+    format!(
+        "Proxy-Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
 }
 
 /// The proxy URL with any token replaced, for messages.

@@ -815,3 +815,60 @@ allow = [\"registry.test:{port}\"]
     );
     assert!(registry.seen.try_recv().is_err());
 }
+
+#[test]
+fn a_token_file_absent_at_start_is_revoked_until_it_appears() {
+    const TOKEN_LATER: &str = "late-token-Pq8sT3vW";
+    let (origin, proxy, _dir, token_path) = token_setup("placeholder");
+    drop(proxy);
+    // Restart with the file gone: the gateway starts (a warning, not a broken config)...
+    std::fs::remove_file(&token_path).unwrap();
+    let port = origin.addr.port();
+    let proxy = Proxy::start(&identity_config(
+        &hosts(&[("origin.test", "127.0.0.1")]),
+        "\"127.0.0.1/32\"",
+        &format!(
+            "
+[[agents]]
+name = \"coder\"
+token_file = {}
+policy = \"coding\"
+
+[policies.coding]
+allow = [\"origin.test:{port}\"]
+",
+            toml_path(&token_path)
+        ),
+    ));
+    let url = format!("http://origin.test:{port}/late");
+    let creds = format!("coder:{TOKEN_LATER}");
+    // ...the agent cannot authenticate, not even with an empty token...
+    check_refusal(
+        &get(&proxy, "127.0.0.1", &url, &["--proxy-user", "coder:"]),
+        407,
+        "auth_failed",
+    );
+    proxy.audit();
+    check_refusal(
+        &get(&proxy, "127.0.0.1", &url, &["--proxy-user", &creds]),
+        407,
+        "auth_failed",
+    );
+    proxy.audit();
+    // ...until the Secret is mounted.
+    write_token(&token_path, TOKEN_LATER);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&proxy, "127.0.0.1", &url, &["--proxy-user", &creds]);
+        let a = proxy.audit();
+        if r.status == 200 {
+            assert_eq!(a.agent.as_deref(), Some("coder"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the token was not picked up: {r:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}

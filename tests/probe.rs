@@ -21,7 +21,7 @@ fn closed_tcp_port() -> u16 {
 fn probe(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
         .arg("probe")
-        .args(["--timeout", "2s"])
+        .args(["--timeout", "3s"])
         .args(args)
         .output()
         .unwrap();
@@ -131,4 +131,61 @@ fn holes_in_the_lock_down_fail_the_probe() {
     }
     assert!(out.contains("PASS gateway-allowed"), "{out}");
     assert!(out.ends_with("1 of 5 checks passed\n"), "{out}");
+}
+
+#[test]
+fn token_classes_probe_with_a_token_file() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-probe-token\n").unwrap();
+    let proxy = Proxy::start(
+        &config(
+            "\"allowed.test\" = [\"127.0.0.1\"]",
+            &[format!("allowed.test:{port}")],
+            "",
+        )
+        .replace(
+            "[[agents]]\nname = \"tester\"\nsource_cidrs = [\"127.0.0.0/8\"]",
+            &format!(
+                "[[agents]]\nname = \"coder\"\ntoken_file = \"{}\"",
+                token.display()
+            ),
+        ),
+    );
+    let closed = closed_tcp_port();
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let args = |with_token: bool| {
+        let mut a = vec![
+            "--proxy".to_string(),
+            proxy.url(),
+            "--allowed-url".into(),
+            format!("https://allowed.test:{port}/"),
+            "--denied-url".into(),
+            format!("http://denied.test:{port}/"),
+            "--direct".into(),
+            format!("127.0.0.1:{closed}"),
+            "--dns-server".into(),
+            silent.local_addr().unwrap().to_string(),
+            "--metadata".into(),
+            format!("127.0.0.1:{closed}"),
+        ];
+        if with_token {
+            a.extend([
+                "--proxy-user".into(),
+                "coder".into(),
+                "--proxy-token-file".into(),
+                token.display().to_string(),
+            ]);
+        }
+        a
+    };
+    let (code, out) = probe(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("s3cret"), "{out}");
+    // Without the token the gateway answers 407 to both: the allowed check fails.
+    let (code, out) = probe(&args(false).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL gateway-allowed"), "{out}");
 }

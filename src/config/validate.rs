@@ -569,9 +569,16 @@ impl Validator<'_> {
         };
         match Token::load(&path) {
             Ok(t) => Some(Arc::new(t)),
+            // A missing or empty file is a revoked (or not yet mounted) token, not a broken
+            // config: the agent cannot authenticate until the file appears; everyone else is
+            // served. Loud, but not fatal.
             Err(e) => {
-                self.issue(file, key, e.to_string());
-                None
+                self.warn(
+                    file.span().start,
+                    key,
+                    format!("{e}; the agent cannot authenticate until the file holds a token"),
+                );
+                Some(Arc::new(Token::revoked(&path)))
             }
         }
     }
