@@ -1,0 +1,1456 @@
+//! Question: what does the gateway cost as a real process under load — CPU per forwarded request,
+//! per request inside a tunnel, per new tunnel, per GiB tunnelled, memory per idle tunnel — and how
+//! close does it get to the same load sent straight to the origin? These are the issue-6 targets.
+//!
+//! The release binary runs with a generated config as in production: audit on (stdout to a file),
+//! one agent whose policy has 1,000 allow rules, limits too high to interfere. The origin and the
+//! load client are in this process, written on raw tokio sockets (HTTP/1.1, `Content-Length`
+//! bodies only). With 2+ cores the proxy is pinned to CPU 0 and this process to CPU 1.
+//!
+//! Every byte stays on 127.0.0.0/8: the origin binds 127.0.0.1, `origin.test` is a static host,
+//! and the proxy's nameserver is 127.0.0.1:9 (never asked). Every loop is bounded by a deadline or
+//! a count, every socket operation by a timeout.
+//!
+//! Run: `LOAD_SECS=5 cargo bench --bench load`. Environment:
+//! `LOAD_SECS` (measured seconds per scenario, default 5), `LOAD_WARM_SECS` (warm-up, default 1),
+//! `LOAD_IDLE_TUNNELS` (scenario e, default 9000), `LOAD_SCENARIOS` (e.g. `a,b`; default all),
+//! `LOAD_PERF_DIR` (record a `perf` profile of the proxy over each measured window there, as
+//! `a.data`, `b.data`, `c.data`, `d-down.data`, `d-up.data`, `d3.data`; such a run's figures
+//! are perturbed by perf).
+
+#![allow(missing_docs, clippy::expect_used)]
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent connections of the closed-loop scenarios (a, b, c).
+const CONNS: usize = 64;
+/// The name the proxy resolves (statically) to the origin.
+const HOST: &str = "origin.test";
+/// The origin's answer to every request that is not `/bulk/N`: 100 bytes of body.
+const SMALL_RESPONSE: &[u8] = concat!(
+    "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+    "0123456789012345678901234567890123456789012345678901234567890123456789",
+    "012345678901234567890123456789"
+)
+.as_bytes();
+const GIB: u64 = 1 << 30;
+/// Bytes moved before each bulk measurement, so the connection's buffers have grown.
+const BULK_WARM: u64 = 64 << 20;
+/// Read and write size of bulk transfers (and the largest buffer any `Wire` grows to).
+const BULK_CHUNK: usize = 256 * 1024;
+/// Initial read buffer of a connection; enough for any head this bench sees.
+const SMALL_BUF: usize = 4 * 1024;
+/// Bound on one exchange (connect, CONNECT, request and small response).
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one 1 GiB transfer.
+const BULK_TIMEOUT: Duration = Duration::from_secs(300);
+/// An origin connection that sends no request for this long is closed.
+const ORIGIN_IDLE: Duration = Duration::from_secs(120);
+/// How long the proxy may take to say where it listens, or to exit after SIGTERM.
+const PROCESS_WAIT: Duration = Duration::from_secs(20);
+/// Latency samples kept over all connections of one run (u32 µs each: 32 MiB).
+const MAX_SAMPLES: usize = 8 << 20;
+/// A bound on exchanges per worker and per origin connection, besides the deadline.
+const MAX_EXCHANGES: u64 = 100_000_000;
+/// File descriptors kept free for everything but the idle tunnels of scenario e.
+const SPARE_FDS: u64 = 256;
+/// Allow rules besides `origin.test:PORT`.
+const FILLER_RULES: usize = 999;
+
+static ZEROS: [u8; BULK_CHUNK] = [0; BULK_CHUNK];
+
+fn main() {
+    let mut notes = Vec::new();
+    let pinned = pin_self(&mut notes);
+    let nofile = raise_nofile(&mut notes);
+    let settings = Settings::from_env(pinned, nofile, &mut notes);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime");
+    let report = rt.block_on(run(&settings));
+    report.print(&settings, &notes);
+}
+
+/// What the environment asks for, after what the machine allows.
+struct Settings {
+    secs: Duration,
+    warm: Duration,
+    idle_tunnels: usize,
+    scenarios: String,
+    perf_dir: Option<PathBuf>,
+    pinned: bool,
+    clk_tck: f64,
+}
+
+impl Settings {
+    fn from_env(pinned: bool, nofile: u64, notes: &mut Vec<String>) -> Settings {
+        // A window shorter than this measures nothing worth a number.
+        let secs = env_number("LOAD_SECS", 5.0).max(0.1);
+        let warm = env_number("LOAD_WARM_SECS", 1.0);
+        let wanted = env_number("LOAD_IDLE_TUNNELS", 9000.0) as usize;
+        // Each idle tunnel costs two descriptors here (client side, origin side) and two in the
+        // proxy, which inherits this process's limit.
+        let fit = usize::try_from(nofile.saturating_sub(SPARE_FDS) / 2).unwrap_or(usize::MAX);
+        let idle_tunnels = if wanted > fit {
+            notes.push(format!(
+                "scenario e: {wanted} idle tunnels need {} open files but the limit is {nofile}: \
+                 lowered to {fit}",
+                2 * wanted as u64 + SPARE_FDS
+            ));
+            fit
+        } else {
+            wanted
+        };
+        Settings {
+            secs: Duration::from_secs_f64(secs),
+            warm: Duration::from_secs_f64(warm),
+            idle_tunnels,
+            scenarios: std::env::var("LOAD_SCENARIOS").unwrap_or_else(|_| "abcde".into()),
+            perf_dir: std::env::var_os("LOAD_PERF_DIR").map(PathBuf::from),
+            pinned,
+            clk_tck: clk_tck(),
+        }
+    }
+
+    fn wants(&self, scenario: char) -> bool {
+        self.scenarios.contains(scenario)
+    }
+}
+
+fn env_number(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+            .unwrap_or_else(|| panic!("{name}={v}: expected a non-negative number")),
+        Err(_) => default,
+    }
+}
+
+// === the machine: pinning, open-file limit, /proc ===
+
+/// Pin this process (load client and origin) to CPU 1; the proxy goes on CPU 0. Runs before any
+/// thread exists, so every thread inherits the mask.
+fn pin_self(notes: &mut Vec<String>) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        notes.push(format!("{cores} core available: not pinned"));
+        return false;
+    }
+    let pid = std::process::id().to_string();
+    let status = Command::new("taskset")
+        .args(["-cp", "1", &pid])
+        .stdout(Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => {
+            notes.push("pinned: proxy on CPU 0, load client and origin on CPU 1".into());
+            true
+        }
+        Ok(s) => {
+            notes.push(format!("taskset failed ({s}): not pinned"));
+            false
+        }
+        Err(e) => {
+            notes.push(format!("taskset is not installed ({e}): not pinned"));
+            false
+        }
+    }
+}
+
+/// Raise the soft open-file limit to the hard one (children inherit it); returns the soft limit.
+fn raise_nofile(notes: &mut Vec<String>) -> u64 {
+    let Some((soft, hard)) = nofile_limits() else {
+        notes.push("cannot read the open-file limit; assuming 1024".into());
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    let pid = std::process::id().to_string();
+    let raised = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    let now = nofile_limits().map_or(soft, |(s, _)| s);
+    if !raised || now < hard {
+        notes.push(format!(
+            "could not raise the open-file limit from {soft} to {hard} (prlimit)"
+        ));
+    }
+    now
+}
+
+/// (soft, hard) of `Max open files` in /proc/self/limits.
+fn nofile_limits() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next()?.parse().ok()?;
+    let hard = fields.next()?.parse().ok()?;
+    Some((soft, hard))
+}
+
+/// Clock ticks per second of /proc/PID/stat.
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process (all threads), in clock ticks. `pid` may be "self".
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn installed(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+}
+
+// === one HTTP/1.1 connection, either side ===
+
+/// What the bench needs from a request or response head.
+#[derive(Debug, Default)]
+struct Head {
+    /// Status code of a response; 0 for a request.
+    status: u16,
+    /// For a request to `/bulk/N`: N, the size of the body asked for.
+    bulk: Option<u64>,
+    content_length: Option<u64>,
+}
+
+/// A TCP stream with a read buffer holding `buf[start..end]`.
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Wire {
+    fn new(stream: TcpStream, capacity: usize) -> Wire {
+        // Requests and responses go out in one write each; Nagle would only add delay.
+        let _ = stream.set_nodelay(true);
+        Wire {
+            stream,
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    async fn connect(addr: SocketAddr, capacity: usize) -> io::Result<Wire> {
+        Ok(Wire::new(TcpStream::connect(addr).await?, capacity))
+    }
+
+    /// Read one head; `None` if the peer closed before sending a byte of it.
+    async fn read_head(&mut self) -> io::Result<Option<Head>> {
+        let mut scanned = self.start;
+        // Each pass reads at least one byte or returns; the buffer bounds the head.
+        loop {
+            let from = scanned.saturating_sub(3).max(self.start);
+            if let Some(at) = find_blank_line(&self.buf[from..self.end]) {
+                let head_end = from + at + 4;
+                let head = parse_head(&self.buf[self.start..head_end])?;
+                self.start = head_end;
+                return Ok(Some(head));
+            }
+            scanned = self.end;
+            if self.end == self.buf.len() {
+                if self.start == 0 {
+                    return Err(invalid("head larger than the read buffer"));
+                }
+                self.buf.copy_within(self.start..self.end, 0);
+                scanned -= self.start;
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return if self.start == self.end {
+                    Ok(None)
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                };
+            }
+            self.end += n;
+        }
+    }
+
+    /// Read and drop `n` body bytes (buffered ones first). Any bytes read past them stay buffered.
+    async fn discard(&mut self, n: u64) -> io::Result<()> {
+        let buffered = (self.end - self.start) as u64;
+        let take = n.min(buffered);
+        self.start += take as usize;
+        let mut left = n - take;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if left > BULK_CHUNK as u64 && self.buf.len() < BULK_CHUNK {
+            self.buf.resize(BULK_CHUNK, 0);
+        }
+        // The buffer is empty whenever this loop reads; each pass consumes at least one byte.
+        while left > 0 {
+            let got = self.stream.read(&mut self.buf[..]).await?;
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if got as u64 > left {
+                self.start = left as usize;
+                self.end = got;
+                left = 0;
+            } else {
+                left -= got as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `request`, read a `200` head and drop its body (a CONNECT answer has none).
+    async fn exchange(&mut self, request: &[u8]) -> io::Result<Head> {
+        self.stream.write_all(request).await?;
+        self.read_response().await
+    }
+
+    /// Send a head announcing `n` body bytes, then `n` zero bytes; read the `200` answer.
+    async fn upload(&mut self, head: &[u8], n: u64) -> io::Result<Head> {
+        self.stream.write_all(head).await?;
+        write_zeros(&mut self.stream, n).await?;
+        self.read_response().await
+    }
+
+    async fn read_response(&mut self) -> io::Result<Head> {
+        let head = self
+            .read_head()
+            .await?
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        if head.status != 200 {
+            return Err(io::Error::other(format!("status {}", head.status)));
+        }
+        self.discard(head.content_length.unwrap_or(0)).await?;
+        Ok(head)
+    }
+}
+
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+fn parse_head(bytes: &[u8]) -> io::Result<Head> {
+    let text = std::str::from_utf8(bytes).map_err(|_| invalid("head is not UTF-8"))?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let (word, second) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let mut head = Head::default();
+    if word.starts_with("HTTP/1.") {
+        head.status = second.parse().map_err(|_| invalid("bad status code"))?;
+    } else {
+        head.bulk = second
+            .split_once("/bulk/")
+            .and_then(|(_, n)| n.parse().ok());
+    }
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = value.trim().parse().map_err(|_| invalid("bad length"))?;
+            head.content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(invalid(
+                "transfer-encoding: this bench reads Content-Length bodies only",
+            ));
+        }
+    }
+    Ok(head)
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+async fn write_zeros(stream: &mut TcpStream, n: u64) -> io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(BULK_CHUNK as u64) as usize;
+        stream.write_all(&ZEROS[..k]).await?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// `f`, failing with `TimedOut` after `limit`.
+async fn within<T>(limit: Duration, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+// === requests ===
+
+fn get_absolute(port: u16, path: &str) -> Vec<u8> {
+    format!("GET http://{HOST}:{port}{path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").into_bytes()
+}
+
+fn get_origin_form(port: u16, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").into_bytes()
+}
+
+fn connect_request(port: u16) -> Vec<u8> {
+    format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").into_bytes()
+}
+
+fn post_head(port: u16, len: u64) -> Vec<u8> {
+    format!("POST /sink HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Length: {len}\r\n\r\n")
+        .into_bytes()
+}
+
+// === the origin ===
+
+/// A keep-alive HTTP/1.1 origin on 127.0.0.1: `GET /bulk/N` gets N zero bytes, anything else
+/// 100 bytes; a request body is read and dropped first.
+struct Origin {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Origin {
+    async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the origin on 127.0.0.1");
+        let addr = listener.local_addr().expect("origin address");
+        let stop = CancellationToken::new();
+        tokio::spawn(origin_accept(listener, stop.clone()));
+        Origin { addr, stop }
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Accept until `stop`.
+async fn origin_accept(listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(origin_serve(Wire::new(stream, SMALL_BUF), stop.clone()));
+            }
+            // Out of descriptors, most likely: the load side sees the failures.
+            Err(_) => sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn origin_serve(mut wire: Wire, stop: CancellationToken) {
+    for _ in 0..MAX_EXCHANGES {
+        let head = tokio::select! {
+            () = stop.cancelled() => return,
+            r = timeout(ORIGIN_IDLE, wire.read_head()) => match r {
+                Ok(Ok(Some(head))) => head,
+                _ => return,
+            },
+        };
+        if within(BULK_TIMEOUT, origin_answer(&mut wire, &head))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn origin_answer(wire: &mut Wire, head: &Head) -> io::Result<()> {
+    wire.discard(head.content_length.unwrap_or(0)).await?;
+    match head.bulk {
+        Some(n) => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            wire.stream.write_all(head.as_bytes()).await?;
+            write_zeros(&mut wire.stream, n).await
+        }
+        None => wire.stream.write_all(SMALL_RESPONSE).await,
+    }
+}
+
+// === the proxy process ===
+
+/// A running `chokepoint` (release build) with audit lines going to a file.
+struct Proxy {
+    child: Option<Child>,
+    pid: u32,
+    addr: SocketAddr,
+    audit: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The audit log a proxy left.
+struct AuditLog {
+    bytes: u64,
+    lines: u64,
+}
+
+impl Proxy {
+    fn start(origin_port: u16, pinned: bool) -> Proxy {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let config = dir.path().join("chokepoint.toml");
+        std::fs::write(&config, config_toml(origin_port)).expect("write the proxy config");
+        let audit = dir.path().join("audit.jsonl");
+        let audit_out = File::create(&audit).expect("create the audit file");
+        let bin = env!("CARGO_BIN_EXE_chokepoint");
+        let mut cmd = if pinned {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", bin]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config)
+            .env("CHOKEPOINT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(audit_out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chokepoint");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let addr = listen_addr(stderr)
+            .recv_timeout(PROCESS_WAIT)
+            .expect("chokepoint did not report its listen address");
+        Proxy {
+            pid: child.id(),
+            child: Some(child),
+            addr,
+            audit,
+            _dir: dir,
+        }
+    }
+
+    fn cpu_ticks(&self) -> Option<u64> {
+        cpu_ticks(&self.pid.to_string())
+    }
+
+    /// SIGTERM, wait (bounded) for the audit log to be flushed, and measure it. The wait is
+    /// async so the origin keeps serving: tunnels end only once it has seen their close.
+    async fn stop(mut self) -> AuditLog {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
+            let deadline = Instant::now() + PROCESS_WAIT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        AuditLog::read(&self.audit)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Drain the proxy's stderr on a thread (until it exits); the first `listen=ADDR` is sent back.
+/// Warnings and errors are echoed.
+fn listen_addr(stderr: ChildStderr) -> mpsc::Receiver<SocketAddr> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("[chokepoint] {line}");
+            }
+            let addr = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            if let Some(addr) = addr {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    rx
+}
+
+/// Production-like: audit on, one agent with 1,000 allow rules (999 fillers, exact and
+/// wildcard, plus the origin), limits that never bind.
+fn config_toml(origin_port: u16) -> String {
+    let mut rules: Vec<String> = (0..FILLER_RULES)
+        .map(|i| {
+            if i % 10 == 0 {
+                format!("\"*.zone{i}.filler.test\"")
+            } else {
+                format!("\"api{i}.svc{}.filler.test:443\"", i % 37)
+            }
+        })
+        .collect();
+    rules.push(format!("\"{HOST}:{origin_port}\""));
+    let big = GIB * 1024;
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+max_connections = 100000
+
+[timeouts]
+request_header = "10s"
+connect = "5s"
+dns = "5s"
+idle = "300s"
+shutdown_grace = "1s"
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+hosts = {{ "{HOST}" = ["127.0.0.1"] }}
+
+[destinations]
+allow_cidrs = ["127.0.0.1/32"]
+
+[limits]
+max_request_body_bytes = {big}
+max_tunnel_upload_bytes = {big}
+max_response_body_bytes = {big}
+requests_per_second = 1000000.0
+burst = 1000000
+max_concurrent = 100000
+
+[[agents]]
+name = "bench"
+source_cidrs = ["127.0.0.0/8"]
+policy = "bench"
+
+[policies.bench]
+allow = [
+  {rules}
+]
+"#,
+        rules = rules.join(",\n  ")
+    )
+}
+
+// === AuditLog ===
+
+impl AuditLog {
+    fn read(path: &Path) -> AuditLog {
+        let mut log = AuditLog { bytes: 0, lines: 0 };
+        let Ok(mut file) = File::open(path) else {
+            return log;
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        // Bounded by the file's size: each pass reads at least one byte or stops.
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            log.bytes += n as u64;
+            log.lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        log
+    }
+
+    fn note(&self, scenario: &str) -> String {
+        format!(
+            "audit log of {scenario} (warm-up included): {:.1} MB, {} lines, {} B/line",
+            self.bytes as f64 / 1e6,
+            self.lines,
+            self.bytes.checked_div(self.lines).unwrap_or(0),
+        )
+    }
+}
+
+// === CPU accounting ===
+
+/// CPU time of the proxy, of this process and of the whole machine at one instant.
+#[derive(Clone, Copy)]
+struct Usage {
+    at: Instant,
+    proxy: Option<u64>,
+    own: Option<u64>,
+    machine: Option<u64>,
+}
+
+/// CPU seconds over a window, and its length.
+#[derive(Clone, Copy, Default)]
+struct Spent {
+    wall: f64,
+    proxy: Option<f64>,
+    own: Option<f64>,
+    /// Busy CPU time of everything else on the machine: a noisy neighbour shows up here.
+    others: Option<f64>,
+}
+
+impl Usage {
+    fn now(proxy: Option<&Proxy>) -> Usage {
+        Usage {
+            at: Instant::now(),
+            proxy: proxy.and_then(Proxy::cpu_ticks),
+            own: cpu_ticks("self"),
+            machine: machine_busy_ticks(),
+        }
+    }
+
+    fn until(self, later: Usage, clk_tck: f64) -> Spent {
+        let diff = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / clk_tck);
+        let proxy = diff(self.proxy, later.proxy);
+        let own = diff(self.own, later.own);
+        let machine = diff(self.machine, later.machine);
+        Spent {
+            wall: (later.at - self.at).as_secs_f64(),
+            proxy,
+            own,
+            others: machine.map(|m| (m - proxy.unwrap_or(0.0) - own.unwrap_or(0.0)).max(0.0)),
+        }
+    }
+}
+
+/// Busy ticks of all CPUs (the `cpu` line of /proc/stat without idle and iowait).
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4);
+    Some(busy.map(|(_, t)| t).sum())
+}
+
+// === closed-loop load (a, b, c) ===
+
+/// What each client connection does.
+#[derive(Clone)]
+struct Script {
+    /// Sent once on each new connection (a CONNECT), if any.
+    preface: Option<Arc<[u8]>>,
+    /// One exchange.
+    request: Arc<[u8]>,
+    /// A new connection (and preface) for every exchange, timed with it.
+    reconnect: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+/// One worker's share.
+#[derive(Default)]
+struct Outcome {
+    done: u64,
+    samples: Vec<u32>,
+    first_error: Option<String>,
+    errors: u64,
+}
+
+/// A closed-loop run: exchanges completed in the window, their sorted latencies, CPU spent.
+struct Closed {
+    ops: u64,
+    samples: Vec<u32>,
+    spent: Spent,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Closed {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.spent.wall
+    }
+
+    fn percentile(&self, p: f64) -> String {
+        if self.samples.is_empty() {
+            return "-".into();
+        }
+        let rank = ((p * self.samples.len() as f64).ceil() as usize).clamp(1, self.samples.len());
+        format!("{} µs", self.samples[rank - 1])
+    }
+
+    /// Proxy CPU µs per exchange.
+    fn cpu_per_op(&self) -> Option<f64> {
+        Some(self.spent.proxy? * 1e6 / self.ops.max(1) as f64)
+    }
+}
+
+/// `CONNS` connections to `addr` running `script` back to back: warm-up, then the measured window.
+async fn closed_loop(
+    addr: SocketAddr,
+    script: &Script,
+    s: &Settings,
+    proxy: Option<&Proxy>,
+    name: &str,
+) -> Closed {
+    let now = Instant::now();
+    let window = Window {
+        start: now + s.warm,
+        end: now + s.warm + s.secs,
+    };
+    let cap = MAX_SAMPLES / CONNS;
+    let workers: Vec<_> = (0..CONNS)
+        .map(|_| tokio::spawn(worker(addr, script.clone(), window, cap)))
+        .collect();
+    sleep_until(window.start).await;
+    let perf = start_perf(s, proxy, name);
+    let before = Usage::now(proxy);
+    sleep_until(window.end).await;
+    let spent = before.until(Usage::now(proxy), s.clk_tck);
+    stop_perf(perf).await;
+    let mut out = Closed {
+        ops: 0,
+        samples: Vec::new(),
+        spent,
+        errors: 0,
+        first_error: None,
+    };
+    for w in workers {
+        let abort = w.abort_handle();
+        let r = match timeout(IO_TIMEOUT * 2, w).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Outcome::failed(format!("worker panicked: {e}")),
+            Err(_) => {
+                abort.abort();
+                Outcome::failed("worker did not stop".into())
+            }
+        };
+        out.ops += r.done;
+        out.samples.extend_from_slice(&r.samples);
+        out.errors += r.errors;
+        out.first_error = out.first_error.or(r.first_error);
+    }
+    out.samples.sort_unstable();
+    out
+}
+
+impl Outcome {
+    fn failed(why: String) -> Outcome {
+        Outcome {
+            errors: 1,
+            first_error: Some(why),
+            ..Outcome::default()
+        }
+    }
+}
+
+async fn worker(addr: SocketAddr, script: Script, window: Window, cap: usize) -> Outcome {
+    let mut out = Outcome {
+        samples: Vec::with_capacity(cap),
+        ..Outcome::default()
+    };
+    if let Err(e) = drive(addr, &script, window, &mut out).await {
+        out.errors += 1;
+        out.first_error = Some(e.to_string());
+    }
+    out
+}
+
+/// Exchanges until the window ends; those finishing inside it are counted and timed.
+async fn drive(
+    addr: SocketAddr,
+    script: &Script,
+    window: Window,
+    out: &mut Outcome,
+) -> io::Result<()> {
+    let mut kept: Option<Wire> = None;
+    for _ in 0..MAX_EXCHANGES {
+        let begun = Instant::now();
+        if begun >= window.end {
+            break;
+        }
+        let mut wire = match kept.take() {
+            Some(w) => w,
+            None => open(addr, script.preface.as_deref()).await?,
+        };
+        within(IO_TIMEOUT, wire.exchange(&script.request)).await?;
+        let done = Instant::now();
+        if !script.reconnect {
+            kept = Some(wire);
+        }
+        if done >= window.start && done < window.end {
+            out.done += 1;
+            if out.samples.len() < out.samples.capacity() {
+                let us = (done - begun).as_micros();
+                out.samples.push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A new connection to `addr`, with the CONNECT `preface` answered if there is one.
+async fn open(addr: SocketAddr, preface: Option<&[u8]>) -> io::Result<Wire> {
+    within(IO_TIMEOUT, async {
+        let mut wire = Wire::connect(addr, SMALL_BUF).await?;
+        if let Some(p) = preface {
+            wire.exchange(p).await?;
+        }
+        Ok(wire)
+    })
+    .await
+}
+
+/// `perf record` of the proxy into `LOAD_PERF_DIR/NAME.data` until [`stop_perf`], when asked
+/// for (software clock, so it works in VMs without hardware counters).
+fn start_perf(s: &Settings, proxy: Option<&Proxy>, name: &str) -> Option<Child> {
+    let (dir, proxy) = (s.perf_dir.as_ref()?, proxy?);
+    let out = dir.join(format!("{name}.data"));
+    let args = [
+        "record",
+        "-e",
+        "cpu-clock",
+        "-F",
+        "999",
+        "--call-graph",
+        "dwarf",
+    ];
+    Command::new("perf")
+        .args(args)
+        .args(["-p", &proxy.pid.to_string(), "-o"])
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("perf did not start: {e}"))
+        .ok()
+}
+
+/// Stop a `perf record` (SIGINT makes it write its file) and wait for it, bounded; the wait is
+/// async so the load winds down meanwhile.
+async fn stop_perf(perf: Option<Child>) {
+    let Some(mut perf) = perf else { return };
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while matches!(perf.try_wait(), Ok(None)) && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    let _ = perf.kill();
+    let _ = perf.wait();
+}
+
+// === bulk transfers (d) ===
+
+/// One timed transfer of `GIB` bytes.
+struct Transfer {
+    spent: Spent,
+}
+
+impl Transfer {
+    fn gb_per_s(&self) -> f64 {
+        GIB as f64 / self.spent.wall / 1e9
+    }
+
+    /// Proxy CPU seconds per GiB.
+    fn proxy_cpu(&self) -> Option<f64> {
+        self.spent.proxy
+    }
+}
+
+/// Time `f` and the proxy's CPU over it.
+async fn timed<T>(
+    s: &Settings,
+    proxy: Option<&Proxy>,
+    name: &str,
+    f: impl Future<Output = io::Result<T>>,
+) -> io::Result<Transfer> {
+    let perf = start_perf(s, proxy, name);
+    let before = Usage::now(proxy);
+    let done = within(BULK_TIMEOUT, f).await;
+    let spent = before.until(Usage::now(proxy), s.clk_tck);
+    stop_perf(perf).await;
+    done.map(|_| Transfer { spent })
+}
+
+/// On one connection (through a tunnel when `preface` is a CONNECT): 1 GiB down, then 1 GiB up.
+async fn down_and_up(
+    s: &Settings,
+    addr: SocketAddr,
+    preface: Option<&[u8]>,
+    port: u16,
+    proxy: Option<&Proxy>,
+) -> io::Result<(Transfer, Transfer)> {
+    let mut wire = within(IO_TIMEOUT, async {
+        let mut w = Wire::connect(addr, BULK_CHUNK).await?;
+        if let Some(p) = preface {
+            w.exchange(p).await?;
+        }
+        Ok(w)
+    })
+    .await?;
+    let warm_get = get_origin_form(port, &format!("/bulk/{BULK_WARM}"));
+    within(BULK_TIMEOUT, wire.exchange(&warm_get)).await?;
+    within(
+        BULK_TIMEOUT,
+        wire.upload(&post_head(port, BULK_WARM), BULK_WARM),
+    )
+    .await?;
+    let get = get_origin_form(port, &format!("/bulk/{GIB}"));
+    let down = timed(s, proxy, "d-down", wire.exchange(&get)).await?;
+    let up = timed(s, proxy, "d-up", wire.upload(&post_head(port, GIB), GIB)).await?;
+    Ok((down, up))
+}
+
+/// One plain-HTTP GET (`request`) on a new connection to `addr`, timed.
+async fn plain_download(
+    s: &Settings,
+    addr: SocketAddr,
+    request: &[u8],
+    proxy: Option<&Proxy>,
+) -> io::Result<Transfer> {
+    let mut wire = within(IO_TIMEOUT, Wire::connect(addr, BULK_CHUNK)).await?;
+    timed(s, proxy, "d3", wire.exchange(request)).await
+}
+
+// === the report ===
+
+/// One line of the results table; every cell already formatted.
+struct Row {
+    name: String,
+    cells: [String; 9],
+}
+
+/// An issue-6 target next to what was measured.
+struct Check {
+    target: String,
+    measured: String,
+    met: bool,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    checks: Vec<Check>,
+    notes: Vec<String>,
+}
+
+const COLUMNS: [&str; 10] = [
+    "scenario",
+    "throughput",
+    "no-proxy",
+    "ratio",
+    "p50",
+    "p99",
+    "p99.9",
+    "proxy CPU/op",
+    "proxy core",
+    "client core",
+];
+
+fn pct(busy: Option<f64>, wall: f64) -> String {
+    busy.map_or("-".into(), |b| format!("{:.0}%", 100.0 * b / wall))
+}
+
+impl Report {
+    fn closed(&mut self, name: &str, unit: &str, via: &Closed, direct: &Closed) {
+        let ratio = via.rate() / direct.rate();
+        self.rows.push(Row {
+            name: name.into(),
+            cells: [
+                format!("{:.0} {unit}", via.rate()),
+                format!("{:.0} {unit}", direct.rate()),
+                format!("{ratio:.2}×"),
+                via.percentile(0.50),
+                via.percentile(0.99),
+                via.percentile(0.999),
+                via.cpu_per_op()
+                    .map_or("-".into(), |c| format!("{c:.1} µs")),
+                pct(via.spent.proxy, via.spent.wall),
+                pct(via.spent.own, via.spent.wall),
+            ],
+        });
+        self.rows.push(Row {
+            name: format!("{name}, no proxy"),
+            cells: [
+                format!("{:.0} {unit}", direct.rate()),
+                "-".into(),
+                "-".into(),
+                direct.percentile(0.50),
+                direct.percentile(0.99),
+                direct.percentile(0.999),
+                "-".into(),
+                "-".into(),
+                pct(direct.spent.own, direct.spent.wall),
+            ],
+        });
+        for (run, label) in [
+            (via, name.to_string()),
+            (direct, format!("{name}, no proxy")),
+        ] {
+            self.neighbours(&label, &run.spent);
+            if run.errors > 0 {
+                self.notes.push(format!(
+                    "{label}: {} connections failed; first: {}",
+                    run.errors,
+                    run.first_error.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+    }
+
+    fn bulk(&mut self, name: &str, via: &Transfer, direct: &Transfer) {
+        let per_gib = via
+            .proxy_cpu()
+            .map_or("-".into(), |c| format!("{c:.2} s/GiB"));
+        self.rows.push(Row {
+            name: name.into(),
+            cells: [
+                format!("{:.2} GB/s", via.gb_per_s()),
+                format!("{:.2} GB/s", direct.gb_per_s()),
+                format!("{:.2}×", via.gb_per_s() / direct.gb_per_s()),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                per_gib,
+                pct(via.spent.proxy, via.spent.wall),
+                pct(via.spent.own, via.spent.wall),
+            ],
+        });
+        self.neighbours(name, &via.spent);
+        self.neighbours(&format!("{name}, no proxy"), &direct.spent);
+    }
+
+    /// Say so when other processes took more than 5% of a core during a measurement.
+    fn neighbours(&mut self, label: &str, spent: &Spent) {
+        if let Some(others) = spent.others.filter(|o| *o > 0.05 * spent.wall) {
+            self.notes.push(format!(
+                "{label}: other processes were busy {:.0}% of a core during the window",
+                100.0 * others / spent.wall
+            ));
+        }
+    }
+
+    fn check(&mut self, target: &str, measured: String, met: bool) {
+        self.checks.push(Check {
+            target: target.into(),
+            measured,
+            met,
+        });
+    }
+
+    fn failed(&mut self, name: &str, error: &str) {
+        let mut cells: [String; 9] = Default::default();
+        cells[0] = format!("failed: {error}");
+        self.rows.push(Row {
+            name: name.into(),
+            cells,
+        });
+    }
+
+    fn print(&self, s: &Settings, notes: &[String]) {
+        println!();
+        println!(
+            "chokepoint load bench: {} s measured per scenario after {} s warm-up, {CONNS} \
+             connections, audit on, {} allow rules",
+            s.secs.as_secs_f64(),
+            s.warm.as_secs_f64(),
+            FILLER_RULES + 1
+        );
+        println!();
+        let mut table: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.to_string()).collect()];
+        for r in &self.rows {
+            let mut line = vec![r.name.clone()];
+            line.extend(r.cells.iter().cloned());
+            table.push(line);
+        }
+        print_markdown(&table);
+        if !self.checks.is_empty() {
+            println!();
+            let mut checks = vec![vec![
+                "issue-6 target".into(),
+                "measured".into(),
+                "met".into(),
+            ]];
+            for c in &self.checks {
+                let met = if c.met { "yes" } else { "NO" };
+                checks.push(vec![c.target.clone(), c.measured.clone(), met.into()]);
+            }
+            print_markdown(&checks);
+        }
+        println!();
+        for n in notes.iter().chain(&self.notes) {
+            println!("- {n}");
+        }
+    }
+}
+
+fn print_markdown(table: &[Vec<String>]) {
+    let columns = table.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (n, row) in table.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("| {} |", rule.join(" | "));
+        }
+    }
+}
+
+// === the scenarios ===
+
+async fn run(s: &Settings) -> Report {
+    let origin = Origin::start().await;
+    let mut report = Report::default();
+    if s.wants('a') {
+        plain_http(s, &origin, &mut report).await;
+    }
+    if s.wants('b') {
+        tunnelled_requests(s, &origin, &mut report).await;
+    }
+    if s.wants('c') {
+        new_tunnels(s, &origin, &mut report).await;
+    }
+    if s.wants('d') {
+        if let Err(e) = bulk(s, &origin, &mut report).await {
+            report.failed("d", &e.to_string());
+        }
+    }
+    if s.wants('e') {
+        if let Err(e) = idle_tunnels(s, &origin, &mut report).await {
+            report.failed("e", &e.to_string());
+        }
+    }
+    for (name, binary) in [("squid", "squid"), ("trafficserver", "traffic_server")] {
+        if !installed(binary) && !installed(name) {
+            report
+                .notes
+                .push(format!("{name}: not installed, no comparison"));
+        } else {
+            report.notes.push(format!(
+                "{name}: installed, but this bench does not drive it yet"
+            ));
+        }
+    }
+    report
+}
+
+/// a. Absolute-form GETs on 64 keep-alive connections, 100 B answers.
+async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
+    let port = origin.addr.port();
+    let direct = Script {
+        preface: None,
+        request: get_origin_form(port, "/").into(),
+        reconnect: false,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s.pinned);
+    let script = Script {
+        preface: None,
+        request: get_absolute(port, "/").into(),
+        reconnect: false,
+    };
+    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "a").await;
+    let audit = proxy.stop().await;
+    report.closed("a: plain HTTP, keep-alive", "req/s", &via, &direct);
+    report.notes.push(audit.note("a"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "a: ≤ 15 µs CPU/req, ≥ 0.6× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 15.0 && ratio >= 0.6,
+    );
+}
+
+/// b. 64 CONNECT tunnels, keep-alive GETs inside them.
+async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) {
+    let port = origin.addr.port();
+    let request: Arc<[u8]> = get_origin_form(port, "/").into();
+    let direct = Script {
+        preface: None,
+        request: request.clone(),
+        reconnect: false,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s.pinned);
+    let script = Script {
+        preface: Some(connect_request(port).into()),
+        request,
+        reconnect: false,
+    };
+    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "b").await;
+    let audit = proxy.stop().await;
+    report.closed("b: GETs in tunnels", "req/s", &via, &direct);
+    report.notes.push(audit.note("b"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "b: ≤ 12 µs CPU/req, ≥ 0.95× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 12.0 && ratio >= 0.95,
+    );
+}
+
+/// c. A new tunnel and one GET per exchange, 64 at a time.
+async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) {
+    let port = origin.addr.port();
+    let request: Arc<[u8]> = get_origin_form(port, "/").into();
+    let direct = Script {
+        preface: None,
+        request: request.clone(),
+        reconnect: true,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s.pinned);
+    let script = Script {
+        preface: Some(connect_request(port).into()),
+        request,
+        reconnect: true,
+    };
+    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "c").await;
+    let audit = proxy.stop().await;
+    report.closed("c: new tunnel + 1 GET", "tunnels/s", &via, &direct);
+    report.notes.push(audit.note("c"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "c: ≤ 60 µs CPU/tunnel, ≥ 0.9× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 60.0 && ratio >= 0.9,
+    );
+}
+
+/// d. One tunnel: 1 GiB down, 1 GiB up; d3: a plain-HTTP GET of 1 GiB.
+async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<()> {
+    let port = origin.addr.port();
+    let (direct_down, direct_up) = down_and_up(s, origin.addr, None, port, None).await?;
+    let proxy = Proxy::start(port, s.pinned);
+    let connect = connect_request(port);
+    let (down, up) = down_and_up(s, proxy.addr, Some(&connect), port, Some(&proxy)).await?;
+    let get = get_absolute(port, &format!("/bulk/{GIB}"));
+    let plain = plain_download(s, proxy.addr, &get, Some(&proxy)).await?;
+    let audit = proxy.stop().await;
+    report.bulk("d: tunnel, 1 GiB down", &down, &direct_down);
+    report.bulk("d: tunnel, 1 GiB up", &up, &direct_up);
+    report.bulk("d3: plain HTTP, 1 GiB down", &plain, &direct_down);
+    report.notes.push(audit.note("d"));
+    for (name, t, base) in [("down", &down, &direct_down), ("up", &up, &direct_up)] {
+        let ratio = t.gb_per_s() / base.gb_per_s();
+        let cpu = t.proxy_cpu().unwrap_or(f64::NAN);
+        report.check(
+            &format!("d {name}: ≥ 0.8× no-proxy, ≤ 0.2 s CPU/GiB"),
+            format!("{ratio:.2}×, {cpu:.2} s"),
+            ratio >= 0.8 && cpu <= 0.2,
+        );
+    }
+    let ratio = plain.gb_per_s() / direct_down.gb_per_s();
+    report.check("d3: ≥ 0.6× no-proxy", format!("{ratio:.2}×"), ratio >= 0.6);
+    Ok(())
+}
+
+/// e. Proxy memory per idle tunnel.
+async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<()> {
+    let n = s.idle_tunnels;
+    let port = origin.addr.port();
+    let connect = connect_request(port);
+    let proxy = Proxy::start(port, s.pinned);
+    // Warm-up: one batch opened and closed, so one-time allocations land in "before".
+    drop(open_tunnels(proxy.addr, &connect, CONNS).await?);
+    sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(proxy.pid).unwrap_or(0);
+    let tunnels = open_tunnels(proxy.addr, &connect, n).await?;
+    sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(proxy.pid).unwrap_or(0);
+    let open = tunnels.len();
+    drop(tunnels);
+    let audit = proxy.stop().await;
+    let per = after.saturating_sub(before) as f64 / open.max(1) as f64;
+    let mut cells: [String; 9] = Default::default();
+    cells[0] = format!("{open} idle tunnels");
+    cells[1] = format!(
+        "RSS {:.1} → {:.1} MiB",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0
+    );
+    cells[6] = format!("{per:.2} KiB/tunnel");
+    report.rows.push(Row {
+        name: "e: idle tunnels".into(),
+        cells,
+    });
+    report.notes.push(audit.note("e"));
+    report.check(
+        "e: ≤ 10 KiB per idle tunnel",
+        format!("{per:.2} KiB"),
+        per <= 10.0,
+    );
+    Ok(())
+}
+
+/// `n` tunnels through the proxy at `addr`, opened `CONNS` at a time.
+async fn open_tunnels(addr: SocketAddr, connect: &[u8], n: usize) -> io::Result<Vec<Wire>> {
+    let connect: Arc<[u8]> = connect.into();
+    let mut all = Vec::with_capacity(n);
+    // Each pass opens at least one tunnel or returns the error.
+    while all.len() < n {
+        let batch: Vec<_> = (0..(n - all.len()).min(CONNS))
+            .map(|_| {
+                let connect = connect.clone();
+                tokio::spawn(async move { open(addr, Some(&connect)).await })
+            })
+            .collect();
+        for handle in batch {
+            all.push(handle.await.map_err(io::Error::other)??);
+        }
+    }
+    Ok(all)
+}
