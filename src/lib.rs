@@ -65,7 +65,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
 
 use config::Config;
@@ -113,7 +112,7 @@ pub async fn run<W>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError>
 where
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: std::io::Write + Send + 'static,
 {
     let Listeners {
         proxy: listener,
@@ -133,7 +132,7 @@ where
         own.push(a);
     }
     let live = Arc::new(Live::new(config, own, metrics.clone())?);
-    let (sink, writer) = audit::spawn(audit_out);
+    let (sink, writer) = audit::spawn(audit_out).map_err(RunError::Audit)?;
     let shared = Arc::new(Shared::new(live.clone(), sink, metrics));
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin_task = match admin {

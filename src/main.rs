@@ -205,7 +205,7 @@ fn serve(config: Config) -> ExitCode {
         let run = chokepoint::run(
             listeners,
             config,
-            tokio::io::stdout(),
+            std::io::stdout(),
             chokepoint::shutdown::signal(),
         );
         match run.await {
