@@ -47,7 +47,7 @@ KUBE_VERSIONS=(1.30.0 1.34.0)
 
 TOOLS=${CHOKEPOINT_DEPLOY_TOOLS:-$ROOT/target/deploy-tools}
 bin_given=${CHOKEPOINT_BIN:-}
-CHOKEPOINT_BIN=${CHOKEPOINT_BIN:-target/debug/chokepoint}
+CHOKEPOINT_BIN=${CHOKEPOINT_BIN:-${CARGO_TARGET_DIR:-target}/debug/chokepoint}
 case $CHOKEPOINT_BIN in /*) ;; *) CHOKEPOINT_BIN=$ROOT/$CHOKEPOINT_BIN ;; esac
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/chokepoint-deploy-check.XXXXXX")
