@@ -405,15 +405,9 @@ allow = [\"b.test:{pb}\"]
 
 const TOKEN: &str = "tok-7Qx2vLp9-correct-horse-battery";
 
-/// A token-only agent `coder` (token in a temp dir) allowed `origin.test:PORT`.
-fn token_setup(token: &str) -> (Origin, Proxy, tempfile::TempDir, PathBuf) {
-    let origin = Origin::http();
-    let port = origin.addr.port();
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("coder.token");
-    // Surrounding whitespace is not part of the token.
-    std::fs::write(&token_path, format!("  {token}\n\n")).unwrap();
-    let proxy = Proxy::start(&identity_config(
+/// One token-only agent `coder` whose policy allows the origin on `port`.
+fn coder_config(token_path: &Path, port: u16) -> String {
+    identity_config(
         &hosts(&[("origin.test", "127.0.0.1")]),
         "\"127.0.0.1/32\"",
         &format!(
@@ -426,9 +420,20 @@ policy = \"coding\"
 [policies.coding]
 allow = [\"origin.test:{port}\"]
 ",
-            toml_path(&token_path)
+            toml_path(token_path)
         ),
-    ));
+    )
+}
+
+/// A token-only agent `coder` (token in a temp dir) allowed `origin.test:PORT`.
+fn token_setup(token: &str) -> (Origin, Proxy, tempfile::TempDir, PathBuf) {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("coder.token");
+    // Surrounding whitespace is not part of the token.
+    std::fs::write(&token_path, format!("  {token}\n\n")).unwrap();
+    let proxy = Proxy::start(&coder_config(&token_path, port));
     (origin, proxy, dir, token_path)
 }
 
@@ -824,22 +829,7 @@ fn a_token_file_absent_at_start_is_revoked_until_it_appears() {
     // Restart with the file gone: the gateway starts (a warning, not a broken config)...
     std::fs::remove_file(&token_path).unwrap();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&identity_config(
-        &hosts(&[("origin.test", "127.0.0.1")]),
-        "\"127.0.0.1/32\"",
-        &format!(
-            "
-[[agents]]
-name = \"coder\"
-token_file = {}
-policy = \"coding\"
-
-[policies.coding]
-allow = [\"origin.test:{port}\"]
-",
-            toml_path(&token_path)
-        ),
-    ));
+    let proxy = Proxy::start(&coder_config(&token_path, port));
     let url = format!("http://origin.test:{port}/late");
     let creds = format!("coder:{TOKEN_LATER}");
     // ...the agent cannot authenticate, not even with an empty token...
