@@ -240,7 +240,7 @@ impl Validator<'_> {
             return SocketAddr::new(ip, port);
         }
         let hint = if default_port.is_some() {
-            "expected an IP address or IP:port, e.g. \"10.96.0.10\" or \"[fd00::a]:53\""
+            "expected an IP address or IP:port, e.g. \"127.0.0.53\" or \"[fd00::a]:53\""
         } else {
             "expected IP:port, e.g. \"0.0.0.0:3128\" or \"[::]:3128\""
         };
