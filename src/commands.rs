@@ -47,8 +47,13 @@ pub fn explain(
                 })
             });
         match answer {
-            Ok(Ok(addrs)) => {
-                e.addresses = Some(Ok(explain::vet_each(config, policy, &addrs, e.target.port)));
+            Ok(Ok(answer)) => {
+                e.addresses = Some(Ok(explain::vet_each(
+                    config,
+                    policy,
+                    &answer.addrs,
+                    e.target.port,
+                )));
             }
             Ok(Err(deny)) => e.addresses = Some(Err(deny)),
             Err(msg) => {

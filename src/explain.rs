@@ -2,7 +2,7 @@
 //! sending anything — the decision, the rule or reason, the policy, the limits, and with
 //! `--resolve` the DNS answers and which addresses vetting keeps.
 
-use std::fmt::{self, Write};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Config;
@@ -140,9 +140,7 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
 
 fn limits_line(policy: &Policy) -> String {
     let l = &policy.limits;
-    let mut s = String::new();
-    let _ = write!(
-        s,
+    format!(
         "{} req/s, burst {}, {} concurrent; head <= {} B, body <= {} B, tunnel upload <= {} B, response <= {} B",
         l.requests_per_second,
         l.burst,
@@ -151,8 +149,7 @@ fn limits_line(policy: &Policy) -> String {
         l.max_request_body_bytes,
         l.max_tunnel_upload_bytes,
         l.max_response_body_bytes
-    );
-    s
+    )
 }
 
 // === impl Explanation ===

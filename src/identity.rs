@@ -11,7 +11,7 @@
 //! by [`Token::refresh`] (called by `reload` every second), so a rotated Kubernetes Secret takes
 //! effect without a restart.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -206,7 +206,7 @@ impl Agents {
     /// Malformed credentials count as no usable credentials; they are the refusal only when no
     /// agent matches at all.
     pub fn identify(&self, client: SocketAddr, headers: &HeaderMap) -> Result<AgentId, Deny> {
-        let ip = canonical(client.ip());
+        let ip = client.ip().to_canonical();
         let creds = credentials(headers);
         let usable = match &creds {
             Ok(Some(c)) => Some(c),
@@ -299,14 +299,6 @@ fn credentials(headers: &HeaderMap) -> Result<Option<Credentials>, Deny> {
         .position(|&b| b == b':')
         .ok_or_else(malformed)?;
     Ok(Some(Credentials { decoded, colon }))
-}
-
-/// A client on a dual-stack listener shows up as `::ffff:a.b.c.d`; match it as the IPv4 it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -361,11 +360,12 @@ async fn steps(
     check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
     let lookup = Instant::now();
     let resolved = snap.resolver.resolve(&target.host).await;
-    if !snap.resolver.is_static(&target.host) {
-        // Failed and timed-out lookups too: they are the ones an operator looks for.
+    // Failed and timed-out lookups too (every error is DNS's): they are the ones an operator
+    // looks for. Static hosts and IP literals are not lookups.
+    if resolved.as_ref().map_or(true, |a| a.from_dns) {
         metrics.dns_looked_up(lookup.elapsed());
     }
-    let addrs = resolved?;
+    let addrs = resolved?.addrs;
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
     let dialling = Instant::now();
     let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
@@ -384,8 +384,7 @@ fn report_or_refuse(ctx: &mut RequestCtx, deny: Deny) -> Result<(), Deny> {
         ctx.would_deny(&deny);
         Ok(())
     } else {
-        ctx.permit = None;
-        Err(deny)
+        Err(deny) // `refuse` releases the permit
     }
 }
 
@@ -401,12 +400,7 @@ fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
             ),
         ));
     }
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
+    match forward::content_length(req.headers()) {
         Some(n) if n > limits.max_request_body_bytes => Err(Deny::with_detail(
             Reason::BodyTooLarge,
             format!(

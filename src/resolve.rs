@@ -28,6 +28,15 @@ pub struct DnsConfig {
     pub hosts: HashMap<Box<str>, Vec<IpAddr>>,
 }
 
+/// A resolver's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The addresses, in answer order (at most `MAX_ADDRS`).
+    pub addrs: Vec<IpAddr>,
+    /// True when DNS was asked (not an IP literal or a static host).
+    pub from_dns: bool,
+}
+
 /// The resolver: static hosts, then hickory, bounded by a timeout.
 pub struct Resolver {
     hosts: HashMap<Box<str>, Vec<IpAddr>>,
@@ -89,22 +98,23 @@ impl Resolver {
         })
     }
 
-    /// True when `host` is answered without DNS (an IP literal or a static host).
-    pub fn is_static(&self, host: &Host) -> bool {
-        match host {
-            Host::Ip(_) => true,
-            Host::Name(n) => self.hosts.contains_key(&**n),
-        }
-    }
-
     /// Resolve `host`: an IP literal is its own answer; a name is looked up in `hosts`, then DNS.
-    pub async fn resolve(&self, host: &Host) -> Result<Vec<IpAddr>, Deny> {
+    /// Every error comes from DNS.
+    pub async fn resolve(&self, host: &Host) -> Result<Answer, Deny> {
         let name = match host {
-            Host::Ip(ip) => return Ok(vec![*ip]),
+            Host::Ip(ip) => {
+                return Ok(Answer {
+                    addrs: vec![*ip],
+                    from_dns: false,
+                })
+            }
             Host::Name(n) => n,
         };
         if let Some(ips) = self.hosts.get(&**name) {
-            return Ok(ips.clone());
+            return Ok(Answer {
+                addrs: ips.clone(),
+                from_dns: false,
+            });
         }
         let mut fqdn = String::with_capacity(name.len() + 1);
         fqdn.push_str(name);
@@ -121,7 +131,10 @@ impl Resolver {
                         "name has no A or AAAA records",
                     ))
                 } else {
-                    Ok(ips)
+                    Ok(Answer {
+                        addrs: ips,
+                        from_dns: true,
+                    })
                 }
             }
         }

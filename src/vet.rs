@@ -16,7 +16,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::outcome::{Deny, Reason};
 
@@ -191,7 +191,7 @@ impl Vetter {
         let mut ok = Vec::with_capacity(addrs.len().min(MAX_ADDRS));
         let mut first_refusal = None;
         for &ip in addrs.iter().take(MAX_ADDRS) {
-            let ip = canonical(ip);
+            let ip = ip.to_canonical();
             match self.check_with(ip, port, policy_allow) {
                 Ok(()) => ok.push(VettedAddr(SocketAddr::new(ip, port))),
                 Err(r) => {
@@ -218,7 +218,7 @@ impl Vetter {
 
     /// Decide one address with extra exceptions (a policy's `allow_cidrs`).
     pub fn check_with(&self, ip: IpAddr, port: u16, extra_allow: &[IpNet]) -> Result<(), Refusal> {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         if self.own.iter().any(|o| {
             o.port() == port && (o.ip() == ip || (o.ip().is_unspecified() && ip.is_loopback()))
         }) {
@@ -274,22 +274,14 @@ impl Vetter {
 /// The built-in deny range an address falls in, if any.
 pub fn builtin(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => BUILTIN_V4.iter().find_map(|((net, len), name)| {
-            let net = Ipv4Net::new(*net, *len).ok()?;
-            net.contains(&v4).then_some(*name)
-        }),
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            BUILTIN_V4.iter().find_map(|((net, len), name)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                (bits & mask == u32::from(*net)).then_some(*name)
+            })
+        }
         IpAddr::V6(v6) => builtin_v6(v6),
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are dialled (and reported) as the IPv4 address they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        v4 => v4,
     }
 }
 

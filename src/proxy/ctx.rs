@@ -255,12 +255,10 @@ impl Audited {
                 p
             }
         };
-        if let Some(mut ctx) = self.ctx.take() {
-            ctx.apply_cut();
-            record(&ctx, &self.rec.metrics);
+        if let Some(line) = self.take_line(None) {
             match permit {
-                Ok(p) => p.send(ctx.audit_line()),
-                Err(_) => audit::fallback(&ctx.audit_line()),
+                Ok(p) => p.send(line),
+                Err(_) => audit::fallback(&line),
             }
         }
     }
@@ -268,10 +266,7 @@ impl Audited {
     /// Finish now and hand the line to the caller, which queues it (a body that reserved a
     /// queue slot inside `poll_frame`).
     pub fn into_line(mut self) -> Option<String> {
-        let mut ctx = self.ctx.take()?;
-        ctx.apply_cut();
-        record(&ctx, &self.rec.metrics);
-        Some(ctx.audit_line())
+        self.take_line(None)
     }
 
     /// A poll-based handle on the audit queue.
@@ -287,10 +282,8 @@ impl Audited {
         let sink = self.rec.sink.clone();
         match sink.try_reserve() {
             Ok(permit) => {
-                if let Some(mut ctx) = self.ctx.take() {
-                    ctx.apply_cut();
-                    record(&ctx, &self.rec.metrics);
-                    permit.send(ctx.audit_line());
+                if let Some(line) = self.take_line(None) {
+                    permit.send(line);
                 }
             }
             Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
@@ -319,14 +312,22 @@ impl Audited {
     }
 
     fn finish_sync(&mut self, cancelled: Option<Reason>) {
-        if let Some(mut ctx) = self.ctx.take() {
-            ctx.apply_cut();
-            if let (Some(reason), Reason::Allowed) = (cancelled, ctx.reason) {
-                ctx.reason = reason;
-            }
-            record(&ctx, &self.rec.metrics);
-            self.rec.sink.send_now(ctx.audit_line());
+        if let Some(line) = self.take_line(cancelled) {
+            self.rec.sink.send_now(line);
         }
+    }
+
+    /// The one way a context ends: take it (so it ends once), fold in a cap passed while
+    /// streaming and, for an exchange cut short, how it ended; record the metrics; render the
+    /// line. `None` if it has ended already.
+    fn take_line(&mut self, cancelled: Option<Reason>) -> Option<String> {
+        let mut ctx = self.ctx.take()?;
+        ctx.apply_cut();
+        if let Some(reason) = cancelled {
+            ctx.ended(reason);
+        }
+        record(&ctx, &self.rec.metrics);
+        Some(ctx.audit_line())
     }
 }
 

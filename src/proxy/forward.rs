@@ -223,7 +223,8 @@ pub async fn send(
     })
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// The declared `Content-Length`, if present and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
