@@ -38,6 +38,7 @@
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`reload`] | the live config snapshot; file watch, SIGHUP, token refresh |
 //! | [`shutdown`] | signals |
+//! | [`sni`] | the TLS ClientHello reader behind the tunnels' SNI check |
 //! | [`explain`], [`propose`], [`probe`], [`commands`] | the operator subcommands |
 
 pub mod admin;
@@ -58,6 +59,7 @@ pub mod proxy;
 pub mod reload;
 pub mod resolve;
 pub mod shutdown;
+pub mod sni;
 pub mod target;
 pub mod vet;
 

@@ -69,6 +69,14 @@ pub enum Reason {
     IdleTimeout,
     /// The tunnel was still open when the shutdown grace period ended.
     Shutdown,
+    /// A tunnel to a TLS port sent a ClientHello for another name than the CONNECT host.
+    SniMismatch,
+    /// A tunnel to a TLS port sent a ClientHello without a server name (`[sni] require`).
+    SniMissing,
+    /// A tunnel to a TLS port did not start with a TLS ClientHello (or a malformed one).
+    NotTls,
+    /// A client of the TLS listener failed the handshake (e.g. an untrusted client certificate).
+    TlsHandshakeFailed,
 }
 
 /// The outcome of the policy decision for one request or tunnel.
@@ -98,7 +106,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 32] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -127,6 +135,10 @@ impl Reason {
         Reason::ClientClosed,
         Reason::IdleTimeout,
         Reason::Shutdown,
+        Reason::SniMismatch,
+        Reason::SniMissing,
+        Reason::NotTls,
+        Reason::TlsHandshakeFailed,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -160,6 +172,10 @@ impl Reason {
             Reason::ClientClosed => "client_closed",
             Reason::IdleTimeout => "idle_timeout",
             Reason::Shutdown => "shutdown",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::SniMissing => "sni_missing",
+            Reason::NotTls => "not_tls",
+            Reason::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
 
@@ -170,11 +186,15 @@ impl Reason {
             | Reason::IdleTimeout
             | Reason::Shutdown
             | Reason::ClientClosed
-            | Reason::UploadCap => StatusCode::OK,
+            | Reason::UploadCap
+            | Reason::SniMismatch
+            | Reason::SniMissing
+            | Reason::NotTls => StatusCode::OK,
             Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Reason::RateLimited | Reason::TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::MalformedRequest
+            | Reason::TlsHandshakeFailed
             | Reason::NotProxyRequest
             | Reason::UnsupportedScheme
             | Reason::HostMismatch => StatusCode::BAD_REQUEST,
@@ -205,6 +225,9 @@ impl Reason {
                 | Reason::IpLiteralNotAllowed
                 | Reason::DeniedAddress
                 | Reason::BodyTooLarge
+                | Reason::SniMismatch
+                | Reason::SniMissing
+                | Reason::NotTls
         )
     }
 
@@ -222,6 +245,9 @@ impl Reason {
                 | Reason::BodyTooLarge
                 | Reason::UploadCap
                 | Reason::ResponseCap
+                | Reason::SniMismatch
+                | Reason::SniMissing
+                | Reason::NotTls
         )
     }
 

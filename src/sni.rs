@@ -1,0 +1,264 @@
+//! The TLS ClientHello reader behind the SNI check on CONNECT tunnels (issue: domain fronting).
+//!
+//! After the `200`, a client of a tunnel to a TLS port (`[sni] ports`) must start with a TLS
+//! ClientHello whose `server_name` is the CONNECT host. This module is the pure part: given the
+//! bytes the client has sent so far, say whether they hold a complete ClientHello yet, and if so
+//! which name it asks for. `proxy::tunnel` reads the bytes (bounded in size and time) and decides.
+//!
+//! The reader is strict where leniency would let a fronted name through and lenient nowhere
+//! else: the first byte must open a handshake record; the ClientHello may span several records
+//! (each checked), but nothing else may come between them; a second `server_name` extension or a
+//! second host name in the list is refused, since servers disagree on which one they would use.
+//! It never allocates for a ClientHello that fits one record (the usual case), and copies the
+//! fragments once otherwise. Nothing here panics on any input.
+
+/// Largest ClientHello (handshake message body) accepted. Real ones are 200 bytes to ~2 KiB
+/// (post-quantum key shares make them ~1.8 KiB); 64 KiB leaves room for any legitimate client
+/// while bounding what a tunnel buffers before the check.
+pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+
+/// Largest TLS record payload (RFC 8446 §5.1: 2^14; a ClientHello is plaintext).
+const MAX_RECORD_BYTES: usize = 1 << 14;
+const RECORD_HEADER: usize = 5;
+const CONTENT_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+const EXT_SERVER_NAME: u16 = 0;
+/// `encrypted_client_hello` (draft-ietf-tls-esni; the code point browsers ship).
+const EXT_ECH: u16 = 0xfe0d;
+const NAME_TYPE_HOST: u8 = 0;
+
+/// What a complete ClientHello says about where it is going.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The `server_name` host name, as sent (not yet normalised), if any.
+    pub sni: Option<String>,
+    /// True when the hello carries an `encrypted_client_hello` extension: the name above is then
+    /// the outer (client-facing) name, and the real one is hidden.
+    pub ech: bool,
+    /// Bytes of the input the ClientHello's records took (what follows is later traffic).
+    pub len: usize,
+}
+
+/// Why the bytes are not an acceptable ClientHello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotHello {
+    /// The bytes are not a TLS handshake record, or the handshake is not a ClientHello.
+    #[error("not a TLS ClientHello: {0}")]
+    NotTls(&'static str),
+    /// A TLS ClientHello, but malformed or ambiguous.
+    #[error("malformed TLS ClientHello: {0}")]
+    Malformed(&'static str),
+    /// The ClientHello is larger than [`MAX_HELLO_BYTES`].
+    #[error("TLS ClientHello larger than {MAX_HELLO_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Read a ClientHello from the start of `buf`: `Ok(None)` means "well-formed so far, send more".
+pub fn parse(buf: &[u8]) -> Result<Option<ClientHello>, NotHello> {
+    let Some(first) = record(buf, 0)? else {
+        return Ok(None);
+    };
+    // The usual case: the whole handshake message is in the first record.
+    if let Some(msg) = message(first.payload)? {
+        let hello = client_hello(msg)?;
+        return Ok(Some(ClientHello {
+            len: first.end,
+            ..hello
+        }));
+    }
+    // Fragmented over several records: gather the fragments, each checked, until the message
+    // is complete.
+    let mut joined = Vec::with_capacity(first.payload.len() * 2);
+    joined.extend_from_slice(first.payload);
+    let mut at = first.end;
+    loop {
+        if let Some(msg) = message(&joined)? {
+            let hello = client_hello(msg)?;
+            return Ok(Some(ClientHello { len: at, ..hello }));
+        }
+        let Some(next) = record(buf, at)? else {
+            return Ok(None);
+        };
+        joined.extend_from_slice(next.payload);
+        at = next.end;
+    }
+}
+
+/// One TLS record at `buf[at..]`.
+struct Record<'a> {
+    payload: &'a [u8],
+    /// Offset just past the record.
+    end: usize,
+}
+
+/// The record at `buf[at..]`, `None` if it is not all there yet.
+fn record(buf: &[u8], at: usize) -> Result<Option<Record<'_>>, NotHello> {
+    let rest = buf.get(at..).unwrap_or_default();
+    if let Some(&kind) = rest.first() {
+        if kind != CONTENT_HANDSHAKE {
+            return Err(NotHello::NotTls(
+                "first bytes are not a TLS handshake record",
+            ));
+        }
+    }
+    if let Some(&major) = rest.get(1) {
+        if major != 3 {
+            return Err(NotHello::NotTls("record version is not TLS"));
+        }
+    }
+    if rest.len() < RECORD_HEADER {
+        return Ok(None);
+    }
+    let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+    if len == 0 || len > MAX_RECORD_BYTES {
+        return Err(NotHello::Malformed("record length out of range"));
+    }
+    let Some(payload) = rest.get(RECORD_HEADER..RECORD_HEADER + len) else {
+        return Ok(None);
+    };
+    Ok(Some(Record {
+        payload,
+        end: at + RECORD_HEADER + len,
+    }))
+}
+
+/// The ClientHello body in handshake bytes, `None` if not all there yet.
+fn message(hs: &[u8]) -> Result<Option<&[u8]>, NotHello> {
+    if let Some(&kind) = hs.first() {
+        if kind != HANDSHAKE_CLIENT_HELLO {
+            return Err(NotHello::NotTls("handshake message is not a ClientHello"));
+        }
+    }
+    if hs.len() < 4 {
+        return Ok(None);
+    }
+    let len = usize::from(hs[1]) << 16 | usize::from(hs[2]) << 8 | usize::from(hs[3]);
+    if len > MAX_HELLO_BYTES {
+        return Err(NotHello::TooLarge);
+    }
+    Ok(hs.get(4..4 + len))
+}
+
+/// A cursor over a ClientHello body; every read checks the length first.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], NotHello> {
+        if n > self.buf.len() {
+            return Err(NotHello::Malformed("a length runs past its container"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, NotHello> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, NotHello> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A vector with a one-byte length prefix.
+    fn vec8(&mut self) -> Result<&'a [u8], NotHello> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
+
+    /// A vector with a two-byte length prefix.
+    fn vec16(&mut self) -> Result<&'a [u8], NotHello> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// Parse a ClientHello body (RFC 8446 §4.1.2; TLS 1.2's is the same up to the extensions).
+fn client_hello(body: &[u8]) -> Result<ClientHello, NotHello> {
+    let mut r = Reader { buf: body };
+    let version = r.u16()?;
+    if !(0x0301..=0x0304).contains(&version) {
+        return Err(NotHello::NotTls(
+            "ClientHello version is not TLS 1.0 to 1.3",
+        ));
+    }
+    r.take(32)?; // random
+    if r.vec8()?.len() > 32 {
+        return Err(NotHello::Malformed("session id longer than 32 bytes"));
+    }
+    let suites = r.vec16()?;
+    if suites.is_empty() || suites.len() % 2 != 0 {
+        return Err(NotHello::Malformed("bad cipher suite list"));
+    }
+    if r.vec8()?.is_empty() {
+        return Err(NotHello::Malformed("no compression methods"));
+    }
+    let mut hello = ClientHello {
+        sni: None,
+        ech: false,
+        len: 0,
+    };
+    if r.is_empty() {
+        return Ok(hello); // a TLS 1.2 hello may have no extensions at all
+    }
+    let mut exts = Reader { buf: r.vec16()? };
+    if !r.is_empty() {
+        return Err(NotHello::Malformed("bytes after the extensions"));
+    }
+    let mut seen_sni = false;
+    while !exts.is_empty() {
+        let kind = exts.u16()?;
+        let data = exts.vec16()?;
+        match kind {
+            EXT_SERVER_NAME => {
+                if seen_sni {
+                    return Err(NotHello::Malformed("two server_name extensions"));
+                }
+                seen_sni = true;
+                hello.sni = server_name(data)?;
+            }
+            EXT_ECH => hello.ech = true,
+            _ => {}
+        }
+    }
+    Ok(hello)
+}
+
+/// The host name of a `server_name` extension (RFC 6066 §3). An empty extension (as servers send
+/// back) carries no name.
+fn server_name(data: &[u8]) -> Result<Option<String>, NotHello> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let mut ext = Reader { buf: data };
+    let mut list = Reader { buf: ext.vec16()? };
+    if !ext.is_empty() {
+        return Err(NotHello::Malformed("bytes after the server name list"));
+    }
+    let mut host = None;
+    while !list.is_empty() {
+        let kind = list.u8()?;
+        let name = list.vec16()?;
+        if kind != NAME_TYPE_HOST {
+            continue; // no other name type is defined; skip as RFC 6066 allows
+        }
+        if host.is_some() {
+            return Err(NotHello::Malformed("two host names in server_name"));
+        }
+        if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(NotHello::Malformed("server name is not printable ASCII"));
+        }
+        host = Some(String::from_utf8_lossy(name).into_owned());
+    }
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests;
