@@ -86,6 +86,7 @@ fn audit_line(c: &mut Criterion) {
                 rule: Some("api.anthropic.com:443"),
                 mode: "enforce",
                 upstream: Some("160.79.104.10:443".parse().unwrap()),
+                sni: Some("api.anthropic.com"),
                 status: Some(200),
                 bytes_up: 4811,
                 bytes_down: 23160,

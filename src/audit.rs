@@ -65,6 +65,8 @@ pub struct AuditRecord<'a> {
     pub mode: &'static str,
     /// The vetted address that was dialled.
     pub upstream: Option<SocketAddr>,
+    /// For tunnels to `[sni] ports`: the server name of the client's TLS ClientHello.
+    pub sni: Option<&'a str>,
     /// The status sent to the client (for tunnels: the CONNECT response); null if none was sent.
     pub status: Option<u16>,
     /// Bytes from client to upstream (request body or tunnel payload).
@@ -294,6 +296,7 @@ mod tests {
             rule: Some("[2001:db8::1]:443"),
             mode: "enforce",
             upstream: Some("[2001:db8::1]:443".parse().unwrap()),
+            sni: Some("api.example.com"),
             status: Some(200),
             bytes_up: 1,
             bytes_down: 2,
@@ -308,7 +311,10 @@ mod tests {
             line.contains(r#""host":"2001:db8::1","port":443,"path":null"#),
             "{line}"
         );
-        assert!(line.contains(r#""upstream":"[2001:db8::1]:443""#), "{line}");
+        assert!(
+            line.contains(r#""upstream":"[2001:db8::1]:443","sni":"api.example.com""#),
+            "{line}"
+        );
     }
 
     #[test]

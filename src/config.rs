@@ -11,6 +11,7 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ConfigError, ConfigIssue};
@@ -19,6 +20,7 @@ use crate::identity::{Agent, Agents};
 use crate::limits::Limits;
 use crate::policy::{Mode, Policy};
 use crate::resolve::DnsConfig;
+use crate::tls::TlsFiles;
 use crate::vet::Vetter;
 use raw::RawConfig;
 use validate::Validator;
@@ -38,6 +40,33 @@ pub struct Timeouts {
     pub shutdown_grace: Duration,
 }
 
+/// The `[sni]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniPolicy {
+    /// CONNECT ports whose tunnels must start with a TLS ClientHello naming the CONNECT host
+    /// (default `[443]`; empty turns the check off).
+    pub ports: Vec<u16>,
+    /// Refuse a ClientHello without a server name (`sni_missing`); default true. A CONNECT to an
+    /// IP literal is never required to carry one (TLS forbids IP addresses in SNI).
+    pub require: bool,
+}
+
+impl Default for SniPolicy {
+    fn default() -> Self {
+        SniPolicy {
+            ports: vec![443],
+            require: true,
+        }
+    }
+}
+
+impl SniPolicy {
+    /// True when tunnels to `port` are checked.
+    pub fn applies_to(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -47,6 +76,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin listener address (`/metrics`, `/healthz`, `/readyz`), if any.
     pub admin_listen: Option<SocketAddr>,
+    /// The HTTPS proxy listener address (`server.tls_listen`), if any. Takes effect at start.
+    pub tls_listen: Option<SocketAddr>,
+    /// The HTTPS listener's certificate, key and client CA (re-read as the files rotate).
+    pub tls: Option<Arc<TlsFiles>>,
+    /// The `[sni]` section: which tunnels must carry a ClientHello for the CONNECT host.
+    pub sni: SniPolicy,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// DNS settings.

@@ -127,7 +127,7 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
         Who::Client(ip) => {
             // Exactly the gateway's matching, for a client that sends no credentials.
             let client = SocketAddr::new(*ip, 0);
-            match agents.identify(client, &http::HeaderMap::new()) {
+            match agents.identify(client, &http::HeaderMap::new(), None) {
                 Ok(id) => Ok((id, format!("by source address {ip}, without credentials"))),
                 Err(d) => Err(ExplainError::Unmatched(format!(
                     "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token agents",

@@ -2,10 +2,11 @@
 //!
 //! Agents are matched in config order, first match wins. An agent is identified by its source
 //! address class (`source_cidrs`), by a token (`Proxy-Authorization: Basic base64(name:token)`
-//! with the token read from `token_file`), or by both (then both must hold). A client that
-//! presents credentials but matches no agent, or names an agent with the wrong token, gets 407;
-//! one that presents none where an agent needs them gets 407 with a challenge; otherwise an
-//! unmatched client gets 403 `unknown_agent`.
+//! with the token read from `token_file`), by a client certificate on the TLS listener
+//! (`spiffe_id` = a URI SAN, `cert_subject` = the CN), or by several of these (then all must
+//! hold). A client that presents credentials or a certificate but matches no agent, or names an
+//! agent with the wrong token, gets 407; one that presents none where an agent needs them gets
+//! 407 with a challenge; otherwise an unmatched client gets 403 `unknown_agent`.
 //!
 //! Tokens are compared in constant time and are never logged. They are re-read from their files
 //! by [`Token::refresh`] (called by `reload` every second), so a rotated Kubernetes Secret takes
@@ -55,8 +56,28 @@ pub struct Agent {
     pub source_cidrs: Vec<IpNet>,
     /// The token the agent must present, if any.
     pub token: Option<Arc<Token>>,
+    /// What the agent's client certificate must say, if it is identified by one.
+    pub cert: Option<CertId>,
     /// Index of the agent's policy in the config's policy table.
     pub policy: usize,
+}
+
+/// What a client certificate must say for an agent to match; every field given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertId {
+    /// A URI SAN the certificate must carry (`spiffe_id`).
+    pub spiffe_id: Option<String>,
+    /// The subject common name the certificate must have (`cert_subject`).
+    pub subject: Option<String>,
+}
+
+/// What a verified client certificate says about who the client is (from `tls`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The URI subject alternative names (SPIFFE IDs).
+    pub uris: Vec<String>,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
 }
 
 /// The ordered agent table.
@@ -64,6 +85,7 @@ pub struct Agent {
 pub struct Agents {
     agents: Vec<Agent>,
     any_token: bool,
+    any_cert: bool,
 }
 
 /// Why a token file could not be used.
@@ -171,7 +193,12 @@ impl Agents {
     /// Build from validated agents, in config order.
     pub fn new(agents: Vec<Agent>) -> Self {
         let any_token = agents.iter().any(|a| a.token.is_some());
-        Agents { agents, any_token }
+        let any_cert = agents.iter().any(|a| a.cert.is_some());
+        Agents {
+            agents,
+            any_token,
+            any_cert,
+        }
     }
 
     /// The agent with this id.
@@ -199,13 +226,19 @@ impl Agents {
         self.any_token
     }
 
-    /// The first agent that matches the client's address and credentials.
+    /// The first agent that matches the client's address, certificate and credentials. `cert`
+    /// is the verified client certificate of a TLS connection, if one was presented.
     ///
     /// Credentials only matter to token agents: an address-only agent is matched whatever
     /// `Proxy-Authorization` holds (its client may send credentials meant for another proxy).
     /// Malformed credentials count as no usable credentials; they are the refusal only when no
-    /// agent matches at all.
-    pub fn identify(&self, client: SocketAddr, headers: &HeaderMap) -> Result<AgentId, Deny> {
+    /// agent matches at all. Likewise a certificate only matters to certificate agents.
+    pub fn identify(
+        &self,
+        client: SocketAddr,
+        headers: &HeaderMap,
+        cert: Option<&PeerCert>,
+    ) -> Result<AgentId, Deny> {
         let ip = client.ip().to_canonical();
         let creds = credentials(headers);
         let usable = match &creds {
@@ -215,6 +248,11 @@ impl Agents {
         for (i, a) in self.agents.iter().enumerate() {
             if !a.source_cidrs.is_empty() && !a.source_cidrs.iter().any(|n| n.contains(&ip)) {
                 continue;
+            }
+            if let Some(want) = &a.cert {
+                if !cert.is_some_and(|c| want.matches(c)) {
+                    continue;
+                }
             }
             let Some(token) = &a.token else {
                 return Ok(AgentId(i));
@@ -233,6 +271,11 @@ impl Agents {
                 _ => continue,
             }
         }
+        if self.any_cert {
+            if let Some(deny) = self.cert_refusal(cert, &creds) {
+                return Err(deny);
+            }
+        }
         Err(match (self.any_token, creds) {
             (false, _) => Deny::new(
                 Reason::UnknownAgent,
@@ -248,6 +291,50 @@ impl Agents {
                 "proxy credentials required: Proxy-Authorization: Basic base64(agent:token)",
             ),
         })
+    }
+}
+
+// === impl Agents (certificates) ===
+
+impl Agents {
+    /// When certificate agents exist and nothing matched: a certificate that matches no agent
+    /// is 407 `auth_failed`; no certificate and no token is 407 `auth_required`. `None` leaves
+    /// the decision to the token rules (the client sent credentials).
+    fn cert_refusal(
+        &self,
+        cert: Option<&PeerCert>,
+        creds: &Result<Option<Credentials>, Deny>,
+    ) -> Option<Deny> {
+        match cert {
+            Some(_) => Some(Deny::new(
+                Reason::AuthFailed,
+                "the client certificate matches no agent allowed from this address",
+            )),
+            None if !self.any_token || matches!(creds, Ok(None)) => Some(Deny::new(
+                Reason::AuthRequired,
+                if self.any_token {
+                    "a client certificate (on the TLS listener) or proxy credentials are required"
+                } else {
+                    "a client certificate is required: connect to the TLS listener with one"
+                },
+            )),
+            None => None,
+        }
+    }
+}
+
+// === impl CertId ===
+
+impl CertId {
+    /// True when the certificate carries every field this agent names.
+    pub fn matches(&self, cert: &PeerCert) -> bool {
+        self.spiffe_id
+            .as_ref()
+            .map_or(true, |id| cert.uris.iter().any(|u| u == id))
+            && self
+                .subject
+                .as_ref()
+                .map_or(true, |s| cert.common_name.as_ref() == Some(s))
     }
 }
 

@@ -38,6 +38,7 @@
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`reload`] | the live config snapshot; file watch, SIGHUP, token refresh |
 //! | [`shutdown`] | signals |
+//! | [`tls`] | the HTTPS listener's rustls config (rotated files), client certificate identity |
 //! | [`sni`] | the TLS ClientHello reader behind the tunnels' SNI check |
 //! | [`explain`], [`propose`], [`probe`], [`commands`] | the operator subcommands |
 
@@ -61,6 +62,7 @@ pub mod resolve;
 pub mod shutdown;
 pub mod sni;
 pub mod target;
+pub mod tls;
 pub mod vet;
 
 use std::future::Future;
@@ -98,6 +100,8 @@ pub enum RunError {
 pub struct Listeners {
     /// The proxy listener.
     pub proxy: TcpListener,
+    /// The HTTPS proxy listener (`server.tls_listen`), if configured.
+    pub tls: Option<TcpListener>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), if configured.
     pub admin: Option<TcpListener>,
 }
@@ -118,6 +122,7 @@ where
 {
     let Listeners {
         proxy: listener,
+        tls,
         admin,
     } = listeners;
     let bound = listener.local_addr().map_err(RunError::Listener)?;
@@ -130,8 +135,8 @@ where
         config.policies.len(),
     );
     let mut own = vec![bound];
-    if let Some(a) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
-        own.push(a);
+    for l in admin.iter().chain(tls.iter()) {
+        own.push(l.local_addr().map_err(RunError::Listener)?);
     }
     let live = Arc::new(Live::new(config, own, metrics.clone())?);
     let (sink, writer) = audit::spawn(audit_out).map_err(RunError::Audit)?;
@@ -151,14 +156,29 @@ where
     };
     let hup = reload::hangup();
     let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
-    // Announced only now: signal handlers are installed and every part is ready.
+    // Announced only now: signal handlers are installed and every part is ready. The HTTPS
+    // listener first: tools wait for the `listen=` line and then expect everything up.
+    if let Some(l) = &tls {
+        let at = l.local_addr().map_err(RunError::Listener)?;
+        tracing::info!(https = %at, "HTTPS proxy listening");
+    }
     tracing::info!(listen = %bound, config = %source.display(), agents, policies, "proxy listening");
 
-    let accept = tokio::spawn(proxy::accept_loop(
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut accepts = vec![tokio::spawn(proxy::accept_loop(
         listener,
         shared.clone(),
-        max_connections,
-    ));
+        slots.clone(),
+        proxy::Transport::Plain,
+    ))];
+    if let Some(l) = tls {
+        accepts.push(tokio::spawn(proxy::accept_loop(
+            l,
+            shared.clone(),
+            slots,
+            proxy::Transport::Tls,
+        )));
+    }
     tokio::select! {
         () = shutdown => {}
         () = writer.failed() => {
@@ -169,7 +189,9 @@ where
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     shared.draining.cancel();
-    let _ = accept.await; // the listener is closed once the accept loop has returned
+    for accept in accepts {
+        let _ = accept.await; // a listener is closed once its accept loop has returned
+    }
     tracing::info!(grace = ?grace, "listener closed; draining open requests and tunnels");
 
     shared.tracker.close();

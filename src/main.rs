@@ -198,8 +198,19 @@ fn serve(config: Config) -> ExitCode {
             },
             None => None,
         };
+        let tls = match config.tls_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(tls_listen = %addr, error = %e, "cannot bind the HTTPS proxy listener");
+                    return ExitCode::from(EX_UNAVAILABLE);
+                }
+            },
+            None => None,
+        };
         let listeners = chokepoint::Listeners {
             proxy: listener,
+            tls,
             admin,
         };
         let run = chokepoint::run(

@@ -9,6 +9,7 @@
 
 pub mod ctx;
 pub mod forward;
+pub mod hello;
 pub mod respond;
 pub mod tunnel;
 
@@ -25,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::connect;
+use crate::identity::PeerCert;
 use crate::io::{Cap, Direction, Meter, Metered};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -114,12 +117,26 @@ impl Shared {
     }
 }
 
+/// Which protocol a listener speaks to its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP/1.1 (`server.listen`).
+    Plain,
+    /// HTTP/1.1 inside TLS (`server.tls_listen`): an HTTPS proxy.
+    Tls,
+}
+
 /// Accept connections until `draining` is set, serving each on its own task.
 ///
-/// At most `max_connections` client connections are served at once: beyond that a new
+/// `slots` holds `max_connections` permits shared by every listener: beyond them a new
 /// connection is closed as soon as it is accepted, so a flood cannot starve the ones open.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connections: usize) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    transport: Transport,
+) {
+    let max_connections = slots.available_permits();
     shared.ready.store(true, Relaxed);
     loop {
         let accepted = tokio::select! {
@@ -133,10 +150,21 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connect
                     drop(stream);
                     continue;
                 };
+                let _ = stream.set_nodelay(true);
                 let conn_shared = shared.clone();
-                shared
-                    .tracker
-                    .spawn(serve_conn(stream, peer, conn_shared, Arc::new(slot)));
+                let slot = Arc::new(slot);
+                match transport {
+                    Transport::Plain => {
+                        shared
+                            .tracker
+                            .spawn(serve_conn(stream, peer, conn_shared, slot, None))
+                    }
+                    Transport::Tls => {
+                        shared
+                            .tracker
+                            .spawn(serve_tls(stream, peer, conn_shared, slot))
+                    }
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -146,17 +174,76 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connect
     }
 }
 
-/// Serve one client connection: keep-alive requests, then maybe an upgrade to a tunnel.
-///
-/// `slot` is the connection's place under `max_connections`; every request holds a clone, so a
-/// tunnel that outlives the HTTP exchange keeps the slot until it closes.
-async fn serve_conn(
+/// Complete the TLS handshake of an HTTPS-listener client (bounded by
+/// `timeouts.request_header`), then serve it like a plain one, with its client certificate's
+/// identity. A failed handshake is audited as `tls_handshake_failed`, unless the client just
+/// went away.
+async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: Arc<OwnedSemaphorePermit>,
 ) {
-    let _ = stream.set_nodelay(true);
+    let snap = shared.live.load();
+    let Some(tls) = snap.config.tls.clone() else {
+        tracing::warn!(client = %peer, "server.tls_listen was removed from the config; restart to close the listener");
+        return;
+    };
+    let bound = snap.config.timeouts.request_header;
+    drop(snap);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(bound, acceptor.accept(stream)) => r,
+        () = shared.draining.cancelled() => return,
+    };
+    let failure = match handshake {
+        Ok(Ok(stream)) => {
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::tls::peer_cert(leaf))
+                .map(Arc::new);
+            return serve_conn(stream, peer, shared, slot, cert).await;
+        }
+        Ok(Err(e)) if is_gone(&e) => {
+            tracing::debug!(client = %peer, error = %e, "TLS client left during the handshake");
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no TLS handshake within {bound:?}"),
+    };
+    tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
+    let mut ctx = RequestCtx::new(peer, None);
+    ctx.deny(&Deny::with_detail(Reason::TlsHandshakeFailed, failure));
+    ctx.status = None;
+    Audited::new(ctx, shared.recorder()).finish().await;
+}
+
+/// True for the I/O errors of a client that closed or reset the connection.
+fn is_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted
+    )
+}
+
+/// Serve one client connection: keep-alive requests, then maybe an upgrade to a tunnel.
+///
+/// `slot` is the connection's place under `max_connections`; every request holds a clone, so a
+/// tunnel that outlives the HTTP exchange keeps the slot until it closes. `cert` is the
+/// verified client certificate of a TLS connection.
+async fn serve_conn<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: Arc<OwnedSemaphorePermit>,
+    cert: Option<Arc<PeerCert>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let received = Arc::new(Meter::default());
     let requests = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
@@ -164,7 +251,7 @@ async fn serve_conn(
     let svc_requests = requests.clone();
     let svc = service_fn(move |req| {
         svc_requests.fetch_add(1, Relaxed);
-        handle(req, peer, svc_shared.clone(), slot.clone())
+        handle(req, peer, svc_shared.clone(), slot.clone(), cert.clone())
     });
     let snap = shared.live.load();
     let idle = snap.config.timeouts.idle;
@@ -242,6 +329,8 @@ struct Admitted {
     kind: Kind,
     upstream: TcpStream,
     limits: Limits,
+    /// CONNECT to a TLS port: the ClientHello check the tunnel runs first.
+    sni: Option<tunnel::SniCheck>,
 }
 
 /// Run the pipeline for one request and produce its response.
@@ -250,12 +339,20 @@ async fn handle(
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: Arc<OwnedSemaphorePermit>,
+    cert: Option<Arc<PeerCert>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = shared.live.load();
     let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
     ctx.connection = Some(slot);
     let mut audited = Audited::new(ctx, shared.recorder());
-    let admitted = match steps(&req, audited.ctx_mut(), &snap, &shared.metrics).await {
+    let steps = steps(
+        &req,
+        audited.ctx_mut(),
+        &snap,
+        &shared.metrics,
+        cert.as_deref(),
+    );
+    let admitted = match steps.await {
         Ok(ok) => ok,
         Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
     };
@@ -276,6 +373,7 @@ async fn handle(
                 admitted.upstream,
                 audited,
                 upload,
+                admitted.sni,
                 timeouts.idle,
                 shared.abort.clone(),
             ));
@@ -329,6 +427,7 @@ async fn steps(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     metrics: &Metrics,
+    cert: Option<&PeerCert>,
 ) -> Result<Admitted, Deny> {
     let cfg = &snap.config;
     let (kind, target) = target::parse(req.method(), req.uri())?;
@@ -339,7 +438,7 @@ async fn steps(
         forward::check_host(req.headers(), &target)?;
         forward::check_framing(req.headers())?;
     }
-    let agent_id = cfg.agents.identify(ctx.client, req.headers())?;
+    let agent_id = cfg.agents.identify(ctx.client, req.headers(), cert)?;
     let agent = cfg.agents.get(agent_id);
     let policy = cfg.policy_of(agent);
     ctx.agent = Some(agent.name.clone());
@@ -375,6 +474,11 @@ async fn steps(
         kind,
         upstream,
         limits,
+        sni: (kind == Kind::Connect && cfg.sni.applies_to(target.port)).then(|| tunnel::SniCheck {
+            host: target.host.clone(),
+            require: cfg.sni.require,
+            within: cfg.timeouts.request_header,
+        }),
     })
 }
 

@@ -12,6 +12,9 @@
 //! It never allocates for a ClientHello that fits one record (the usual case), and copies the
 //! fragments once otherwise. Nothing here panics on any input.
 
+use crate::outcome::{Deny, Reason};
+use crate::target::{self, Host};
+
 /// Largest ClientHello (handshake message body) accepted. Real ones are 200 bytes to ~2 KiB
 /// (post-quantum key shares make them ~1.8 KiB); 64 KiB leaves room for any legitimate client
 /// while bounding what a tunnel buffers before the check.
@@ -51,6 +54,27 @@ pub enum NotHello {
     /// The ClientHello is larger than [`MAX_HELLO_BYTES`].
     #[error("TLS ClientHello larger than {MAX_HELLO_BYTES} bytes")]
     TooLarge,
+}
+
+/// The SNI rule for a tunnel to `host`: the ClientHello must name it. A hello without a name
+/// passes for an IP-literal host (TLS forbids IP addresses in SNI) or when `require` is off.
+pub fn check(hello: &ClientHello, host: &Host, require: bool) -> Result<(), Deny> {
+    let Some(sent) = hello.sni.as_deref() else {
+        return match host {
+            Host::Name(_) if require => Err(Deny::with_detail(
+                Reason::SniMissing,
+                format!("the TLS ClientHello names no server; the tunnel is for {host}"),
+            )),
+            _ => Ok(()),
+        };
+    };
+    match target::normalise_host(sent) {
+        Ok(named) if named == *host => Ok(()),
+        _ => Err(Deny::with_detail(
+            Reason::SniMismatch,
+            format!("the TLS ClientHello is for {sent}; the tunnel is for {host}"),
+        )),
+    }
 }
 
 /// Read a ClientHello from the start of `buf`: `Ok(None)` means "well-formed so far, send more".

@@ -21,6 +21,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) destinations: RawDestinations,
     #[serde(default)]
+    pub(crate) sni: RawSni,
+    #[serde(default)]
     pub(crate) limits: RawLimits,
     #[serde(default)]
     pub(crate) agents: Vec<RawAgent>,
@@ -35,6 +37,18 @@ pub(crate) struct RawServer {
     pub(crate) admin_listen: Option<Str>,
     pub(crate) mode: Option<Str>,
     pub(crate) max_connections: Option<Spanned<i64>>,
+    pub(crate) tls_listen: Option<Str>,
+    pub(crate) tls_cert: Option<Str>,
+    pub(crate) tls_key: Option<Str>,
+    pub(crate) client_ca: Option<Str>,
+    pub(crate) require_client_cert: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSni {
+    pub(crate) ports: Option<Vec<Spanned<i64>>>,
+    pub(crate) require: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +84,8 @@ pub(crate) struct RawAgent {
     pub(crate) name: Str,
     pub(crate) source_cidrs: Option<Spanned<Vec<Str>>>,
     pub(crate) token_file: Option<Str>,
+    pub(crate) spiffe_id: Option<Str>,
+    pub(crate) cert_subject: Option<Str>,
     pub(crate) policy: Str,
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +11,13 @@ use ipnet::IpNet;
 
 use super::error::{self, ConfigIssue};
 use super::raw::{self, RawConfig, Str};
-use super::{fingerprint, Config, Timeouts};
-use crate::identity::{Agent, Agents, Token};
+use super::{fingerprint, Config, SniPolicy, Timeouts};
+use crate::identity::{Agent, Agents, CertId, Token};
 use crate::limits::Limits;
 use crate::policy::{self, Allowlist, Mode, Pattern, Policy};
 use crate::resolve::DnsConfig;
 use crate::target::{self, Host};
+use crate::tls::{TlsError, TlsFiles, TlsSettings};
 use crate::vet::Vetter;
 
 /// Collects issues while building domain values.
@@ -102,11 +103,35 @@ impl Validator<'_> {
         };
         let limits = self.limits(&raw.limits, "limits", Limits::default());
         let (policies, by_name) = self.policies(&raw.policies, mode, limits);
+        let (tls_listen, tls) = self.tls(&raw.server, listen, admin_listen);
+        let sni = self.sni(&raw.sni);
         let agents = self.agents(&raw.agents, &by_name);
+        if let Some((_, at)) = agents
+            .iter()
+            .zip(&raw.agents)
+            .find(|(a, _)| a.cert.is_some())
+        {
+            let needs_ca = tls
+                .as_ref()
+                .map_or(true, |t| t.settings().client_ca.is_none());
+            if needs_ca {
+                self.issue(
+                    &at.name,
+                    "server.client_ca",
+                    format!(
+                        "agent `{}` is identified by a client certificate: set server.tls_listen, tls_cert, tls_key and client_ca",
+                        at.name.get_ref()
+                    ),
+                );
+            }
+        }
         Config {
             source: self.file.to_owned(),
             listen,
             admin_listen,
+            tls_listen,
+            tls,
+            sni,
             timeouts,
             dns,
             vetter: Vetter::new(deny, allow, vec![listen]),
@@ -505,6 +530,128 @@ impl Validator<'_> {
         Agents::new(agents)
     }
 
+    /// The HTTPS listener: `tls_listen` with its `tls_cert` and `tls_key`, and the optional
+    /// client certificate settings. The files are read now: a bad file fails the load.
+    fn tls(
+        &mut self,
+        s: &raw::RawServer,
+        listen: SocketAddr,
+        admin: Option<SocketAddr>,
+    ) -> (Option<SocketAddr>, Option<Arc<TlsFiles>>) {
+        let Some(raw_listen) = &s.tls_listen else {
+            let stray = [
+                ("server.tls_cert", s.tls_cert.as_ref()),
+                ("server.tls_key", s.tls_key.as_ref()),
+                ("server.client_ca", s.client_ca.as_ref()),
+            ];
+            for (key, v) in stray {
+                if let Some(v) = v {
+                    self.issue(v, key, "only used with server.tls_listen (the HTTPS proxy listener); set it or remove this key");
+                }
+            }
+            if let Some(v) = &s.require_client_cert {
+                let issue = self.at(
+                    v.span().start,
+                    "server.require_client_cert".into(),
+                    "only used with server.tls_listen and server.client_ca".into(),
+                );
+                self.issues.push(issue);
+            }
+            return (None, None);
+        };
+        let addr = self.socket_addr(raw_listen, "server.tls_listen", None);
+        if addr.port() != 0 && (addr == listen || Some(addr) == admin) {
+            self.issue(
+                raw_listen,
+                "server.tls_listen",
+                "must differ from server.listen and server.admin_listen",
+            );
+        }
+        let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) else {
+            self.issue(
+                raw_listen,
+                "server.tls_listen",
+                "needs server.tls_cert and server.tls_key (PEM files: certificate chain, private key)",
+            );
+            return (Some(addr), None);
+        };
+        let require_client_cert = s.require_client_cert.as_ref().is_some_and(|v| *v.get_ref());
+        if let (Some(v), None) = (&s.require_client_cert, &s.client_ca) {
+            if *v.get_ref() {
+                let issue = self.at(
+                    v.span().start,
+                    "server.require_client_cert".into(),
+                    "needs server.client_ca (the CA bundle client certificates must chain to)"
+                        .into(),
+                );
+                self.issues.push(issue);
+            }
+        }
+        let settings = TlsSettings {
+            cert: self.relative(cert),
+            key: self.relative(key),
+            client_ca: s.client_ca.as_ref().map(|c| self.relative(c)),
+            require_client_cert,
+        };
+        match TlsFiles::load(settings.clone()) {
+            Ok(files) => (Some(addr), Some(Arc::new(files))),
+            Err(e) => {
+                let at = match &e {
+                    TlsError::Read { path, .. }
+                    | TlsError::Empty { path, .. }
+                    | TlsError::Pem { path, .. } => {
+                        if *path == settings.key {
+                            (key, "server.tls_key")
+                        } else if Some(path) == settings.client_ca.as_ref() {
+                            (s.client_ca.as_ref().unwrap_or(cert), "server.client_ca")
+                        } else {
+                            (cert, "server.tls_cert")
+                        }
+                    }
+                    TlsError::Rejected(_) => (cert, "server.tls_cert"),
+                };
+                self.issue(at.0, at.1, e.to_string());
+                (Some(addr), None)
+            }
+        }
+    }
+
+    /// The `[sni]` section.
+    fn sni(&mut self, raw: &raw::RawSni) -> SniPolicy {
+        let mut sni = SniPolicy::default();
+        if let Some(ports) = &raw.ports {
+            sni.ports = ports
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| match u16::try_from(*p.get_ref()) {
+                    Ok(port) if port != 0 => Some(port),
+                    _ => {
+                        let issue = self.at(
+                            p.span().start,
+                            format!("sni.ports[{i}]"),
+                            format!("{} is not a port: use 1 to 65535", p.get_ref()),
+                        );
+                        self.issues.push(issue);
+                        None
+                    }
+                })
+                .collect();
+        }
+        if let Some(require) = raw.require {
+            sni.require = require;
+        }
+        sni
+    }
+
+    /// A path from the file, relative to the config file's directory.
+    fn relative(&self, file: &Str) -> PathBuf {
+        let path = Path::new(file.get_ref());
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
     /// One `[[agents]]` entry.
     fn agent(&mut self, a: &raw::RawAgent, key: &str, policies: &HashMap<String, usize>) -> Agent {
         if !valid_name(a.name.get_ref()) {
@@ -528,11 +675,12 @@ impl Validator<'_> {
             .token_file
             .as_ref()
             .and_then(|f| self.token(f, &format!("{key}.token_file")));
-        if a.source_cidrs.is_none() && a.token_file.is_none() {
+        let cert = self.cert_id(a, key);
+        if a.source_cidrs.is_none() && a.token_file.is_none() && cert.is_none() {
             self.issue(
                 &a.name,
                 key,
-                "needs source_cidrs (the agent's address class) or token_file (a proxy token), or both",
+                "needs source_cidrs (the agent's address class), token_file (a proxy token), or spiffe_id / cert_subject (a client certificate); several may be combined",
             );
         }
         let policy = match policies.get(a.policy.get_ref()) {
@@ -556,17 +704,48 @@ impl Validator<'_> {
             name: Arc::from(a.name.get_ref().as_str()),
             source_cidrs,
             token,
+            cert,
             policy,
         }
     }
 
+    /// An agent's `spiffe_id` and `cert_subject`.
+    fn cert_id(&mut self, a: &raw::RawAgent, key: &str) -> Option<CertId> {
+        if let Some(id) = &a.spiffe_id {
+            let v = id.get_ref();
+            let ok = v.len() <= 2048
+                && v.strip_prefix("spiffe://").is_some_and(|rest| {
+                    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_graphic())
+                });
+            if !ok {
+                self.issue(
+                    id,
+                    format!("{key}.spiffe_id"),
+                    "a SPIFFE ID looks like spiffe://TRUST-DOMAIN/PATH (printable ASCII, no spaces)",
+                );
+            }
+        }
+        if let Some(cn) = &a.cert_subject {
+            if cn.get_ref().is_empty() || cn.get_ref().len() > 256 {
+                self.issue(
+                    cn,
+                    format!("{key}.cert_subject"),
+                    "the certificate's subject common name: 1 to 256 characters",
+                );
+            }
+        }
+        if a.spiffe_id.is_none() && a.cert_subject.is_none() {
+            return None;
+        }
+        Some(CertId {
+            spiffe_id: a.spiffe_id.as_ref().map(|s| s.get_ref().clone()),
+            subject: a.cert_subject.as_ref().map(|s| s.get_ref().clone()),
+        })
+    }
+
     /// Read a token file (relative paths are relative to the config file's directory).
     fn token(&mut self, file: &Str, key: &str) -> Option<Arc<Token>> {
-        let path = Path::new(file.get_ref());
-        let path = match self.file.parent() {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_owned(),
-        };
+        let path = self.relative(file);
         match Token::load(&path) {
             Ok(t) => Some(Arc::new(t)),
             // A missing or empty file is a revoked (or not yet mounted) token, not a broken
@@ -586,11 +765,12 @@ impl Validator<'_> {
     /// An address-only agent whose every range an earlier address-only agent already covers can
     /// never be chosen (first match wins).
     fn warn_shadowed(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
-        if agent.token.is_some() || agent.source_cidrs.is_empty() {
+        if agent.token.is_some() || agent.cert.is_some() || agent.source_cidrs.is_empty() {
             return;
         }
         let shadow = earlier.iter().find(|e| {
             e.token.is_none()
+                && e.cert.is_none()
                 && agent
                     .source_cidrs
                     .iter()

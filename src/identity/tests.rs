@@ -6,8 +6,109 @@ fn agent(name: &str, cidrs: &[&str], token: Option<Arc<Token>>) -> Agent {
         name: name.into(),
         source_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
         token,
+        cert: None,
         policy: 0,
     }
+}
+
+fn cert_agent(name: &str, spiffe_id: Option<&str>, subject: Option<&str>) -> Agent {
+    Agent {
+        cert: Some(CertId {
+            spiffe_id: spiffe_id.map(str::to_owned),
+            subject: subject.map(str::to_owned),
+        }),
+        ..agent(name, &[], None)
+    }
+}
+
+fn peer(uris: &[&str], cn: Option<&str>) -> PeerCert {
+    PeerCert {
+        uris: uris.iter().map(|u| u.to_string()).collect(),
+        common_name: cn.map(str::to_owned),
+    }
+}
+
+const CODER: &str = "spiffe://cluster.local/ns/agents/sa/coder";
+
+#[test]
+fn certificate_agents_match_on_uri_san_or_common_name() {
+    let agents = Agents::new(vec![
+        cert_agent("by-id", Some(CODER), None),
+        cert_agent("by-cn", None, Some("mailer")),
+        cert_agent("both", Some("spiffe://x/y"), Some("z")),
+    ]);
+    let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let none = HeaderMap::new();
+    let id = |c: &PeerCert| {
+        agents
+            .identify(client, &none, Some(c))
+            .map(|a| &*agents.get(a).name)
+    };
+    assert_eq!(id(&peer(&["spiffe://other", CODER], None)), Ok("by-id"));
+    assert_eq!(id(&peer(&[], Some("mailer"))), Ok("by-cn"));
+    assert_eq!(id(&peer(&["spiffe://x/y"], Some("z"))), Ok("both"));
+    // Every named field must hold; near misses do not match.
+    for miss in [
+        peer(&["spiffe://x/y"], Some("not-z")),
+        peer(&[&format!("{CODER}/")], None),
+        peer(&[], Some("Mailer")),
+        peer(&[], Some(CODER)),
+    ] {
+        let e = agents.identify(client, &none, Some(&miss)).unwrap_err();
+        assert_eq!(e.reason, Reason::AuthFailed, "{miss:?}");
+    }
+}
+
+#[test]
+fn no_certificate_where_agents_need_one_is_407() {
+    let agents = Agents::new(vec![cert_agent("by-id", Some(CODER), None)]);
+    let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let e = agents
+        .identify(client, &HeaderMap::new(), None)
+        .unwrap_err();
+    assert_eq!(e.reason, Reason::AuthRequired);
+    // Credentials do not stand in for a certificate when no agent uses tokens.
+    let e = agents
+        .identify(client, &basic("by-id", "x"), None)
+        .unwrap_err();
+    assert_eq!(e.reason, Reason::AuthRequired);
+}
+
+#[test]
+fn certificate_and_token_agents_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = Agents::new(vec![
+        cert_agent("by-id", Some(CODER), None),
+        agent("tok", &[], Some(token(&dir, "t", "s3cret"))),
+        agent("lan", &["127.0.0.0/8"], None),
+    ]);
+    let remote: SocketAddr = "192.0.2.1:1".parse().unwrap();
+    let name = |r: Result<AgentId, Deny>| r.map(|a| &*agents.get(a).name).map_err(|d| d.reason);
+    assert_eq!(
+        name(agents.identify(remote, &basic("tok", "s3cret"), None)),
+        Ok("tok")
+    );
+    assert_eq!(
+        name(agents.identify(remote, &HeaderMap::new(), Some(&peer(&[CODER], None)))),
+        Ok("by-id")
+    );
+    assert_eq!(
+        name(agents.identify(remote, &HeaderMap::new(), None)),
+        Err(Reason::AuthRequired)
+    );
+    assert_eq!(
+        name(agents.identify(remote, &basic("tok", "wrong"), None)),
+        Err(Reason::AuthFailed)
+    );
+    // An address agent ignores a certificate meant for nobody here.
+    assert_eq!(
+        name(agents.identify(
+            "127.0.0.5:1".parse().unwrap(),
+            &HeaderMap::new(),
+            Some(&peer(&[], None))
+        )),
+        Ok("lan")
+    );
 }
 
 fn token(dir: &tempfile::TempDir, name: &str, secret: &str) -> Arc<Token> {
@@ -35,7 +136,7 @@ fn first_address_match_wins() {
     let none = HeaderMap::new();
     let id = |s: &str| {
         agents
-            .identify(s.parse().unwrap(), &none)
+            .identify(s.parse().unwrap(), &none, None)
             .map(|a| &*agents.get(a).name)
     };
     assert_eq!(id("127.0.0.10:1000"), Ok("narrow"));
@@ -65,7 +166,8 @@ fn tokens_identify_and_refuse() {
         agent("fallback", &["10.0.0.0/8"], None),
     ]);
     let client = "127.0.0.1:1000".parse().unwrap();
-    let id = |h: &HeaderMap, c: SocketAddr| agents.identify(c, h).map(|a| &*agents.get(a).name);
+    let id =
+        |h: &HeaderMap, c: SocketAddr| agents.identify(c, h, None).map(|a| &*agents.get(a).name);
     assert_eq!(
         id(&basic("coder", "s3cret"), client),
         Ok("coder"),
@@ -99,7 +201,7 @@ fn tokens_identify_and_refuse() {
     );
     // A token containing ':' survives (split at the first colon only).
     let colon = Agents::new(vec![agent("c", &[], Some(token(&dir, "c", "a:b")))]);
-    assert!(colon.identify(client, &basic("c", "a:b")).is_ok());
+    assert!(colon.identify(client, &basic("c", "a:b"), None).is_ok());
 }
 
 #[test]
@@ -121,12 +223,12 @@ fn malformed_credentials_refuse_only_where_a_token_is_needed() {
         let mut h = HeaderMap::new();
         h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static(v));
         assert_eq!(
-            agents.identify(needs_token, &h).unwrap_err().reason,
+            agents.identify(needs_token, &h, None).unwrap_err().reason,
             Reason::AuthFailed,
             "{v}"
         );
         assert_eq!(
-            agents.identify(by_address, &h),
+            agents.identify(by_address, &h, None),
             Ok(AgentId(1)),
             "{v}: address agent"
         );
@@ -139,7 +241,7 @@ fn without_token_agents_credentials_never_turn_403_into_407() {
     let stranger = "127.0.0.12:1".parse().unwrap();
     assert_eq!(
         agents
-            .identify(stranger, &basic("a", "x"))
+            .identify(stranger, &basic("a", "x"), None)
             .unwrap_err()
             .reason,
         Reason::UnknownAgent
@@ -147,7 +249,7 @@ fn without_token_agents_credentials_never_turn_403_into_407() {
     let mut h = HeaderMap::new();
     h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer x"));
     assert_eq!(
-        agents.identify(stranger, &h).unwrap_err().reason,
+        agents.identify(stranger, &h, None).unwrap_err().reason,
         Reason::UnknownAgent
     );
 }
@@ -194,6 +296,6 @@ fn an_empty_presented_token_never_matches() {
         &[],
         Some(token(&dir, "coder", "s3cret")),
     )]);
-    let r = agents.identify("127.0.0.1:1".parse().unwrap(), &basic("coder", ""));
+    let r = agents.identify("127.0.0.1:1".parse().unwrap(), &basic("coder", ""), None);
     assert_eq!(r.unwrap_err().reason, Reason::AuthFailed);
 }

@@ -48,6 +48,8 @@ pub struct RequestCtx {
     pub rule: Option<Arc<str>>,
     /// The vetted address dialled.
     pub upstream: Option<SocketAddr>,
+    /// The server name of a tunnel's TLS ClientHello (tunnels to `[sni] ports`).
+    pub sni: Option<Box<str>>,
     /// The status sent to the client.
     pub status: Option<u16>,
     /// Allow or deny.
@@ -83,6 +85,7 @@ impl RequestCtx {
             policy: None,
             rule: None,
             upstream: None,
+            sni: None,
             status: None,
             decision: Decision::Allow,
             reason: Reason::Allowed,
@@ -141,7 +144,8 @@ impl RequestCtx {
     /// the way to an allowed destination (DNS, connect, upstream: 5xx) keeps the decision made so
     /// far (`allow`, or `would_deny` in report mode) with the fault as its reason.
     pub fn deny(&mut self, deny: &Deny) {
-        if deny.reason.status().is_client_error() {
+        // A policy refusal inside a tunnel (SNI) comes after the 200 and is still a deny.
+        if deny.reason.status().is_client_error() || deny.reason.is_policy() {
             self.decision = Decision::Deny;
         }
         self.reason = deny.reason;
@@ -184,6 +188,7 @@ impl RequestCtx {
             rule: self.rule.as_deref(),
             mode: self.mode.as_str(),
             upstream: self.upstream,
+            sni: self.sni.as_deref(),
             status: self.status,
             bytes_up: self.meter.up(),
             bytes_down: self.meter.down(),

@@ -47,6 +47,7 @@ pub struct Audit {
     pub rule: Option<String>,
     pub mode: String,
     pub upstream: Option<String>,
+    pub sni: Option<String>,
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,
