@@ -188,6 +188,23 @@ impl Live {
         }
     }
 
+    /// Re-read the HTTPS listener's certificate, key and client CA files of the current config.
+    fn refresh_tls(&self) {
+        let snap = self.current.load();
+        let Some(tls) = &snap.config.tls else { return };
+        match tls.refresh() {
+            Ok(true) => tracing::info!(
+                cert = %tls.settings().cert.display(),
+                "TLS files changed; new connections use them"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "TLS files unusable; the previous certificate keeps serving"
+            ),
+        }
+    }
+
     /// Watch the file (and token files) until `stop`, reloading on change and on SIGHUP.
     /// `hup` comes from [`hangup`], installed before the gateway announces itself.
     pub async fn watch(self: Arc<Self>, mut hup: Hangup, stop: CancellationToken) {
@@ -203,6 +220,7 @@ impl Live {
                 Some(()) = recv(&mut hup) => true,
             };
             self.refresh_tokens();
+            self.refresh_tls();
             let now = match std::fs::read(&self.path) {
                 Ok(bytes) => bytes,
                 Err(e) => {

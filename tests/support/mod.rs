@@ -57,6 +57,8 @@ pub struct Audit {
 /// A running gateway process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The HTTPS proxy listener, when the config has `tls_listen`.
+    pub https: Option<SocketAddr>,
     /// The admin listener, when the config has `admin_listen`.
     pub admin: Option<SocketAddr>,
     child: Child,
@@ -114,10 +116,14 @@ impl Proxy {
         });
         let deadline = Instant::now() + WAIT;
         let mut admin = None;
+        let mut https = None;
         let addr = loop {
             let line = stderr
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("chokepoint did not report its listen address");
+            if let Some(rest) = line.split("https=").nth(1) {
+                https = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+            }
             if let Some(rest) = line.split("admin=").nth(1) {
                 admin = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
             }
@@ -127,6 +133,7 @@ impl Proxy {
         };
         Proxy {
             addr,
+            https,
             admin,
             child,
             audits,
@@ -414,11 +421,17 @@ pub fn read_head(s: &mut TcpStream) -> String {
 /// 127.0.0.1 excepted from the built-in loopback deny so local origins are reachable, and
 /// 127.0.0.64/26 explicitly denied as the "internal network". `policy` is the allow list body.
 pub fn config(hosts: &str, allow: &[String], extra: &str) -> String {
+    config_with_server("", hosts, allow, extra)
+}
+
+/// [`config`] with more `[server]` keys (`server` is inserted into that table).
+pub fn config_with_server(server: &str, hosts: &str, allow: &[String], extra: &str) -> String {
     let allow: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
+{server}
 
 [timeouts]
 request_header = "2s"

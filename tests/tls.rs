@@ -1,0 +1,771 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The TLS issue end to end: the HTTPS proxy listener (curl, reqwest), client-certificate
+//! agents (good, wrong CA, none, required), certificate rotation without a restart, and the SNI
+//! check on tunnels to TLS ports (curl, openssl s_client fronting, a ClientHello split byte by
+//! byte and record by record, non-TLS bytes, no SNI) against a rustls origin that records
+//! whether any byte reached it. Certificates are generated here (rcgen); nothing is committed.
+//! Every address is on 127.0.0.1.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::{curl, read_head, Origin, Proxy};
+
+const WAIT: Duration = Duration::from_secs(10);
+const SPIFFE: &str = "spiffe://cluster.local/ns/agents-prod/sa/coding-agent";
+
+/// A test CA and the leaves it signs, as PEM files in a temporary directory (which also holds
+/// the gateway's config).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca: Issuer::new(params, key),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// A leaf for `sans` (names or IP addresses), with an optional URI SAN and CN, written to
+    /// `<file>.crt` and `<file>.key`.
+    fn leaf(&self, file: &str, sans: &[&str], uri: Option<&str>, cn: &str) {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(u) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(u.try_into().unwrap()));
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        // Written to a temporary name and renamed, as the kubelet swaps Secret files.
+        for (ext, text) in [("crt", cert.pem()), ("key", key.serialize_pem())] {
+            let tmp = self.path(&format!(".{file}.{ext}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.path(&format!("{file}.{ext}"))).unwrap();
+        }
+    }
+
+    /// The gateway's serving certificate (127.0.0.1 and localhost).
+    fn server(&self, cn: &str) {
+        self.leaf("tls", &["127.0.0.1", "localhost"], None, cn);
+    }
+
+    /// Start the gateway with its config in this directory.
+    fn start(self, config: &str) -> Proxy {
+        let path = self.dir.path().join("chokepoint.toml");
+        std::fs::write(&path, config).unwrap();
+        Proxy::start_at(self.dir, path)
+    }
+}
+
+/// A TLS origin (rustls) on 127.0.0.1 for `allowed.test`. It records every connection and every
+/// connection on which at least one byte arrived (before any TLS processing), and answers each
+/// request with `ok`.
+struct TlsOrigin {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    spoken_to: Arc<AtomicUsize>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl TlsOrigin {
+    fn start(pki: &Pki) -> TlsOrigin {
+        pki.leaf("origin", &["allowed.test"], None, "allowed.test");
+        let chain = CertificateDer::pem_file_iter(pki.path("origin.crt"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(pki.path("origin.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let spoken_to = Arc::new(AtomicUsize::new(0));
+        let (conns, spoken) = (connections.clone(), spoken_to.clone());
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, spoken) = (acceptor.clone(), spoken.clone());
+                tokio::spawn(async move {
+                    let mut one = [0u8; 1];
+                    match tokio::time::timeout(WAIT, stream.peek(&mut one)).await {
+                        Ok(Ok(n)) if n > 0 => spoken.fetch_add(1, Ordering::SeqCst),
+                        _ => return,
+                    };
+                    serve_ok(acceptor, stream).await;
+                });
+            }
+        });
+        TlsOrigin {
+            addr,
+            connections,
+            spoken_to,
+            _rt: rt,
+        }
+    }
+
+    fn spoken_to(&self) -> usize {
+        self.spoken_to.load(Ordering::SeqCst)
+    }
+}
+
+/// Complete the handshake, read one request head, answer `ok`.
+async fn serve_ok(acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut tls)) = tokio::time::timeout(WAIT, acceptor.accept(stream)).await else {
+        return;
+    };
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let _ = tls
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        .await;
+    let _ = tls.shutdown().await;
+}
+
+/// The config: a plain and an HTTPS listener, `server` keys added to `[server]`, `agents` as
+/// given, static hosts for the plain origin and the TLS origin, and the SNI check on the TLS
+/// origin's port.
+fn config(server: &str, agents: &str, origin: SocketAddr, tls_origin: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+tls_cert = "tls.crt"
+tls_key = "tls.key"
+{server}
+
+[timeouts]
+request_header = "2s"
+idle = "30s"
+shutdown_grace = "5s"
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+hosts = {{ "origin.test" = ["127.0.0.1"], "allowed.test" = ["127.0.0.1"], "fronted.test" = ["127.0.0.1"] }}
+
+[destinations]
+allow_cidrs = ["127.0.0.1/32"]
+
+[sni]
+ports = [{tls_port}]
+
+{agents}
+
+[policies.p]
+allow = ["origin.test:{port}", "allowed.test:{tls_port}"]
+"#,
+        port = origin.port(),
+        tls_port = tls_origin.port(),
+    )
+}
+
+const LOOPBACK_AGENT: &str = r#"
+[[agents]]
+name = "local"
+source_cidrs = ["127.0.0.0/8"]
+policy = "p"
+"#;
+
+/// curl through the gateway's HTTPS listener, trusting the test CA for the proxy and origin.
+fn curl_https_proxy(
+    proxy: &Proxy,
+    pki_dir: &str,
+    extra: &[&str],
+    url: &str,
+) -> (i32, String, String) {
+    let proxy_url = format!("https://127.0.0.1:{}", proxy.https.unwrap().port());
+    let ca = format!("{pki_dir}/ca.pem");
+    let mut args = vec![
+        "--proxy",
+        &proxy_url,
+        "--proxy-cacert",
+        &ca,
+        "--cacert",
+        &ca,
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    curl(&args)
+}
+
+/// Connect to the plain listener and open a tunnel to `authority`; panics unless it gets 200.
+fn tunnel(proxy: &Proxy, authority: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    write!(
+        s,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// The bytes of a rustls ClientHello: for `name`, or without SNI when `name` is an IP.
+fn client_hello(name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// The same handshake bytes re-split into records of one byte of payload each.
+fn one_byte_records(hello: &[u8]) -> Vec<u8> {
+    hello[5..]
+        .iter()
+        .flat_map(|b| [22, 3, 1, 0, 1, *b])
+        .collect()
+}
+
+/// Write `bytes` one at a time (each its own TCP segment, as far as the sender can make it).
+fn trickle(s: &mut TcpStream, bytes: &[u8]) {
+    for b in bytes {
+        s.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// True when the peer closed the connection (EOF or reset) within [`WAIT`].
+fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(0) | Err(_))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_https_listener_forwards_http_and_tunnels_tls_with_curl() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let dir = pki.path("");
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+
+    let url = format!("http://origin.test:{}/over-tls", origin.addr.port());
+    let (code, body, err) = curl_https_proxy(&proxy, &dir, &[], &url);
+    assert_eq!(code, 0, "{err}");
+    assert!(body.starts_with("GET /over-tls HTTP/1.1"), "{body}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str(), a.sni),
+        ("http", "allowed", None)
+    );
+
+    // HTTPS through the HTTPS proxy: TLS inside TLS, and the SNI check passes.
+    let url = format!("https://allowed.test:{}/", tls_origin.addr.port());
+    let (code, body, err) = curl_https_proxy(&proxy, &dir, &[], &url);
+    assert_eq!((code, body.as_str()), (0, "ok\n"), "{err}");
+    let a = proxy.audit();
+    assert_eq!(a.event, "connect");
+    assert_eq!(a.reason, "allowed");
+    assert_eq!(a.sni.as_deref(), Some("allowed.test"));
+    assert!(a.bytes_up > 0 && a.bytes_down > 0, "{a:?}");
+}
+
+#[test]
+fn a_rust_client_uses_the_https_listener() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let ca = std::fs::read(pki.path("ca.pem")).unwrap();
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy_url = format!("https://127.0.0.1:{}", proxy.https.unwrap().port());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(&proxy_url).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(WAIT)
+            .build()
+            .unwrap();
+        let url = format!("http://origin.test:{}/from-reqwest", origin.addr.port());
+        let resp = client.get(url).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    assert_eq!(status, 200);
+    assert!(body.starts_with("GET /from-reqwest HTTP/1.1"), "{body}");
+    assert_eq!(proxy.audit().reason, "allowed");
+}
+
+#[test]
+fn client_certificates_identify_agents_and_bad_ones_are_refused() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    pki.leaf("coder", &["coder.local"], Some(SPIFFE), "coding-agent");
+    pki.leaf("mailer", &["mailer.local"], None, "mail-agent");
+    let rogue = Pki::new("rogue CA");
+    rogue.leaf("rogue", &["coder.local"], Some(SPIFFE), "coding-agent");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let agents = format!(
+        r#"
+[[agents]]
+name = "coder"
+spiffe_id = "{SPIFFE}"
+policy = "p"
+
+[[agents]]
+name = "mailer"
+cert_subject = "mail-agent"
+policy = "p"
+"#
+    );
+    let dir = pki.path("");
+    let (coder_crt, coder_key) = (pki.path("coder.crt"), pki.path("coder.key"));
+    let (mailer_crt, mailer_key) = (pki.path("mailer.crt"), pki.path("mailer.key"));
+    let (rogue_crt, rogue_key) = (rogue.path("rogue.crt"), rogue.path("rogue.key"));
+    let proxy = pki.start(&config(
+        r#"client_ca = "ca.pem""#,
+        &agents,
+        origin.addr,
+        tls_origin.addr,
+    ));
+    let url = format!("http://origin.test:{}/", origin.addr.port());
+
+    for (crt, key, agent) in [
+        (&coder_crt, &coder_key, "coder"),
+        (&mailer_crt, &mailer_key, "mailer"),
+    ] {
+        let (code, _, err) = curl_https_proxy(
+            &proxy,
+            &dir,
+            &[
+                "--proxy-cert",
+                crt,
+                "--proxy-key",
+                key,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ],
+            &url,
+        );
+        assert_eq!(code, 0, "{err}");
+        let a = proxy.audit();
+        assert_eq!(
+            (a.agent.as_deref(), a.reason.as_str()),
+            (Some(agent), "allowed")
+        );
+    }
+
+    // No certificate: the handshake passes (certificates are optional), identity does not.
+    let (code, out, err) = curl_https_proxy(
+        &proxy,
+        &dir,
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+        &url,
+    );
+    assert_eq!((code, out.as_str()), (0, "407"), "{err}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "auth_required")
+    );
+    assert_eq!(origin.connections(), 2);
+
+    // A certificate from another CA fails the handshake, and is audited.
+    let (code, _, _) = curl_https_proxy(
+        &proxy,
+        &dir,
+        &["--proxy-cert", &rogue_crt, "--proxy-key", &rogue_key],
+        &url,
+    );
+    assert_ne!(code, 0);
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("reject", "tls_handshake_failed")
+    );
+    assert_eq!((a.agent, a.status), (None, None));
+    assert_eq!(origin.connections(), 2);
+
+    // The plain listener never identifies a certificate agent.
+    let (code, out, _) = curl(&[
+        "-x",
+        &format!("http://{}", proxy.addr),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "407"));
+    assert_eq!(proxy.audit().reason, "auth_required");
+}
+
+#[test]
+fn a_required_client_certificate_is_enforced_at_the_handshake() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    pki.leaf("coder", &["coder.local"], Some(SPIFFE), "coding-agent");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let dir = pki.path("");
+    let (crt, key) = (pki.path("coder.crt"), pki.path("coder.key"));
+    let proxy = pki.start(&config(
+        "client_ca = \"ca.pem\"\nrequire_client_cert = true",
+        LOOPBACK_AGENT,
+        origin.addr,
+        tls_origin.addr,
+    ));
+    let url = format!("http://origin.test:{}/", origin.addr.port());
+    let (code, _, _) = curl_https_proxy(&proxy, &dir, &[], &url);
+    assert_ne!(code, 0, "no certificate must fail the handshake");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.event.as_str(), a.reason.as_str()),
+        ("reject", "tls_handshake_failed")
+    );
+    assert_eq!(origin.connections(), 0);
+
+    // With one, the address agent is used (a certificate only matters to certificate agents).
+    let (code, _, err) = curl_https_proxy(
+        &proxy,
+        &dir,
+        &["--proxy-cert", &crt, "--proxy-key", &key],
+        &url,
+    );
+    assert_eq!(code, 0, "{err}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.agent.as_deref(), a.reason.as_str()),
+        (Some("local"), "allowed")
+    );
+}
+
+/// The subject CN of the certificate the HTTPS listener serves now.
+fn served_cn(https: SocketAddr, ca: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &https.to_string(), "-CAfile", ca])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("subject=")
+                .or_else(|| l.strip_prefix("subject ="))
+        })
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn a_rotated_certificate_is_served_without_a_restart() {
+    let pki = Pki::new("test CA");
+    pki.server("first");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let ca = pki.path("ca.pem");
+    let dir = pki.path("");
+    let rotate_dir = dir.clone();
+    // The next certificate is signed now (the Pki moves into the proxy) and renamed into place
+    // later, as the kubelet swaps a Secret's files.
+    pki.leaf("next", &["127.0.0.1", "localhost"], None, "second");
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let https = proxy.https.unwrap();
+    assert!(served_cn(https, &ca).contains("first"));
+
+    for ext in ["crt", "key"] {
+        let (from, to) = (
+            format!("{rotate_dir}/next.{ext}"),
+            format!("{rotate_dir}/tls.{ext}"),
+        );
+        std::fs::rename(from, to).unwrap();
+    }
+    proxy.wait_log("TLS files changed");
+    assert!(served_cn(https, &ca).contains("second"));
+    // And it still proxies.
+    let url = format!("http://origin.test:{}/", origin.addr.port());
+    let (code, _, err) = curl_https_proxy(&proxy, &dir, &[], &url);
+    assert_eq!(code, 0, "{err}");
+
+    // A broken rotation (a key that is not the certificate's) keeps the second certificate.
+    std::fs::write(
+        format!("{rotate_dir}/tls.key"),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    proxy.wait_log("TLS files unusable");
+    assert!(served_cn(https, &ca).contains("second"));
+}
+
+#[test]
+fn curl_through_the_plain_listener_passes_the_sni_check() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let ca = pki.path("ca.pem");
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let url = format!("https://allowed.test:{}/", tls_origin.addr.port());
+    let (code, body, err) = curl(&[
+        "-x",
+        &format!("http://{}", proxy.addr),
+        "--cacert",
+        &ca,
+        &url,
+    ]);
+    assert_eq!((code, body.as_str()), (0, "ok\n"), "{err}");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.reason.as_str(), a.sni.as_deref()),
+        ("allowed", Some("allowed.test"))
+    );
+}
+
+#[test]
+fn domain_fronting_with_openssl_is_cut_before_the_origin_sees_a_byte() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let ca = pki.path("ca.pem");
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-proxy",
+            &proxy.addr.to_string(),
+            "-connect",
+            &format!("allowed.test:{}", tls_origin.addr.port()),
+            "-servername",
+            "fronted.test",
+            "-CAfile",
+            &ca,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(!out.status.success(), "the handshake must not complete");
+    let a = proxy.audit();
+    assert_eq!(a.event, "connect");
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "sni_mismatch")
+    );
+    assert_eq!(a.sni.as_deref(), Some("fronted.test"));
+    assert_eq!(a.host.as_deref(), Some("allowed.test"));
+    assert_eq!(
+        tls_origin.spoken_to(),
+        0,
+        "the origin saw the fronted bytes"
+    );
+}
+
+#[test]
+fn a_client_hello_split_byte_by_byte_is_read_whole() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let authority = format!("allowed.test:{}", tls_origin.addr.port());
+
+    // One record, one byte per TCP write: the check passes and the origin answers with its
+    // ServerHello (a handshake record).
+    let mut s = tunnel(&proxy, &authority);
+    trickle(&mut s, &client_hello("allowed.test"));
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 22, "expected the origin's ServerHello");
+    drop(s);
+    let a = proxy.audit();
+    assert_eq!(a.sni.as_deref(), Some("allowed.test"));
+    assert_eq!(tls_origin.spoken_to(), 1);
+
+    // One byte per record *and* per write, for another name: cut, and the origin saw nothing.
+    let mut s = tunnel(&proxy, &authority);
+    trickle(&mut s, &one_byte_records(&client_hello("fronted.test")));
+    assert!(closed(&mut s));
+    let a = proxy.audit();
+    assert_eq!(
+        (a.reason.as_str(), a.sni.as_deref()),
+        ("sni_mismatch", Some("fronted.test"))
+    );
+    assert_eq!(a.bytes_up, 0);
+    assert_eq!(
+        tls_origin.spoken_to(),
+        1,
+        "the origin saw the fronted bytes"
+    );
+
+    // The same split for the right name is joined and passed on.
+    let mut s = tunnel(&proxy, &authority);
+    trickle(&mut s, &one_byte_records(&client_hello("allowed.test")));
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 22);
+    drop(s);
+    assert_eq!(proxy.audit().sni.as_deref(), Some("allowed.test"));
+    wait_until("the origin to see the hello", || {
+        tls_origin.spoken_to() == 2
+    });
+}
+
+#[test]
+fn non_tls_bytes_and_a_hello_without_sni_are_refused() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let authority = format!("allowed.test:{}", tls_origin.addr.port());
+
+    let mut s = tunnel(&proxy, &authority);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .unwrap();
+    assert!(closed(&mut s));
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str(), a.sni),
+        ("deny", "not_tls", None)
+    );
+
+    // rustls sends no SNI for an IP address.
+    let mut s = tunnel(&proxy, &authority);
+    s.write_all(&client_hello("127.0.0.1")).unwrap();
+    assert!(closed(&mut s));
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "sni_missing")
+    );
+
+    // A client that sends nothing is cut after timeouts.request_header.
+    let mut s = tunnel(&proxy, &authority);
+    assert!(closed(&mut s));
+    assert_eq!(proxy.audit().reason, "not_tls");
+    assert_eq!(tls_origin.spoken_to(), 0);
+    assert!(tls_origin.connections.load(Ordering::SeqCst) >= 3);
+}
+
+#[test]
+fn report_mode_lets_a_fronted_tunnel_through_as_would_deny() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let proxy = pki.start(&config(
+        "mode = \"report\"",
+        LOOPBACK_AGENT,
+        origin.addr,
+        tls_origin.addr,
+    ));
+    let mut s = tunnel(&proxy, &format!("allowed.test:{}", tls_origin.addr.port()));
+    s.write_all(&client_hello("fronted.test")).unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 22);
+    drop(s);
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("would_deny", "sni_mismatch")
+    );
+    assert_eq!(a.sni.as_deref(), Some("fronted.test"));
+}
+
+#[test]
+fn tls_keys_without_a_listener_and_bad_files_are_config_errors() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    std::fs::write(pki.path("empty.pem"), "").unwrap();
+    let base = "[server]\nlisten = \"127.0.0.1:0\"\n";
+    let tail = "\n[[agents]]\nname = \"a\"\nspiffe_id = \"spiffe://x/y\"\npolicy = \"p\"\n\n[policies.p]\nallow = [\"a.test\"]\n";
+    let cases: [(&str, &[&str]); 3] = [
+        ("tls_cert = \"tls.crt\"\n", &["server.tls_cert: only used with server.tls_listen", "server.client_ca: agent `a` is identified by a client certificate"]),
+        ("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"empty.pem\"\ntls_key = \"tls.key\"\n", &["server.tls_cert:", "holds no PEM"]),
+        ("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\nrequire_client_cert = true\n", &["server.require_client_cert: needs server.client_ca"]),
+    ];
+    for (server, expected) in cases {
+        let path = pki.dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{base}{server}{tail}")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "missing {e:?} in:\n{err}");
+        }
+    }
+}
