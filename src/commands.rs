@@ -126,6 +126,26 @@ pub fn summary(config: &Config) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{}: ok", config.source.display());
     let _ = writeln!(s, "listen: {}", config.listen);
+    if let (Some(at), Some(tls)) = (config.tls_listen, &config.tls) {
+        let t = tls.settings();
+        let clients = match (&t.client_ca, t.require_client_cert) {
+            (Some(ca), true) => format!("client certificate required ({})", ca.display()),
+            (Some(ca), false) => format!("client certificate optional ({})", ca.display()),
+            (None, _) => "no client certificates".to_owned(),
+        };
+        let _ = writeln!(s, "https listen: {at} ({}; {clients})", t.cert.display());
+    }
+    let ports: Vec<String> = config.sni.ports.iter().map(u16::to_string).collect();
+    let _ = writeln!(
+        s,
+        "sni check: ports [{}]{}",
+        ports.join(", "),
+        if config.sni.require {
+            ", server name required"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(s, "agents: {}", config.agents.len());
     for a in config.agents.iter() {
         let mut by = Vec::new();
@@ -135,6 +155,14 @@ pub fn summary(config: &Config) -> String {
         }
         if let Some(t) = &a.token {
             by.push(format!("token {}", t.path().display()));
+        }
+        if let Some(c) = &a.cert {
+            let fields = [("spiffe_id", &c.spiffe_id), ("cert_subject", &c.subject)];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    by.push(format!("certificate {k} {v}"));
+                }
+            }
         }
         let _ = writeln!(
             s,
