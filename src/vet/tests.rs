@@ -183,3 +183,56 @@ fn policy_exceptions_hold_only_where_given_and_never_widen_metadata() {
         "global deny is longer"
     );
 }
+
+#[test]
+fn embedded_forms_are_decided_by_the_ipv4_they_carry() {
+    // The forms tests/hostile.rs sends only inside a network namespace (they are not loopback, so
+    // a test must never send them here), decided without any traffic. All carry 127.0.0.2, or
+    // 93.184.215.14 for the operator-deny half.
+    let forms = [
+        ("::ffff:127.0.0.2", "93.184.215.14", "IPv4-mapped"),
+        ("::127.0.0.2", "::93.184.215.14", "IPv4-compatible"),
+        (
+            "::ffff:0:127.0.0.2",
+            "::ffff:0:93.184.215.14",
+            "IPv4-translated",
+        ),
+        ("64:ff9b::7f00:2", "64:ff9b::5db8:d70e", "NAT64"),
+        ("2002:7f00:2::1", "2002:5db8:d70e::1", "6to4"),
+        (
+            "2001:0:7f00:2::80ff:fffd",
+            "2001:0:5db8:d70e::a247:28f1",
+            "Teredo (server and client)",
+        ),
+    ];
+    let builtin = Vetter::default();
+    let operator = Vetter::new(nets(&["93.184.215.14/32"]), vec![], vec![]);
+    for (loopback, public, why) in forms {
+        assert!(
+            builtin.check(ip(loopback), 443).is_err(),
+            "{why}: {loopback}"
+        );
+        assert!(operator.check(ip(public), 443).is_err(), "{why}: {public}");
+    }
+    // With the carried address excepted, a form is allowed unless its IPv6 address is itself
+    // reserved (::/8 holds the compatible and translated forms).
+    let excepted = Vetter::new(vec![], nets(&["127.0.0.2/32"]), vec![]);
+    for (loopback, _, why) in forms {
+        let reserved = why == "IPv4-compatible" || why == "IPv4-translated";
+        assert_eq!(
+            excepted.check(ip(loopback), 443).is_err(),
+            reserved,
+            "{why}: {loopback}"
+        );
+    }
+    // The proxy's own address is its own in the mapped form too.
+    let own = Vetter::new(
+        vec![],
+        nets(&["127.0.0.0/8"]),
+        vec!["127.0.0.1:3128".parse().unwrap()],
+    );
+    assert_eq!(
+        own.check(ip("::ffff:127.0.0.1"), 3128),
+        Err(Refusal::SelfLoop)
+    );
+}

@@ -460,3 +460,37 @@ allow = [{allow}]
         allow = allow.join(", ")
     )
 }
+
+impl Origin {
+    /// The connections this origin has accepted, counted only once every connection made before
+    /// the call has been accepted: a probe connection is made and seen to be served (accepts are
+    /// handled in order), and is not counted. So "the origin saw nothing" cannot pass merely
+    /// because a connection a buggy proxy just made has not been counted yet.
+    pub fn settled_connections(&self) -> usize {
+        let mut probe = TcpStream::connect(self.addr).unwrap();
+        probe.set_read_timeout(Some(WAIT)).unwrap();
+        probe.shutdown(std::net::Shutdown::Write).unwrap();
+        // The origin closes a connection that ends before a request, after counting it.
+        let n = probe
+            .read(&mut [0u8; 1])
+            .expect("origin did not serve the probe");
+        assert_eq!(n, 0, "the origin answered a probe that sent nothing");
+        self.connections.fetch_sub(1, Ordering::SeqCst) - 1
+    }
+}
+
+/// The status code of a response head (`HTTP/1.1 403 Forbidden` → 403); 0 if there is none.
+pub fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of header `name` in a response head, if present (first occurrence).
+pub fn head_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
