@@ -826,3 +826,24 @@ fn pipelined_requests_are_judged_one_by_one() {
     );
     w.untouched_but(2, "allowed CONNECT with a request behind it");
 }
+
+#[test]
+fn a_body_that_breaks_its_chunked_framing_is_a_400() {
+    // The head is fine, so the request is forwarded; the body then breaks its framing mid-way.
+    // The upstream request is aborted (the origin never sees a complete request) and the client
+    // is told its request was malformed, not that it went away.
+    let w = World::start("");
+    let request = w.fill("{post}{host}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n");
+    let (_conn, head) = w.send(request.as_bytes());
+    assert_eq!(status_of(&head), 400, "{head}");
+    assert_eq!(
+        head_header(&head, "chokepoint-reason"),
+        Some("malformed_request")
+    );
+    let a = w.proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str(), a.status),
+        ("deny", "malformed_request", Some(400)),
+        "{a:?}"
+    );
+}

@@ -181,6 +181,10 @@ pub async fn send(
                         caps.request.max
                     ),
                 ),
+                Some(Reason::ClientClosed) if is_malformed_body(&e) => Deny::new(
+                    Reason::MalformedRequest,
+                    "the request body's chunked framing is broken",
+                ),
                 Some(Reason::ClientClosed) => {
                     Deny::new(Reason::ClientClosed, "client body ended early")
                 }
@@ -418,6 +422,22 @@ impl Body for ForwardBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// True when a failed exchange failed because the client's body broke its framing (hyper's
+/// chunked decoder reports `InvalidInput`/`InvalidData`), as opposed to the client going away.
+fn is_malformed_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        cause = c.source();
+    }
+    false
 }
 
 #[cfg(test)]
