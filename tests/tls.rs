@@ -769,3 +769,33 @@ fn tls_keys_without_a_listener_and_bad_files_are_config_errors() {
         }
     }
 }
+
+#[test]
+fn the_https_listener_speaks_tls_1_2_and_1_3_only() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let ca = pki.path("ca.pem");
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let https = proxy.https.unwrap().to_string();
+    for (flag, session) in [
+        ("-tls1_3", Some("New, TLSv1.3")),
+        ("-tls1_2", Some("New, TLSv1.2")),
+        ("-tls1_1", None),
+    ] {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &https, "-CAfile", &ca, flag])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is installed (.ci/run installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match session {
+            Some(line) => assert!(
+                text.contains(line) && text.contains("Verify return code: 0 (ok)"),
+                "{flag}:\n{text}"
+            ),
+            None => assert!(text.contains("New, (NONE)"), "{flag}:\n{text}"),
+        }
+    }
+}
