@@ -34,6 +34,8 @@ pub const AUDIT_QUEUE: &str = "chokepoint_audit_queue_lines";
 pub const AUDIT_WAIT: &str = "chokepoint_audit_wait_seconds_total";
 /// `chokepoint_audit_lines_total`: audit lines written.
 pub const AUDIT_LINES: &str = "chokepoint_audit_lines_total";
+/// When the HTTPS listener's certificate expires (Unix seconds); exported only with `tls_listen`.
+pub const TLS_CERT_EXPIRY: &str = "chokepoint_tls_cert_expiry_timestamp_seconds";
 
 /// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
 /// the internet tens to hundreds of milliseconds.
@@ -65,6 +67,7 @@ pub struct Metrics {
     audit_queue: IntGauge,
     audit_wait: Counter,
     audit_lines: IntCounter,
+    tls_expiry: IntGaugeVec,
 }
 
 /// One finished request or tunnel, as the metrics see it.
@@ -147,6 +150,15 @@ impl Metrics {
             "Total time requests waited for audit queue space (the writer fell behind).",
         )?;
         let audit_lines = IntCounter::new(AUDIT_LINES, "Audit lines written.")?;
+        // A vector without labels: no series at all until a certificate is loaded, so a gateway
+        // without the HTTPS listener exports nothing an expiry alert could misread.
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                TLS_CERT_EXPIRY,
+                "When the HTTPS listener's serving certificate expires (Unix seconds).",
+            ),
+            &[],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -159,6 +171,7 @@ impl Metrics {
             Box::new(audit_queue.clone()),
             Box::new(audit_wait.clone()),
             Box::new(audit_lines.clone()),
+            Box::new(tls_expiry.clone()),
         ] {
             registry.register(c)?;
         }
@@ -182,6 +195,7 @@ impl Metrics {
             audit_queue,
             audit_wait,
             audit_lines,
+            tls_expiry,
         })
     }
 
@@ -221,6 +235,13 @@ impl Metrics {
     /// A DNS lookup took `d`.
     pub fn dns_looked_up(&self, d: Duration) {
         self.dns.observe(d.as_secs_f64());
+    }
+
+    /// The HTTPS listener now serves a certificate that expires at `not_after` (Unix seconds).
+    pub fn tls_cert_loaded(&self, not_after: i64) {
+        self.tls_expiry
+            .with_label_values::<&str>(&[])
+            .set(not_after);
     }
 
     /// A reload finished.

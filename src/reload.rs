@@ -134,6 +134,9 @@ impl Live {
         let path = config.source.clone();
         let snapshot = Snapshot::build(config, &own, None)?;
         log_warnings(&snapshot.config);
+        if let Some(tls) = &snapshot.config.tls {
+            metrics.tls_cert_loaded(tls.not_after());
+        }
         Ok(Live {
             current: ArcSwap::from_pointee(snapshot),
             path,
@@ -169,6 +172,9 @@ impl Live {
             .filter(|name| !next.config.agents.iter().any(|a| &*a.name == *name))
             .collect();
         self.metrics.forget_agents(gone.into_iter());
+        if let Some(tls) = &next.config.tls {
+            self.metrics.tls_cert_loaded(tls.not_after());
+        }
         self.current.store(Arc::new(next));
         Ok(())
     }
@@ -193,10 +199,13 @@ impl Live {
         let snap = self.current.load();
         let Some(tls) = &snap.config.tls else { return };
         match tls.refresh() {
-            Ok(true) => tracing::info!(
-                cert = %tls.settings().cert.display(),
-                "TLS files changed; new connections use them"
-            ),
+            Ok(true) => {
+                self.metrics.tls_cert_loaded(tls.not_after());
+                tracing::info!(
+                    cert = %tls.settings().cert.display(),
+                    "TLS files changed; new connections use them"
+                );
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(
                 error = %e,

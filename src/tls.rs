@@ -14,7 +14,7 @@
 //! fails the handshake.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -48,6 +48,8 @@ pub struct TlsFiles {
     fingerprint: AtomicU64,
     /// Hash of contents that last failed to build (reported once, not every second).
     failed: AtomicU64,
+    /// When the serving certificate in use expires (Unix seconds; 0 if unknown).
+    not_after: AtomicI64,
 }
 
 /// Why the TLS files could not be used.
@@ -91,18 +93,24 @@ const ALPN: &[&[u8]] = &[b"http/1.1"];
 impl TlsFiles {
     /// Read and check every file.
     pub fn load(settings: TlsSettings) -> Result<Self, TlsError> {
-        let (config, fp) = build(&settings)?;
+        let (config, fp, not_after) = build(&settings)?;
         Ok(TlsFiles {
             settings,
             current: ArcSwap::from_pointee(config),
             fingerprint: AtomicU64::new(fp),
             failed: AtomicU64::new(0),
+            not_after: AtomicI64::new(not_after),
         })
     }
 
     /// The settings the files came from.
     pub fn settings(&self) -> &TlsSettings {
         &self.settings
+    }
+
+    /// When the serving certificate in use expires, in Unix seconds (0 if it cannot be read).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
     }
 
     /// The server config for a new connection.
@@ -120,14 +128,17 @@ impl TlsFiles {
                 if fp == self.fingerprint.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
-                (fp, config_from(&self.settings, &contents))
+                let built =
+                    config_from(&self.settings, &contents).map(|c| (c, expiry(&contents[0])));
+                (fp, built)
             }
             // A file gone (a Secret key removed): keep serving with what was loaded.
             Err(e) => (crate::config::fingerprint(e.to_string().as_bytes()), Err(e)),
         };
         match built {
-            Ok(config) => {
+            Ok((config, not_after)) => {
                 self.current.store(Arc::new(config));
+                self.not_after.store(not_after, Ordering::Relaxed);
                 self.fingerprint.store(fp, Ordering::Relaxed);
                 self.failed.store(0, Ordering::Relaxed);
                 Ok(true)
@@ -153,10 +164,23 @@ fn read_all(s: &TlsSettings) -> Result<Vec<Vec<u8>>, TlsError> {
         .collect()
 }
 
-fn build(s: &TlsSettings) -> Result<(ServerConfig, u64), TlsError> {
+fn build(s: &TlsSettings) -> Result<(ServerConfig, u64, i64), TlsError> {
     let contents = read_all(s)?;
     let fp = crate::config::fingerprint(&contents.concat());
-    Ok((config_from(s, &contents)?, fp))
+    Ok((config_from(s, &contents)?, fp, expiry(&contents[0])))
+}
+
+/// The `notAfter` of the first certificate in a PEM chain, in Unix seconds (0 if unreadable).
+fn expiry(pem: &[u8]) -> i64 {
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| {
+            x509_parser::parse_x509_certificate(&der)
+                .ok()
+                .map(|(_, c)| c.validity().not_after.timestamp())
+        })
+        .unwrap_or(0)
 }
 
 /// The rustls config from file contents as read by [`read_all`].

@@ -539,9 +539,21 @@ fn a_rotated_certificate_is_served_without_a_restart() {
     // The next certificate is signed now (the Pki moves into the proxy) and renamed into place
     // later, as the kubelet swaps a Secret's files.
     pki.leaf("next", &["127.0.0.1", "localhost"], None, "second");
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(
+        "admin_listen = \"127.0.0.1:0\"",
+        LOOPBACK_AGENT,
+        origin.addr,
+        tls_origin.addr,
+    ));
     let https = proxy.https.unwrap();
     assert!(served_cn(https, &ca).contains("first"));
+    // rcgen certificates are valid until 4096-01-01.
+    let metrics = format!("http://{}/metrics", proxy.admin.unwrap());
+    let (_, scrape, _) = curl(&[&metrics]);
+    assert!(
+        scrape.contains("\nchokepoint_tls_cert_expiry_timestamp_seconds 67090118400\n"),
+        "{scrape}"
+    );
 
     for ext in ["crt", "key"] {
         let (from, to) = (

@@ -118,6 +118,8 @@ fn refresh_swaps_in_a_rotated_certificate() {
     std::fs::write(&s.key, key).unwrap();
     assert!(files.refresh().unwrap());
     assert!(!Arc::ptr_eq(&before, &files.server_config()));
+    // rcgen's default validity ends in 4096.
+    assert_eq!(files.not_after(), 67090118400); // 4096-01-01T00:00:00Z
 }
 
 #[test]
