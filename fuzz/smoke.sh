@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Bounded fuzz smoke for CI: build every target, run each from its committed seeds for
+# FUZZ_SECONDS (default 20) on one job. A crash fails the script; its input is left in
+# fuzz/artifacts/<target>/ (CI prints the path and the reproducing command).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+seconds="${FUZZ_SECONDS:-20}"
+targets=(request_head authority allowlist_diff vet config config_mutate)
+
+# libFuzzer needs -Zsanitizer; on a stable toolchain that takes RUSTC_BOOTSTRAP.
+export RUSTC_BOOTSTRAP=1
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
+start=$(date +%s)
+# The default build: optimised, with debug assertions, overflow checks and AddressSanitizer.
+cargo fuzz build
+built=$(date +%s)
+echo "fuzz smoke: built in $((built - start)) s"
+
+for t in "${targets[@]}"; do
+  # A scratch corpus so the committed seeds stay as they are. One in-process job (no -jobs):
+  # the stats land in the log read below.
+  corpus="target/smoke-corpus/$t"
+  rm -rf "$corpus" && mkdir -p "$corpus" "artifacts/$t"
+  echo "fuzz smoke: $t for ${seconds} s"
+  log="target/smoke-$t.log"
+  rc=0
+  cargo fuzz run "$t" "$corpus" "seeds/$t" -- \
+    -max_total_time="$seconds" -print_final_stats=1 \
+    -rss_limit_mb=2048 -timeout=10 >"$log" 2>&1 || rc=$?
+  grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added)' "$log" || true
+  if [ "$rc" -ne 0 ]; then
+    tail -n 60 "$log" >&2
+    echo "fuzz smoke: $t FAILED (exit $rc); reproduce with: cargo fuzz run $t fuzz/artifacts/$t/<file>" >&2
+    exit 1
+  fi
+done
+echo "fuzz smoke: done in $(( $(date +%s) - start )) s"
