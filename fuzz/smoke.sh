@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-20}"
-targets=(request_head authority allowlist_diff vet config config_mutate)
+targets=(request_head authority allowlist_diff vet config config_mutate sni)
 
 # libFuzzer needs -Zsanitizer; on a stable toolchain that takes RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1

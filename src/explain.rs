@@ -130,7 +130,7 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
             match agents.identify(client, &http::HeaderMap::new(), None) {
                 Ok(id) => Ok((id, format!("by source address {ip}, without credentials"))),
                 Err(d) => Err(ExplainError::Unmatched(format!(
-                    "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token agents",
+                    "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token or certificate agents",
                     d.reason, d.detail
                 ))),
             }

@@ -16,7 +16,7 @@ pub fn config_path() -> &'static Path {
     })
 }
 
-/// True when the text names a token file outside that empty directory (`/dev/zero`,
+/// True when the text names a token or TLS file outside that empty directory (`/dev/zero`,
 /// `../x`): the loader would read it, which is the operator's business, not the fuzzer's.
 pub fn reads_outside(src: &str) -> bool {
     let Ok(value) = src.parse::<toml::Table>() else {
@@ -25,8 +25,11 @@ pub fn reads_outside(src: &str) -> bool {
     fn walk(v: &toml::Value) -> bool {
         match v {
             toml::Value::Table(t) => t.iter().any(|(k, v)| {
-                (k == "token_file"
-                    && v.as_str()
+                (matches!(
+                    k.as_str(),
+                    "token_file" | "tls_cert" | "tls_key" | "client_ca"
+                ) && v
+                    .as_str()
                         .is_none_or(|s| s.contains('/') || s.contains('\\') || s.starts_with('.')))
                     || walk(v)
             }),
