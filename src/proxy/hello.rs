@@ -23,9 +23,12 @@ pub struct Read {
 }
 
 /// Read from `client` until its bytes hold a complete ClientHello, are not one, pass
-/// [`MAX_BUFFERED`], or `within` runs out. A client that closes first is `client_closed`.
-pub async fn read<R: AsyncRead + Unpin>(client: &mut R, within: Duration) -> Read {
-    let mut bytes = Vec::with_capacity(2048);
+/// [`MAX_BUFFERED`], or `within` runs out. `pending` are bytes the client already sent (read
+/// together with the CONNECT head); they come first. A client that closes first is
+/// `client_closed`.
+pub async fn read<R: AsyncRead + Unpin>(client: &mut R, pending: &[u8], within: Duration) -> Read {
+    let mut bytes = Vec::with_capacity(pending.len().max(2048));
+    bytes.extend_from_slice(pending);
     let hello = match tokio::time::timeout(within, fill(client, &mut bytes)).await {
         Ok(r) => r,
         Err(_) => Err(Deny::with_detail(

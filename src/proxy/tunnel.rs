@@ -66,7 +66,7 @@ pub async fn run(
     let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
     if let Some(check) = sni {
         let first = tokio::select! {
-            r = hello::read(&mut client_io, check.within) => r,
+            r = hello::read(&mut client_io, &[], check.within) => r,
             () = abort.cancelled() => {
                 audited.ctx_mut().ended(Reason::Shutdown);
                 return audited.finish().await;
