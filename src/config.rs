@@ -130,14 +130,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Validate config text; `path` is used in messages.
 pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(src).map_err(|source| {
-        let (line, col) = source
-            .span()
-            .map_or((1, 1), |s| error::line_col(src, s.start));
+        let at = source.span().map_or(0, |s| s.start);
+        let (line, col) = error::line_col(src, at);
+        let message = match source.message().trim_end() {
+            // toml says nothing for some characters it refuses (a control character in a
+            // comment): name the character, so the line is not all the operator gets.
+            "" => unnamed_syntax_error(src, at),
+            m => m.to_owned(),
+        };
         ConfigError::Syntax {
             file: path.to_owned(),
             line,
             col,
-            message: source.message().trim_end().to_owned(),
+            message,
             source: Box::new(source),
         }
     })?;
@@ -153,6 +158,17 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         Ok(config)
     } else {
         Err(ConfigError::Invalid(v.issues))
+    }
+}
+
+/// The message for a TOML syntax error that toml left without one.
+fn unnamed_syntax_error(src: &str, at: usize) -> String {
+    match src.get(at..).and_then(|rest| rest.chars().next()) {
+        Some(c) if c.is_control() => format!(
+            "control character {c:?} is not allowed in TOML, not even in a comment; remove it"
+        ),
+        Some(c) => format!("unexpected {c:?}"),
+        None => "unexpected end of file".to_owned(),
     }
 }
 

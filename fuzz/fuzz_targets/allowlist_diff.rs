@@ -67,10 +67,18 @@ struct RuleSpec {
     port: Option<u8>,
 }
 
+/// The query host: free, or a rule's host with up to two labels put in front (so that exact
+/// and wildcard matches, apexes and ports are hit often).
+#[derive(Arbitrary, Debug)]
+enum Query {
+    Host(HostSpec),
+    NearRule(u8, Vec<u8>),
+}
+
 #[derive(Arbitrary, Debug)]
 struct Input {
     rules: Vec<RuleSpec>,
-    host: HostSpec,
+    query: Query,
     port: u8,
     connect: bool,
     free_rule: String,
@@ -129,7 +137,22 @@ fuzz_target!(|input: Input| {
         );
     }
 
-    let authority = format!("{}:{}", render_host(&input.host), port_of(input.port));
+    let host = match &input.query {
+        Query::Host(h) => render_host(h),
+        Query::NearRule(_, _) if input.rules.is_empty() => return,
+        Query::NearRule(i, prefix) => {
+            let rules = &input.rules[..input.rules.len().min(16)];
+            match &rules[usize::from(*i) % rules.len()].host {
+                HostSpec::Name(idx) => {
+                    let mut labels = labels_of(&prefix[..prefix.len().min(2)]);
+                    labels.extend(labels_of(idx));
+                    labels.join(".")
+                }
+                ip => render_host(ip),
+            }
+        }
+    };
+    let authority = format!("{host}:{}", port_of(input.port));
     let Ok(target) = target::parse_authority(&authority, None) else {
         return;
     };
@@ -146,11 +169,21 @@ fuzz_target!(|input: Input| {
             .expect("matched rule is not in the list")
     });
     let want = reference_check(&reference, kind, &target);
+    if trace() {
+        eprintln!("rules={} {kind:?} {target} -> {want:?}", reference.len());
+    }
     assert_eq!(
         got, want,
         "{kind:?} {target}: compiled {got:?}, reference {want:?}; rules {reference:#?}"
     );
 });
+
+/// `CHOKEPOINT_FUZZ_TRACE=1` prints each decided query (to check a corpus reaches matches:
+/// `cargo fuzz run allowlist_diff corpus/allowlist_diff -- -runs=0`).
+fn trace() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("CHOKEPOINT_FUZZ_TRACE").is_some())
+}
 
 fn port_of(i: u8) -> u16 {
     PORTS[usize::from(i) % PORTS.len()]

@@ -100,3 +100,24 @@ fn static_hosts_are_normalised() {
         ["127.0.0.2".parse::<IpAddr>().unwrap()]
     );
 }
+
+/// Found by the `config` fuzz target: toml reports a control character in a comment with an
+/// empty message, which left the operator with `file:1:22: ` and nothing else.
+#[test]
+fn control_character_in_comment_is_named() {
+    let src = format!("# The least a config \u{1}\n{MINIMAL}");
+    let e = parse_str(&src).unwrap_err();
+    let ConfigError::Syntax {
+        line, col, message, ..
+    } = &e
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!((*line, *col), (1, 22));
+    assert!(message.contains(r"'\u{1}'"), "{message}");
+    assert!(
+        e.to_string()
+            .starts_with("test.toml:1:22: control character"),
+        "{e}"
+    );
+}
