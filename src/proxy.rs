@@ -52,6 +52,12 @@ pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
 /// Largest request head any config may allow (`max_request_header_bytes` is checked per agent).
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
 
+/// Most header fields in a request head (hyper's `max_headers`): beyond it hyper answers 431,
+/// audited as `header_too_large`. This is hyper's own default, set explicitly so the bound is
+/// ours and documented. hyper parses into an array of this many slots kept on the stack up to
+/// 100 (its inline capacity); a larger value would cost a heap allocation per request.
+pub const MAX_HEADERS: usize = 100;
+
 /// hyper's smallest read buffer.
 const MIN_BUF_BYTES: usize = 8 * 1024;
 
@@ -115,6 +121,7 @@ impl Shared {
         http.timer(self.timer.clone())
             .header_read_timeout(config.timeouts.request_header)
             .max_buf_size(head.max(MIN_BUF_BYTES) + MIN_BUF_BYTES)
+            .max_headers(MAX_HEADERS)
             .keep_alive(true);
         http
     }
