@@ -259,9 +259,11 @@ async fn serve_conn<S>(
     let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
     let svc_shared = shared.clone();
     let svc_requests = requests.clone();
+    let svc_received = received.clone();
     let svc = service_fn(move |req| {
         svc_requests.fetch_add(1, Relaxed);
-        handle(req, peer, svc_shared.clone(), slot.clone(), cert.clone())
+        let (slot, received) = (slot.clone(), svc_received.clone());
+        handle(req, peer, svc_shared.clone(), slot, received, cert.clone())
     });
     let snap = shared.live.load();
     let idle = snap.config.timeouts.idle;
@@ -277,6 +279,9 @@ async fn serve_conn<S>(
         // responses, nor an exchange where neither side moves: close such connections.
         () = received.idle_for(idle) => {
             tracing::debug!(client = %peer, "client connection idle; closed");
+            // An exchange still in flight (a response the client stopped reading) ends with
+            // the connection: audited as idle_timeout, not as the client leaving.
+            received.cut(Reason::IdleTimeout);
             Ok(())
         }
         () = shared.draining.cancelled() => {
@@ -348,17 +353,20 @@ struct Admitted {
     sni: Option<tunnel::SniCheck>,
 }
 
-/// Run the pipeline for one request and produce its response.
+/// Run the pipeline for one request and produce its response. `received` is the client
+/// connection's meter (see [`RequestCtx::client_conn`]).
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: Arc<OwnedSemaphorePermit>,
+    received: Arc<Meter>,
     cert: Option<Arc<PeerCert>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = shared.live.load();
     let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
     ctx.connection = Some(slot);
+    ctx.client_conn = Some(received);
     let mut audited = Audited::new(ctx, shared.recorder());
     let steps = steps(
         &req,
