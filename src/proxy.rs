@@ -52,8 +52,17 @@ pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
 /// Largest request head any config may allow (`max_request_header_bytes` is checked per agent).
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
 
+/// Most header fields in a request head (hyper's `max_headers`): beyond it hyper answers 431,
+/// audited as `header_too_large`. This is hyper's own default, set explicitly so the bound is
+/// ours and documented. hyper parses into an array of this many slots kept on the stack up to
+/// 100 (its inline capacity); a larger value would cost a heap allocation per request.
+pub const MAX_HEADERS: usize = 100;
+
 /// hyper's smallest read buffer.
 const MIN_BUF_BYTES: usize = 8 * 1024;
+
+/// hyper's message for a request target over its URI limit, which it answers with 414.
+const HYPER_URI_TOO_LONG: &str = "URI too long";
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -112,6 +121,7 @@ impl Shared {
         http.timer(self.timer.clone())
             .header_read_timeout(config.timeouts.request_header)
             .max_buf_size(head.max(MIN_BUF_BYTES) + MIN_BUF_BYTES)
+            .max_headers(MAX_HEADERS)
             .keep_alive(true);
         http
     }
@@ -249,9 +259,11 @@ async fn serve_conn<S>(
     let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
     let svc_shared = shared.clone();
     let svc_requests = requests.clone();
+    let svc_received = received.clone();
     let svc = service_fn(move |req| {
         svc_requests.fetch_add(1, Relaxed);
-        handle(req, peer, svc_shared.clone(), slot.clone(), cert.clone())
+        let (slot, received) = (slot.clone(), svc_received.clone());
+        handle(req, peer, svc_shared.clone(), slot, received, cert.clone())
     });
     let snap = shared.live.load();
     let idle = snap.config.timeouts.idle;
@@ -267,6 +279,9 @@ async fn serve_conn<S>(
         // responses, nor an exchange where neither side moves: close such connections.
         () = received.idle_for(idle) => {
             tracing::debug!(client = %peer, "client connection idle; closed");
+            // An exchange still in flight (a response the client stopped reading) ends with
+            // the connection: audited as idle_timeout, not as the client leaving.
+            received.cut(Reason::IdleTimeout);
             Ok(())
         }
         () = shared.draining.cancelled() => {
@@ -296,10 +311,15 @@ async fn serve_conn<S>(
 /// error is just the client going quiet.
 fn broken_head(e: &hyper::Error, first_head: bool) -> Option<(Reason, Option<StatusCode>)> {
     if e.is_parse_too_large() {
-        Some((
-            Reason::HeaderTooLarge,
-            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-        ))
+        // hyper answers a request target over its own URI limit (65,534 bytes) with 414 and
+        // any other head too large with 431; the audit line records the one it sent. hyper has
+        // no predicate for the URI case, only its message (pinned by tests/abuse.rs).
+        let status = if e.to_string() == HYPER_URI_TOO_LONG {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        };
+        Some((Reason::HeaderTooLarge, Some(status)))
     } else if e.is_parse() {
         Some((Reason::MalformedRequest, Some(StatusCode::BAD_REQUEST)))
     } else if first_head && e.is_timeout() {
@@ -333,17 +353,20 @@ struct Admitted {
     sni: Option<tunnel::SniCheck>,
 }
 
-/// Run the pipeline for one request and produce its response.
+/// Run the pipeline for one request and produce its response. `received` is the client
+/// connection's meter (see [`RequestCtx::client_conn`]).
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: Arc<OwnedSemaphorePermit>,
+    received: Arc<Meter>,
     cert: Option<Arc<PeerCert>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = shared.live.load();
     let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
     ctx.connection = Some(slot);
+    ctx.client_conn = Some(received);
     let mut audited = Audited::new(ctx, shared.recorder());
     let steps = steps(
         &req,

@@ -65,6 +65,9 @@ pub struct RequestCtx {
     /// The client connection's slot under `server.max_connections`, held as long as the request
     /// (a tunnel outlives the HTTP connection it came from).
     pub connection: Option<Arc<OwnedSemaphorePermit>>,
+    /// The client connection's meter. A cut recorded on it (the connection was closed because
+    /// nothing moved for `timeouts.idle`) is how a request dropped with the connection ended.
+    pub client_conn: Option<Arc<Meter>>,
 }
 
 // === impl RequestCtx ===
@@ -93,6 +96,7 @@ impl RequestCtx {
             mode: Mode::Enforce,
             permit: None,
             connection: None,
+            client_conn: None,
         }
     }
 
@@ -338,8 +342,15 @@ impl Audited {
 
 impl Drop for Audited {
     fn drop(&mut self) {
-        // Dropped before finishing: the client went away (or the task was aborted).
-        self.finish_sync(Some(Reason::ClientClosed));
+        // Dropped before finishing: the client went away, the gateway closed its connection
+        // (recorded on the connection's meter), or the task was aborted.
+        let how = self
+            .ctx
+            .as_ref()
+            .and_then(|c| c.client_conn.as_ref())
+            .and_then(|m| m.cut_reason())
+            .unwrap_or(Reason::ClientClosed);
+        self.finish_sync(Some(how));
     }
 }
 

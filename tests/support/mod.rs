@@ -188,6 +188,11 @@ impl Proxy {
         }
     }
 
+    /// The gateway's process id (for /proc/PID/status, /proc/PID/fd).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
