@@ -1,0 +1,314 @@
+//! Zero-copy tunnels on Linux: splice(2) between two TCP sockets, through a pipe per direction.
+//!
+//! The copy in `copy.rs` moves every byte through user space twice (`recv` into a buffer, `send`
+//! out of it). Here each direction asks the kernel to move bytes from the source socket into a
+//! pipe and from the pipe into the destination socket; the bytes never leave the kernel, and a
+//! call moves as much as the pipe holds.
+//!
+//! How one direction runs:
+//! * **Fill, then drain.** Bytes are spliced into the pipe only while it is empty, then spliced
+//!   out until it is empty again. So an `EAGAIN` from the source side always means "the socket has
+//!   nothing" (never "the pipe is full"), which is what tokio's `try_io` needs to clear the
+//!   socket's readiness correctly; and the direction never holds more than one pipeful.
+//! * **Readiness from tokio.** `TcpStream::try_io` with `readable()`/`writable()`, as tokio's own
+//!   reads and writes do; `consume_budget` after every move keeps a busy tunnel from starving the
+//!   other tasks of its worker.
+//! * **Pipes are borrowed.** A direction takes a pipe from a per-thread pool when its source
+//!   turns out to have data, and gives it back (empty) as soon as the source has nothing more. An
+//!   idle tunnel holds no pipe: its file descriptors are its two sockets, as with the copy. Only
+//!   directions moving data hold a pipe (two descriptors each), and each worker thread keeps at
+//!   most [`POOL_MAX`] empty ones.
+//! * **Counting and caps** happen when bytes enter the pipe, as `Metered` counts reads: into the
+//!   same [`Meter`], so audit bytes, metrics and the idle watchdog see no difference. Under an
+//!   enforced cap a direction asks for no more than the bytes left; once none are left it asks for
+//!   one byte, and if one comes the cap is passed: the tunnel ends with the cap's reason, and that
+//!   byte is never written. The destination receives exactly the cap.
+//! * **Half-close** as in the copy: a source at EOF shuts the destination down for writing; the
+//!   relay ends when both directions have, or at the first error.
+//! * **Fallback.** `EINVAL`/`ENOSYS` from splice (a kernel, filesystem or sandbox that will not
+//!   splice these descriptors) or a pipe that cannot be made (out of descriptors) ends the relay
+//!   with [`Spliced::Fallback`]: what is still in the pipes comes back as [`Leftover`] bytes for the
+//!   caller to write before it copies the rest the portable way. No byte is lost or reordered.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+
+use rustix::io::Errno;
+use rustix::net::Shutdown;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::{Cap, CapReached, Direction, Meter};
+
+/// Most bytes asked of one splice into a pipe. The pipe's capacity is the real bound: splicing
+/// into an empty pipe moves what the socket has, up to what the pipe holds.
+const MAX_MOVE: usize = 1 << 20;
+
+/// Capacity asked for each new pipe (`F_SETPIPE_SZ`). Best effort: past the user's pipe budget
+/// (`fs.pipe-user-pages-soft`) the kernel refuses, and the pipe keeps the size it was given.
+const PIPE_BYTES: usize = 256 * 1024;
+
+/// Empty pipes kept per worker thread for the next direction that has data.
+pub const POOL_MAX: usize = 16;
+
+thread_local! {
+    /// Empty pipes, ready for the next busy direction on this thread.
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Pipes made on this thread, so tests can tell pooled pipes from held ones.
+    static MADE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How a splice relay ended without an error.
+#[derive(Debug)]
+pub enum Spliced {
+    /// Both directions reached EOF and shut their destination down.
+    Done,
+    /// Splice cannot carry this tunnel: copy the rest, after writing the [`Leftover`].
+    Fallback(Fallback),
+}
+
+/// Why splicing stopped, and the bytes it had taken from a socket but not delivered.
+#[derive(Debug)]
+pub struct Fallback {
+    /// The error that stopped it.
+    pub cause: io::Error,
+    /// True when splice(2) itself refused (`EINVAL`, `ENOSYS`): it will refuse other tunnels
+    /// too. False when only this tunnel could not get a pipe.
+    pub unsupported: bool,
+    /// Bytes already counted and taken from the sockets, still to be written.
+    pub leftover: Leftover,
+}
+
+/// Bytes read from one side but not yet written to the other. Already counted in the [`Meter`].
+#[derive(Debug, Default)]
+pub struct Leftover {
+    /// For the upstream (read from the client).
+    pub up: Vec<u8>,
+    /// For the client (read from the upstream).
+    pub down: Vec<u8>,
+}
+
+/// Move bytes both ways between `client` and `upstream` until both directions reach EOF or an
+/// error ends the tunnel. Client → upstream bytes count as [`Direction::Up`] against `upload`.
+///
+/// An enforced cap being passed ends it with an error wrapping [`CapReached`], as the copy does.
+pub async fn splice_bidirectional(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    meter: &Meter,
+    upload: Option<Cap>,
+) -> io::Result<Spliced> {
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let ended = tokio::try_join!(
+        up.pump(client, upstream, meter, Direction::Up, upload),
+        down.pump(upstream, client, meter, Direction::Down, None),
+    );
+    let (cause, unsupported) = match ended {
+        Ok(_) => return Ok(Spliced::Done),
+        Err(Stop::Io(e)) => return Err(e),
+        Err(Stop::Unsupported(e)) => (e, true),
+        Err(Stop::NoPipe(e)) => (e, false),
+    };
+    let leftover = Leftover {
+        up: up.take_pending()?,
+        down: down.take_pending()?,
+    };
+    Ok(Spliced::Fallback(Fallback {
+        cause,
+        unsupported,
+        leftover,
+    }))
+}
+
+/// Why one direction stopped early.
+enum Stop {
+    /// splice(2) refuses these descriptors.
+    Unsupported(io::Error),
+    /// No pipe could be made (out of descriptors or memory).
+    NoPipe(io::Error),
+    /// The tunnel ends: a socket error, or a cap.
+    Io(io::Error),
+}
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        match Errno::from_io_error(&e) {
+            Some(Errno::INVAL | Errno::NOSYS) => Stop::Unsupported(e),
+            _ => Stop::Io(e),
+        }
+    }
+}
+
+/// A pipe: bytes spliced into `w` come out of `r`.
+#[derive(Debug)]
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    /// An empty pipe: from this thread's pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(p) = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten() {
+            return Ok(p);
+        }
+        // Non-blocking on both ends: a full or empty pipe must never block the worker thread.
+        let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        #[cfg(test)]
+        MADE.with(|m| m.set(m.get() + 1));
+        // Fewer, larger moves per syscall. Refused past the user's pipe budget: then the default
+        // (64 KiB, or less for a user over budget) still works, with more calls.
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
+        Ok(Pipe { r, w })
+    }
+
+    /// Return an empty pipe for reuse on this thread (or close it if the pool is full).
+    fn give_back(self) {
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(self);
+            }
+        });
+    }
+}
+
+/// One direction's state: kept outside its future, so a fallback can recover the pipe's bytes
+/// after the futures are gone.
+#[derive(Debug, Default)]
+struct Half {
+    /// Held only while the direction is moving data.
+    pipe: Option<Pipe>,
+    /// Bytes in `pipe` not yet spliced to the destination (`> 0` only with a pipe).
+    pending: usize,
+}
+
+// === impl Half ===
+
+impl Half {
+    /// Move `src` → `dst` until EOF (then shut `dst` down for writing) or an error.
+    async fn pump(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        meter: &Meter,
+        dir: Direction,
+        cap: Option<Cap>,
+    ) -> Result<(), Stop> {
+        loop {
+            if self.pending > 0 {
+                self.drain(dst, meter).await?;
+                continue;
+            }
+            let room = meter.room(dir, cap);
+            // At the cap, ask for one byte: it tells "more is coming" from EOF, and is never sent.
+            let want = room.map_or(MAX_MOVE, |r| {
+                usize::try_from(r).map_or(MAX_MOVE, |r| r.clamp(1, MAX_MOVE))
+            });
+            src.readable().await?;
+            let pipe = match self.pipe.take() {
+                Some(p) => p,
+                None => Pipe::take().map_err(Stop::NoPipe)?,
+            };
+            let moved = src.try_io(Interest::READABLE, || {
+                Ok(rustix::pipe::splice(
+                    src,
+                    None,
+                    &pipe.w,
+                    None,
+                    want,
+                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                )?)
+            });
+            match moved {
+                Ok(0) => {
+                    pipe.give_back();
+                    break;
+                }
+                Ok(n) => {
+                    self.pipe = Some(pipe);
+                    self.pending = n;
+                    if room == Some(0) {
+                        return Err(Stop::Io(cap_passed(meter, cap)));
+                    }
+                    meter
+                        .admit(dir, n as u64, cap)
+                        .map_err(|e| Stop::Io(io::Error::other(e)))?;
+                    tokio::task::consume_budget().await;
+                }
+                // Spurious readiness: nothing to read after all. Hold no pipe while waiting.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
+                Err(e) => {
+                    // Nothing entered the pipe: it is still empty, and reusable.
+                    pipe.give_back();
+                    return Err(e.into());
+                }
+            }
+        }
+        rustix::net::shutdown(dst, Shutdown::Write).map_err(|e| Stop::Io(e.into()))?;
+        Ok(())
+    }
+
+    /// Splice what is in the pipe out to `dst`, as far as `dst` takes it now.
+    async fn drain(&mut self, dst: &TcpStream, meter: &Meter) -> Result<(), Stop> {
+        let Some(pipe) = &self.pipe else {
+            self.pending = 0; // unreachable: bytes are pending only in a pipe
+            return Ok(());
+        };
+        dst.writable().await?;
+        let moved = dst.try_io(Interest::WRITABLE, || {
+            Ok(rustix::pipe::splice(
+                &pipe.r,
+                None,
+                dst,
+                None,
+                self.pending,
+                SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+            )?)
+        });
+        match moved {
+            Ok(0) => Err(Stop::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                self.pending -= n.min(self.pending);
+                meter.touch();
+                tokio::task::consume_budget().await;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The bytes still in the pipe (the pipe is closed).
+    fn take_pending(&mut self) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0; self.pending];
+        if let Some(pipe) = self.pipe.take() {
+            // The bytes are in the pipe, so the non-blocking read cannot find it empty.
+            File::from(pipe.r).read_exact(&mut bytes)?;
+        }
+        self.pending = 0;
+        Ok(bytes)
+    }
+}
+
+/// Record that `cap` was passed and make the error that ends the tunnel.
+fn cap_passed(meter: &Meter, cap: Option<Cap>) -> io::Error {
+    match cap {
+        Some(cap) => {
+            meter.cut(cap.reason);
+            io::Error::other(CapReached(cap.reason))
+        }
+        None => io::Error::other("cap passed without a cap"), // `room` is Some only with a cap
+    }
+}
+
+#[cfg(test)]
+mod tests;
