@@ -49,6 +49,10 @@ pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
 /// Largest request head any config may allow (`max_request_header_bytes` is checked per agent).
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
 
+/// What hyper serves on a client connection of the proxy listener. A tunnel downcasts hyper's
+/// upgraded connection to this type to take the raw socket back (`tunnel::Client::take`).
+type ServerIo = TokioIo<Metered<TcpStream>>;
+
 /// hyper's smallest read buffer.
 const MIN_BUF_BYTES: usize = 8 * 1024;
 
@@ -159,7 +163,7 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let received = Arc::new(Meter::default());
     let requests = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
+    let io: ServerIo = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
     let svc_shared = shared.clone();
     let svc_requests = requests.clone();
     let svc = service_fn(move |req| {
