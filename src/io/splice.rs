@@ -10,9 +10,10 @@
 //!   out until it is empty again. So an `EAGAIN` from the source side always means "the socket has
 //!   nothing" (never "the pipe is full"), which is what tokio's `try_io` needs to clear the
 //!   socket's readiness correctly; and the direction never holds more than one pipeful.
-//! * **Readiness from tokio.** `TcpStream::try_io` with `readable()`/`writable()`, as tokio's own
-//!   reads and writes do; `consume_budget` after every move keeps a busy tunnel from starving the
-//!   other tasks of its worker.
+//! * **Readiness from tokio.** `TcpStream::try_io` after `poll_read_ready`/`poll_write_ready`,
+//!   as tokio's own reads and writes do; both directions are polled by one function, like the
+//!   copy, so the tunnel's future stays small, and the readiness polls spend the task's coop
+//!   budget, so a busy tunnel does not starve the other tasks of its worker.
 //! * **Pipes are borrowed.** A direction takes a pipe from a per-thread pool when its source
 //!   turns out to have data, and gives it back (empty) as soon as the source has nothing more. An
 //!   idle tunnel holds no pipe: its file descriptors are its two sockets, as with the copy. Only
@@ -26,14 +27,22 @@
 //! * **Half-close** as in the copy: a source at EOF shuts the destination down for writing; the
 //!   relay ends when both directions have, or at the first error.
 //! * **Fallback.** `EINVAL`/`ENOSYS` from splice (a kernel, filesystem or sandbox that will not
-//!   splice these descriptors) or a pipe that cannot be made (out of descriptors) ends the relay
-//!   with [`Spliced::Fallback`]: what is still in the pipes comes back as [`Leftover`] bytes for the
+//!   splice these descriptors), or a pipe that cannot be had (out of descriptors, or only a
+//!   2-page one because the user is over `fs.pipe-user-pages-soft`), ends the relay with
+//!   [`Spliced::Fallback`]: what is still in the pipes comes back as [`Leftover`] bytes for the
 //!   caller to write before it copies the rest the portable way. No byte is lost or reordered.
+//!
+//! Cost: two descriptors per direction while it moves data, up to [`POOL_MAX`] pooled pipes per
+//! worker thread, and kernel memory that `VmRSS` does not show: a pipe's slot array (about 1 KiB
+//! at [`PIPE_BYTES`]) and, while bytes are in flight, references to the socket buffers' pages
+//! (not copies). Every pipe's capacity counts against the user's pipe budget.
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::future::poll_fn;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
+use std::task::{ready, Context, Poll};
 
 use rustix::io::Errno;
 use rustix::net::Shutdown;
@@ -47,12 +56,22 @@ use super::{Cap, CapReached, Direction, Meter};
 /// into an empty pipe moves what the socket has, up to what the pipe holds.
 const MAX_MOVE: usize = 1 << 20;
 
-/// Capacity asked for each new pipe (`F_SETPIPE_SZ`). Best effort: past the user's pipe budget
-/// (`fs.pipe-user-pages-soft`) the kernel refuses, and the pipe keeps the size it was given.
-const PIPE_BYTES: usize = 256 * 1024;
+/// Capacity asked for each new pipe (`F_SETPIPE_SZ`): one splice moves at most this much. Best
+/// effort: past the user's pipe budget the kernel refuses, and the pipe keeps its 64 KiB.
+///
+/// Against the default 64 KiB this took a third less CPU per GiB tunnelled; 1 MiB saved a fifth
+/// more downstream and nothing upstream, and an unprivileged user's pipe budget
+/// (`fs.pipe-user-pages-soft`: 16,384 pages for all the user's processes) holds 256 pipes of
+/// this size but only 64 of 1 MiB (docs/benchmarks.md).
+pub const PIPE_BYTES: usize = 256 * 1024;
 
-/// Empty pipes kept per worker thread for the next direction that has data.
-pub const POOL_MAX: usize = 16;
+/// Smallest pipe worth splicing through (the default pipe size; a user over the pipe budget
+/// gets 8 KiB).
+const MIN_PIPE_BYTES: usize = 64 * 1024;
+
+/// Empty pipes kept per worker thread for the next direction that has data. A pooled pipe holds
+/// two descriptors and its share of the user's pipe budget while no tunnel uses it.
+pub const POOL_MAX: usize = 4;
 
 thread_local! {
     /// Empty pipes, ready for the next busy direction on this thread.
@@ -107,10 +126,17 @@ pub async fn splice_bidirectional(
 ) -> io::Result<Spliced> {
     let mut up = Half::default();
     let mut down = Half::default();
-    let ended = tokio::try_join!(
-        up.pump(client, upstream, meter, Direction::Up, upload),
-        down.pump(upstream, client, meter, Direction::Down, None),
-    );
+    // One poll function for both directions, as in the copy: the tunnel's future holds two
+    // small `Half`s and no readiness futures (an idle tunnel's memory is mostly its future).
+    let ended = poll_fn(|cx| {
+        let a = up.poll_pump(cx, client, upstream, meter, Direction::Up, upload)?;
+        let b = down.poll_pump(cx, upstream, client, meter, Direction::Down, None)?;
+        match (a, b) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
     let (cause, unsupported) = match ended {
         Ok(_) => return Ok(Spliced::Done),
         Err(Stop::Io(e)) => return Err(e),
@@ -132,7 +158,7 @@ pub async fn splice_bidirectional(
 enum Stop {
     /// splice(2) refuses these descriptors.
     Unsupported(io::Error),
-    /// No pipe could be made (out of descriptors or memory).
+    /// No pipe could be had (out of descriptors or memory, or over the user's pipe budget).
     NoPipe(io::Error),
     /// The tunnel ends: a socket error, or a cap.
     Io(io::Error),
@@ -164,9 +190,20 @@ impl Pipe {
         let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         #[cfg(test)]
         MADE.with(|m| m.set(m.get() + 1));
-        // Fewer, larger moves per syscall. Refused past the user's pipe budget: then the default
-        // (64 KiB, or less for a user over budget) still works, with more calls.
+        // Fewer, larger moves per syscall. Refused past the user's pipe budget: the pipe then
+        // keeps the size it was given.
         let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
+        // A user over `fs.pipe-user-pages-soft` gets 2-page pipes: splicing 8 KiB per call costs
+        // more than the copy's 64 KiB reads, so such a tunnel copies instead.
+        let size = rustix::pipe::fcntl_getpipe_size(&w)?;
+        if size < MIN_PIPE_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "pipe of {size} bytes: over the user's pipe budget (fs.pipe-user-pages-soft)"
+                ),
+            ));
+        }
         Ok(Pipe { r, w })
     }
 
@@ -189,23 +226,32 @@ struct Half {
     pipe: Option<Pipe>,
     /// Bytes in `pipe` not yet spliced to the destination (`> 0` only with a pipe).
     pending: usize,
+    /// The source reached EOF and the destination was shut down for writing.
+    done: bool,
 }
 
 // === impl Half ===
 
 impl Half {
     /// Move `src` → `dst` until EOF (then shut `dst` down for writing) or an error.
-    async fn pump(
+    ///
+    /// Readiness comes from `poll_read_ready`/`poll_write_ready`, which also spend the task's
+    /// coop budget, so a tunnel that always has data still yields to the other tasks.
+    fn poll_pump(
         &mut self,
+        cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
         meter: &Meter,
         dir: Direction,
         cap: Option<Cap>,
-    ) -> Result<(), Stop> {
+    ) -> Poll<Result<(), Stop>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if self.pending > 0 {
-                self.drain(dst, meter).await?;
+                ready!(self.poll_drain(cx, dst, meter))?;
                 continue;
             }
             let room = meter.room(dir, cap);
@@ -213,7 +259,7 @@ impl Half {
             let want = room.map_or(MAX_MOVE, |r| {
                 usize::try_from(r).map_or(MAX_MOVE, |r| r.clamp(1, MAX_MOVE))
             });
-            src.readable().await?;
+            ready!(src.poll_read_ready(cx))?;
             let pipe = match self.pipe.take() {
                 Some(p) => p,
                 None => Pipe::take().map_err(Stop::NoPipe)?,
@@ -237,33 +283,39 @@ impl Half {
                     self.pipe = Some(pipe);
                     self.pending = n;
                     if room == Some(0) {
-                        return Err(Stop::Io(cap_passed(meter, cap)));
+                        return Poll::Ready(Err(Stop::Io(cap_passed(meter, cap))));
                     }
                     meter
                         .admit(dir, n as u64, cap)
                         .map_err(|e| Stop::Io(io::Error::other(e)))?;
-                    tokio::task::consume_budget().await;
                 }
-                // Spurious readiness: nothing to read after all. Hold no pipe while waiting.
+                // Nothing to read after all (readiness is cleared, so the next poll waits for
+                // more). Hold no pipe while waiting.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
                 Err(e) => {
                     // Nothing entered the pipe: it is still empty, and reusable.
                     pipe.give_back();
-                    return Err(e.into());
+                    return Poll::Ready(Err(e.into()));
                 }
             }
         }
         rustix::net::shutdown(dst, Shutdown::Write).map_err(|e| Stop::Io(e.into()))?;
-        Ok(())
+        self.done = true;
+        Poll::Ready(Ok(()))
     }
 
     /// Splice what is in the pipe out to `dst`, as far as `dst` takes it now.
-    async fn drain(&mut self, dst: &TcpStream, meter: &Meter) -> Result<(), Stop> {
+    fn poll_drain(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &TcpStream,
+        meter: &Meter,
+    ) -> Poll<Result<(), Stop>> {
         let Some(pipe) = &self.pipe else {
             self.pending = 0; // unreachable: bytes are pending only in a pipe
-            return Ok(());
+            return Poll::Ready(Ok(()));
         };
-        dst.writable().await?;
+        ready!(dst.poll_write_ready(cx))?;
         let moved = dst.try_io(Interest::WRITABLE, || {
             Ok(rustix::pipe::splice(
                 &pipe.r,
@@ -275,15 +327,15 @@ impl Half {
             )?)
         });
         match moved {
-            Ok(0) => Err(Stop::Io(io::ErrorKind::WriteZero.into())),
+            Ok(0) => Poll::Ready(Err(Stop::Io(io::ErrorKind::WriteZero.into()))),
             Ok(n) => {
                 self.pending -= n.min(self.pending);
                 meter.touch();
-                tokio::task::consume_budget().await;
-                Ok(())
+                Poll::Ready(Ok(()))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e.into()),
+            // `dst` is full: readiness is cleared, so the next poll waits for room.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e.into())),
         }
     }
 
