@@ -66,12 +66,14 @@ pub async fn run(
     let meter = audited.ctx().meter.clone();
     let agent = audited.ctx().agent.clone();
     let _open = agent.map(|a| audited.metrics().tunnel_opened(&a));
-    let client = Client::take(upgraded);
+    let Client { io, prefix } = Client::take(upgraded);
     // An inspection of the client's first bytes goes here, before anything is sent upstream.
     let relay = async {
         let mut upstream = upstream;
-        send_prefix(&mut upstream, &client.prefix, &meter, upload).await?;
-        relay(client.io, upstream, &meter, upload).await
+        // Consumed: an empty prefix still holds hyper's whole read buffer (8 KiB and up), which
+        // an idle tunnel must not keep.
+        send_prefix(&mut upstream, prefix, &meter, upload).await?;
+        relay(io, upstream, &meter, upload).await
     };
     let reason = tokio::select! {
         r = relay => {
@@ -184,12 +186,12 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// Write the client's pending bytes upstream, counted as upload bytes. Under an enforced cap
-/// only the bytes the cap leaves room for are sent; the rest ends the tunnel with the cap's
-/// reason, as on the splice path.
+/// Write the client's pending bytes upstream, counted as upload bytes, and free their buffer.
+/// Under an enforced cap only the bytes the cap leaves room for are sent; the rest ends the
+/// tunnel with the cap's reason, as on the splice path.
 pub async fn send_prefix(
     upstream: &mut TcpStream,
-    prefix: &[u8],
+    prefix: Bytes,
     meter: &Meter,
     upload: Cap,
 ) -> io::Result<()> {

@@ -88,7 +88,7 @@ async fn tcp_client_comes_back_raw_with_hyper_s_bytes_and_is_spliced() {
 
     let (mut upstream, mut origin) = loopback_pair().await;
     let meter = Arc::new(Meter::default());
-    send_prefix(&mut upstream, &client.prefix, &meter, cap(1000))
+    send_prefix(&mut upstream, client.prefix, &meter, cap(1000))
         .await
         .unwrap();
     let m = meter.clone();
@@ -170,9 +170,14 @@ async fn other_streams_take_the_copy_path_with_the_same_counting_and_cap() {
 async fn a_prefix_over_the_cap_sends_only_what_fits() {
     let (mut upstream, mut origin) = loopback_pair().await;
     let meter = Meter::default();
-    let err = send_prefix(&mut upstream, b"0123456789", &meter, cap(4))
-        .await
-        .unwrap_err();
+    let err = send_prefix(
+        &mut upstream,
+        Bytes::from_static(b"0123456789"),
+        &meter,
+        cap(4),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("upload_cap"), "{err}");
     drop(upstream);
     let mut got = Vec::new();
