@@ -6,6 +6,11 @@
 //! call moves as much as the pipe holds.
 //!
 //! How one direction runs:
+//! * **Small reads are copied, bulk is spliced.** Splicing a few hundred bytes costs more than
+//!   `recv` + `send` of them (the kernel copies small packets into a page for the pipe anyway), so
+//!   a direction starts by reading into the thread's scratch buffer (the copy's) and writing; a
+//!   read that fills the buffer switches it to splice, and a splice that moves less than
+//!   [`BULK_BYTES`] switches it back. Bytes the destination cannot take at once wait in a pipe.
 //! * **Fill, then drain.** Bytes are spliced into the pipe only while it is empty, then spliced
 //!   out until it is empty again. So an `EAGAIN` from the source side always means "the socket has
 //!   nothing" (never "the pipe is full"), which is what tokio's `try_io` needs to clear the
@@ -14,12 +19,13 @@
 //!   as tokio's own reads and writes do; both directions are polled by one function, like the
 //!   copy, so the tunnel's future stays small, and the readiness polls spend the task's coop
 //!   budget, so a busy tunnel does not starve the other tasks of its worker.
-//! * **Pipes are borrowed.** A direction takes a pipe from a per-thread pool when its source
-//!   turns out to have data, and gives it back (empty) as soon as the source has nothing more. An
-//!   idle tunnel holds no pipe: its file descriptors are its two sockets, as with the copy. Only
-//!   directions moving data hold a pipe (two descriptors each), and each worker thread keeps at
-//!   most [`POOL_MAX`] empty ones.
-//! * **Counting and caps** happen when bytes enter the pipe, as `Metered` counts reads: into the
+//! * **Pipes are borrowed.** A direction takes a pipe from a per-thread pool when it has bulk
+//!   to splice (or bytes its destination cannot take yet), and gives it back (empty) as soon as
+//!   its source has nothing more. An idle tunnel, or one exchanging requests and responses, holds
+//!   no pipe: its file descriptors are its two sockets, as with the copy. Only directions moving
+//!   bulk hold a pipe (two descriptors each), and each worker thread keeps at most [`POOL_MAX`]
+//!   empty ones.
+//! * **Counting and caps** happen when bytes are read, as `Metered` counts reads: into the
 //!   same [`Meter`], so audit bytes, metrics and the idle watchdog see no difference. Under an
 //!   enforced cap a direction asks for no more than the bytes left; once none are left it asks for
 //!   one byte, and if one comes the cap is passed: the tunnel ends with the cap's reason, and that
@@ -50,6 +56,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::{CHUNK, SCRATCH};
 use super::{Cap, CapReached, Direction, Meter};
 
 /// Most bytes asked of one splice into a pipe. The pipe's capacity is the real bound: splicing
@@ -64,6 +71,9 @@ const MAX_MOVE: usize = 1 << 20;
 /// (`fs.pipe-user-pages-soft`: 16,384 pages for all the user's processes) holds 256 pipes of
 /// this size but only 64 of 1 MiB (docs/benchmarks.md).
 pub const PIPE_BYTES: usize = 256 * 1024;
+
+/// A splice that moves less than this ends bulk mode: the next reads are copied.
+pub const BULK_BYTES: usize = CHUNK / 4;
 
 /// Smallest pipe worth splicing through (the default pipe size; a user over the pipe budget
 /// gets 8 KiB).
@@ -228,6 +238,8 @@ struct Half {
     pending: usize,
     /// The source reached EOF and the destination was shut down for writing.
     done: bool,
+    /// Moving bulk: splice. Otherwise read into the thread's scratch buffer and write.
+    bulk: bool,
 }
 
 // === impl Half ===
@@ -260,28 +272,17 @@ impl Half {
                 usize::try_from(r).map_or(MAX_MOVE, |r| r.clamp(1, MAX_MOVE))
             });
             ready!(src.poll_read_ready(cx))?;
-            let pipe = match self.pipe.take() {
-                Some(p) => p,
-                None => Pipe::take().map_err(Stop::NoPipe)?,
+            let moved = if self.bulk {
+                self.splice_in(src, want)?
+            } else {
+                self.copy_through(src, dst, want, room == Some(0))?
             };
-            let moved = src.try_io(Interest::READABLE, || {
-                Ok(rustix::pipe::splice(
-                    src,
-                    None,
-                    &pipe.w,
-                    None,
-                    want,
-                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-                )?)
-            });
             match moved {
-                Ok(0) => {
-                    pipe.give_back();
+                Some(0) => {
+                    self.release();
                     break;
                 }
-                Ok(n) => {
-                    self.pipe = Some(pipe);
-                    self.pending = n;
+                Some(n) => {
                     if room == Some(0) {
                         return Poll::Ready(Err(Stop::Io(cap_passed(meter, cap))));
                     }
@@ -289,19 +290,111 @@ impl Half {
                         .admit(dir, n as u64, cap)
                         .map_err(|e| Stop::Io(io::Error::other(e)))?;
                 }
-                // Nothing to read after all (readiness is cleared, so the next poll waits for
-                // more). Hold no pipe while waiting.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
-                Err(e) => {
-                    // Nothing entered the pipe: it is still empty, and reusable.
-                    pipe.give_back();
-                    return Poll::Ready(Err(e.into()));
-                }
+                // Nothing to read after all: readiness is cleared, the next poll waits for more,
+                // holding no pipe.
+                None => self.release(),
             }
         }
         rustix::net::shutdown(dst, Shutdown::Write).map_err(|e| Stop::Io(e.into()))?;
         self.done = true;
         Poll::Ready(Ok(()))
+    }
+
+    /// Give back the pipe, which is empty whenever this direction waits to read.
+    fn release(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            p.give_back();
+        }
+    }
+
+    /// Splice up to `want` bytes from `src` into an (empty) pipe. `None`: nothing to read.
+    fn splice_in(&mut self, src: &TcpStream, want: usize) -> Result<Option<usize>, Stop> {
+        let pipe = match self.pipe.take() {
+            Some(p) => p,
+            None => Pipe::take().map_err(Stop::NoPipe)?,
+        };
+        let moved = src.try_io(Interest::READABLE, || {
+            Ok(rustix::pipe::splice(
+                src,
+                None,
+                &pipe.w,
+                None,
+                want,
+                SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+            )?)
+        });
+        match moved {
+            Ok(0) => {
+                pipe.give_back();
+                Ok(Some(0))
+            }
+            Ok(n) => {
+                self.pipe = Some(pipe);
+                self.pending = n;
+                // The burst is over: small reads are cheaper copied.
+                self.bulk = n >= BULK_BYTES;
+                Ok(Some(n))
+            }
+            // Hold no pipe while waiting for more.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                Ok(None)
+            }
+            Err(e) => {
+                // Nothing entered the pipe: it is still empty, and reusable.
+                pipe.give_back();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Read up to `want` bytes from `src` into this thread's scratch buffer and write what `dst`
+    /// takes now; the rest goes into a pipe, to be spliced out like any other. A read that fills
+    /// the buffer starts bulk mode. `probe`: the byte read is past the cap and is not written.
+    /// `None`: nothing to read.
+    fn copy_through(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        want: usize,
+        probe: bool,
+    ) -> Result<Option<usize>, Stop> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let buf = &mut scratch[..want.min(CHUNK)];
+            let n = match src.try_read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 || probe {
+                return Ok(Some(n));
+            }
+            self.bulk = n == CHUNK;
+            let written = match dst.try_write(&buf[..n]) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if written < n {
+                let pipe = match self.pipe.take() {
+                    Some(p) => p,
+                    None => Pipe::take().map_err(Stop::NoPipe)?,
+                };
+                // The pipe is empty and holds at least `CHUNK` (`MIN_PIPE_BYTES`), so this
+                // write takes everything.
+                let stashed = rustix::io::write(&pipe.w, &buf[written..n]).map_err(io::Error::from);
+                self.pipe = Some(pipe);
+                let stashed = stashed?;
+                self.pending = stashed;
+                if written + stashed < n {
+                    return Err(Stop::Io(io::Error::other(
+                        "pipe took less than its capacity",
+                    )));
+                }
+            }
+            Ok(Some(n))
+        })
     }
 
     /// Splice what is in the pipe out to `dst`, as far as `dst` takes it now.

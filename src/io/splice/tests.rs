@@ -180,10 +180,11 @@ async fn cap_reached_exactly_is_fine_and_report_mode_only_records() {
     }
 }
 
-/// A direction holds a pipe only while it moves data: once both directions are idle, every pipe
-/// made is back in this thread's pool, and later bursts reuse them instead of making new ones.
+/// Small exchanges are copied and never touch a pipe; a bulk burst is spliced, and a direction
+/// holds its pipe only while it moves data: once idle, every pipe made is back in this thread's
+/// pool, and later bursts reuse them instead of making new ones.
 #[tokio::test]
-async fn idle_directions_hold_no_pipe() {
+async fn pipes_only_for_bulk_and_only_while_busy() {
     let pooled = || POOL.with(|p| p.borrow().len());
     let made = || MADE.with(|m| m.get());
     assert_eq!((made(), pooled()), (0, 0), "a fresh test thread");
@@ -197,33 +198,53 @@ async fn idle_directions_hold_no_pipe() {
         origin.write_all(&got).await.unwrap();
         app.read_exact(&mut got).await.unwrap();
         assert_eq!(got, ping);
+    }
+    assert_eq!(made(), 0, "request-sized exchanges are copied");
+    let bulk = pattern(4 << 20, 6);
+    for round in 0..3 {
+        let (mut r, mut w) = origin.split();
+        let mut got = vec![0; bulk.len()];
+        let (wrote, read) = tokio::join!(app.write_all(&bulk), r.read_exact(&mut got));
+        wrote.unwrap();
+        read.unwrap();
+        assert!(got == bulk, "round {round}: bytes differ");
+        let (mut r, _) = app.split();
+        let (wrote, read) = tokio::join!(w.write_all(&bulk), r.read_exact(&mut got));
+        wrote.unwrap();
+        read.unwrap();
+        assert!(got == bulk, "round {round}: bytes back differ");
         // Let the relay (on this thread) run into "nothing to read" in both directions.
         let deadline = tokio::time::Instant::now() + LIMIT;
         while pooled() < made() || made() == 0 {
             assert!(tokio::time::Instant::now() < deadline, "pipes not returned");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // Ping-pong: the direction that finished hands its pipe to the one that starts.
+        // The direction that finished hands its pipe to the one that starts.
         assert!(made() <= 2, "round {round}: {} pipes made", made());
     }
     drop((app, origin));
     let _ = relay.await.unwrap();
-    assert_eq!((meter.up(), meter.down()), (3000, 3000));
+    let total = 3000 + 3 * bulk.len() as u64;
+    assert_eq!((meter.up(), meter.down()), (total, total));
 }
 
 /// splice(2) refusing a descriptor (`EINVAL`: here because the upstream socket is opened for
 /// appending, which splice refuses and `write` ignores) ends the relay with a fallback that hands
-/// back the bytes already taken from the client, counted once, in order.
+/// back the bytes already taken from the client, counted once, in order. (The first read is
+/// copied, with `write`; the bulk that follows is spliced, and refused.)
 #[tokio::test]
 async fn refused_splice_falls_back_with_the_bytes_in_flight() {
     use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
-    let (mut app, client, upstream, _origin) = tunnel().await;
+    let (mut app, client, upstream, mut origin) = tunnel().await;
     let flags = fcntl_getfl(&upstream).unwrap();
     fcntl_setfl(&upstream, flags | OFlags::APPEND).unwrap();
     let meter = Meter::default();
-    let sent = pattern(10_000, 5);
-    app.write_all(&sent).await.unwrap();
+    let sent = pattern(1 << 20, 5);
+    let writer = tokio::spawn(async move {
+        app.write_all(&sent).await.unwrap();
+        app
+    });
     let ended = tokio::time::timeout(
         LIMIT,
         splice_bidirectional(&client, &upstream, &meter, None),
@@ -236,9 +257,18 @@ async fn refused_splice_falls_back_with_the_bytes_in_flight() {
     };
     assert!(f.unsupported, "{:?}", f.cause);
     assert_eq!(Errno::from_io_error(&f.cause), Some(Errno::INVAL));
-    // Loopback delivers the 10,000 bytes at once; whatever entered the pipe comes back.
-    assert_eq!(f.leftover.up, sent[..f.leftover.up.len()]);
-    assert!(!f.leftover.up.is_empty());
     assert!(f.leftover.down.is_empty());
-    assert_eq!(meter.up(), f.leftover.up.len() as u64);
+    // Delivered (copied) and handed back (in the pipe): the first `meter.up()` bytes, in order.
+    drop(upstream);
+    let mut delivered = Vec::new();
+    origin.read_to_end(&mut delivered).await.unwrap();
+    assert!(!f.leftover.up.is_empty());
+    delivered.extend_from_slice(&f.leftover.up);
+    assert_eq!(delivered.len() as u64, meter.up());
+    assert!(
+        delivered == pattern(1 << 20, 5)[..delivered.len()],
+        "bytes differ"
+    );
+    drop(client);
+    drop(writer);
 }
