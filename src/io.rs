@@ -20,6 +20,8 @@ use tokio::time::Instant;
 use crate::outcome::Reason;
 
 mod copy;
+#[cfg(target_os = "linux")]
+pub mod splice;
 
 pub use copy::copy_bidirectional;
 
@@ -115,9 +117,20 @@ impl Meter {
         }
     }
 
+    /// How many more bytes may pass in `dir` before an enforced `cap` is passed; `None` when no
+    /// enforced cap applies (none, or report mode).
+    pub fn room(&self, dir: Direction, cap: Option<Cap>) -> Option<u64> {
+        let cap = cap.filter(|c| c.enforce)?;
+        let so_far = match dir {
+            Direction::Up => self.up(),
+            Direction::Down => self.down(),
+        };
+        Some(cap.max.saturating_sub(so_far))
+    }
+
     /// Count `n` more bytes against `cap` in `dir`. Returns `Err` (and counts nothing) when an
     /// enforced cap would be passed; a report-mode cap only records the cut.
-    fn admit(&self, dir: Direction, n: u64, cap: Option<Cap>) -> Result<(), CapReached> {
+    pub fn admit(&self, dir: Direction, n: u64, cap: Option<Cap>) -> Result<(), CapReached> {
         if let Some(cap) = cap {
             let so_far = match dir {
                 Direction::Up => self.up(),
@@ -188,6 +201,11 @@ impl<T> Metered<T> {
     pub fn with_cap(mut self, cap: Cap) -> Self {
         self.cap = Some(cap);
         self
+    }
+
+    /// The wrapped stream (a tunnel takes the client's socket back from the HTTP server).
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 }
 

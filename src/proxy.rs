@@ -58,6 +58,10 @@ pub const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// 100 (its inline capacity); a larger value would cost a heap allocation per request.
 pub const MAX_HEADERS: usize = 100;
 
+/// What hyper serves on a client connection of the proxy listener. A tunnel downcasts hyper's
+/// upgraded connection to this type to take the raw socket back (`tunnel::Client::take`).
+type ServerIo = TokioIo<Metered<TcpStream>>;
+
 /// hyper's smallest read buffer.
 const MIN_BUF_BYTES: usize = 8 * 1024;
 

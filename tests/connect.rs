@@ -71,8 +71,7 @@ fn raw_tunnel_carries_a_mebibyte_both_ways_and_counts_it() {
         "",
     ));
     let mut s = raw(&proxy);
-    // The request and the first payload bytes in one write: the proxy must not lose bytes the
-    // client sent before it saw the 200.
+    // The request on its own; `eager_bytes_arrive_first…` sends payload in the same write.
     s.write_all(
         format!("CONNECT echo.test:{port} HTTP/1.1\r\nHost: echo.test:{port}\r\n\r\n").as_bytes(),
     )
@@ -359,7 +358,8 @@ fn idle_tunnel_is_closed_and_audited() {
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping");
-    // Now stay quiet: the proxy closes the tunnel after `idle`.
+    proxy.wait_log(RELAY); // the idle bound holds on the splice path too
+                           // Now stay quiet: the proxy closes the tunnel after `idle`.
     let n = s.read(&mut [0u8; 16]).unwrap_or(0);
     assert_eq!(n, 0, "tunnel should be closed");
     let a = proxy.audit();
@@ -401,4 +401,130 @@ fn malformed_requests_get_400_and_an_audit_line() {
         assert_eq!(a.status, Some(400));
     }
     proxy.no_audit_for(Duration::from_millis(200));
+}
+
+// === the splice path (Linux): the tunnels above already run on it; these pin down its edges ===
+
+/// The relay the proxy logs for a tunnel on this OS.
+const RELAY: &str = if cfg!(target_os = "linux") {
+    "relay=splice"
+} else {
+    "relay=copy"
+};
+
+/// An origin for one connection, driven by `script` on its own thread; `join` returns what the
+/// script returns.
+fn scripted_origin<T: Send + 'static>(
+    script: impl FnOnce(std::net::TcpStream) -> T + Send + 'static,
+) -> (u16, std::thread::JoinHandle<T>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        script(s)
+    });
+    (port, handle)
+}
+
+fn tunnel_proxy(port: u16, extra: &str) -> Proxy {
+    Proxy::start(&config(
+        &hosts_to_loopback(&["origin.test"]),
+        &[format!("origin.test:{port}")],
+        extra,
+    ))
+}
+
+fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+/// A client that sends its first bytes in the same write as the `CONNECT` (hyper reads them
+/// with the head): they reach the upstream first and in order, and are counted once. Then the
+/// client half-closes first: the upstream sees EOF, and its answer still comes back.
+#[test]
+fn eager_bytes_arrive_first_and_client_half_close_is_passed_on() {
+    let (port, origin) = scripted_origin(|mut s| {
+        let got = read_all(&mut s); // to the client's EOF
+        s.write_all(b"answer after your EOF").unwrap();
+        got
+    });
+    let proxy = tunnel_proxy(port, "");
+    let mut s = raw(&proxy);
+    s.write_all(
+        format!("CONNECT origin.test:{port} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\nhello, ")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    s.write_all(b"world").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"answer after your EOF");
+    assert_eq!(origin.join().unwrap(), b"hello, world");
+    proxy.wait_log(RELAY);
+    let a = proxy.audit();
+    assert_eq!(
+        (a.reason.as_str(), a.bytes_up, a.bytes_down),
+        ("allowed", 12, 21)
+    );
+}
+
+/// The upstream half-closes first: the client sees EOF after the upstream's bytes, and can
+/// still send; the upstream gets it all.
+#[test]
+fn upstream_half_close_is_passed_on() {
+    let (port, origin) = scripted_origin(|mut s| {
+        s.write_all(b"greeting, then my EOF").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        read_all(&mut s)
+    });
+    let proxy = tunnel_proxy(port, "");
+    let mut s = raw(&proxy);
+    s.write_all(format!("CONNECT origin.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    assert_eq!(read_all(&mut s), b"greeting, then my EOF");
+    let late = vec![7u8; 300_000];
+    s.write_all(&late).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(origin.join().unwrap() == late, "late upload differs");
+    let a = proxy.audit();
+    assert_eq!(
+        (a.reason.as_str(), a.bytes_up, a.bytes_down),
+        ("allowed", 300_000, 21)
+    );
+}
+
+/// Past the upload cap the upstream has received exactly the cap, the tunnel is closed, and the
+/// audit line says so with the exact count.
+#[test]
+fn spliced_upload_is_cut_at_exactly_the_cap() {
+    let (port, origin) = scripted_origin(|mut s| read_all(&mut s).len());
+    let proxy = tunnel_proxy(port, "limits = { max_tunnel_upload_bytes = 100000 }");
+    let mut s = raw(&proxy);
+    s.write_all(format!("CONNECT origin.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    for _ in 0..64 {
+        if s.write_all(&[1u8; 16 * 1024]).is_err() {
+            break; // the tunnel is gone
+        }
+    }
+    let received = origin.join().unwrap();
+    let a = proxy.audit();
+    assert_eq!(
+        (a.decision.as_str(), a.reason.as_str()),
+        ("deny", "upload_cap")
+    );
+    if cfg!(target_os = "linux") {
+        assert_eq!((received, a.bytes_up), (100_000, 100_000));
+    } else {
+        // The copy drops the whole read that crosses the cap.
+        assert!(
+            received as u64 == a.bytes_up && a.bytes_up <= 100_000,
+            "{a:?}"
+        );
+    }
 }

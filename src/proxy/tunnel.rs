@@ -1,24 +1,42 @@
 //! Step 8a: CONNECT tunnels.
 //!
 //! Lifecycle: the driver has already identified, checked, resolved, vetted and dialled; it answers
-//! `200` and hands the upstream socket and the audit guard here. A task waits for hyper to give up
-//! the client connection (the upgrade). On a TLS port (`[sni] ports`) it first reads the
-//! client's ClientHello and checks its server name against the CONNECT host; nothing reaches the
-//! upstream before that check passes. Then it copies bytes both ways until either side closes, no
-//! byte moves for `timeouts.idle`, or the shutdown grace ends. The audit line is written when the
-//! tunnel ends, with the bytes counted in each direction.
+//! `200` and hands the upstream socket and the audit guard here. A task then
+//!
+//! 1. waits for hyper to give up the client connection (the upgrade) and takes the client's side
+//!    back as a [`Client`]: the raw socket when hyper served a plain TCP connection, with the
+//!    bytes hyper had already read past the `CONNECT` head (a client may send its first payload
+//!    in the same write as the request) as the pending `prefix`;
+//! 2. on a TLS port (`[sni] ports`), reads the client's ClientHello (the prefix, then more from
+//!    the client) and checks its server name against the CONNECT host: nothing reaches the
+//!    upstream before that check passes, and a refused tunnel closes the upstream unused;
+//! 3. writes the prefix (with the ClientHello) upstream, counted and capped like every other
+//!    upload byte;
+//! 4. relays both ways until either side closes, no byte moves for `timeouts.idle`, or the
+//!    shutdown grace ends: with splice(2) between the two sockets on Linux, else (another
+//!    listener's stream type, another OS, or a kernel that refuses splice) with the portable copy.
+//!
+//! The audit line is written when the tunnel ends, with the bytes counted in each direction.
 
+use std::io;
+use std::pin::Pin;
+#[cfg(target_os = "linux")]
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::upgrade::OnUpgrade;
+use bytes::Bytes;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::ctx::Audited;
 use super::hello;
-use crate::io::{self, Cap, Direction, Metered};
+use super::ServerIo;
+use crate::io::{copy_bidirectional, Cap, CapReached, Direction, Meter, Metered};
 use crate::outcome::{Deny, Reason};
 use crate::policy::Mode;
 use crate::sni;
@@ -34,6 +52,10 @@ pub struct SniCheck {
     /// Bound on receiving the ClientHello (`timeouts.request_header`).
     pub within: Duration,
 }
+
+/// Set once splice(2) has been refused and said so: the warning is logged once per process.
+#[cfg(target_os = "linux")]
+static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Run one tunnel to completion and write its audit line. `idle` also bounds the wait for
 /// hyper to hand over the client connection (the 200 must be written first).
@@ -62,11 +84,10 @@ pub async fn run(
     let meter = audited.ctx().meter.clone();
     let agent = audited.ctx().agent.clone();
     let _open = agent.map(|a| audited.metrics().tunnel_opened(&a));
-    let mut client_io = TokioIo::new(upgraded);
-    let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
+    let Client { mut io, mut prefix } = Client::take(upgraded);
     if let Some(check) = sni {
         let first = tokio::select! {
-            r = hello::read(&mut client_io, &[], check.within) => r,
+            r = hello::read(&mut io, &prefix, check.within) => r,
             () = abort.cancelled() => {
                 audited.ctx_mut().ended(Reason::Shutdown);
                 return audited.finish().await;
@@ -75,18 +96,17 @@ pub async fn run(
         if !judge(&mut audited, first.hello, &check) {
             return audited.finish().await; // the upstream is closed unused
         }
-        // The ClientHello (and anything after it) goes on first, counted as payload.
-        meter.add(Direction::Up, first.bytes.len() as u64);
-        if let Err(e) = server.write_all(&first.bytes).await {
-            tracing::debug!(error = %e, "upstream closed before the ClientHello was sent");
-            audited.ctx_mut().ended(Reason::UpstreamError);
-            return audited.finish().await;
-        }
+        prefix = Bytes::from(first.bytes);
     }
-    let mut client = Metered::new(client_io, meter.clone(), Direction::Up).with_cap(upload);
-    let copy = io::copy_bidirectional(&mut client, &mut server);
+    let relay = async {
+        let mut upstream = upstream;
+        // Consumed: an empty prefix still holds hyper's whole read buffer (8 KiB and up), which
+        // an idle tunnel must not keep.
+        send_prefix(&mut upstream, prefix, &meter, upload).await?;
+        relay(io, upstream, &meter, upload).await
+    };
     let reason = tokio::select! {
-        r = copy => {
+        r = relay => {
             if let Err(e) = r {
                 // A reset from either side is how many tunnels end; it is not a refusal. An
                 // upload cap shows up here too, and is recorded on the meter.
@@ -127,3 +147,208 @@ fn judge(audited: &mut Audited, hello: Result<sni::ClientHello, Deny>, check: &S
     ctx.deny(&deny);
     false
 }
+/// The client's side of a tunnel, once hyper has let go of it.
+#[derive(Debug)]
+pub struct Client {
+    /// The connection.
+    pub io: ClientIo,
+    /// Bytes the client already sent that must reach the upstream before anything read from
+    /// `io` (hyper read them together with the `CONNECT` head).
+    pub prefix: Bytes,
+}
+
+impl Client {
+    /// Take the client connection back from hyper: the raw socket and hyper's unread bytes when
+    /// the connection is the proxy listener's own type, else hyper's upgraded stream as it is
+    /// (which yields those bytes itself).
+    pub fn take(upgraded: Upgraded) -> Client {
+        match upgraded.downcast::<ServerIo>() {
+            Ok(parts) => Client {
+                io: ClientIo::Tcp(parts.io.into_inner().into_inner()),
+                prefix: parts.read_buf,
+            },
+            Err(upgraded) => Client {
+                io: ClientIo::Upgraded(TokioIo::new(upgraded)),
+                prefix: Bytes::new(),
+            },
+        }
+    }
+}
+
+/// A client connection, readable and writable whatever it is underneath.
+#[derive(Debug)]
+pub enum ClientIo {
+    /// A plain TCP connection: eligible for splice(2).
+    Tcp(TcpStream),
+    /// Any other stream hyper served (e.g. a TLS listener's): copied.
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientIo::Upgraded(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientIo::Upgraded(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientIo::Upgraded(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientIo::Upgraded(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Upgraded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Tcp(s) => s.is_write_vectored(),
+            ClientIo::Upgraded(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Write the client's pending bytes upstream, counted as upload bytes, and free their buffer.
+/// Under an enforced cap only the bytes the cap leaves room for are sent; the rest ends the
+/// tunnel with the cap's reason, as on the splice path.
+pub async fn send_prefix(
+    upstream: &mut TcpStream,
+    prefix: Bytes,
+    meter: &Meter,
+    upload: Cap,
+) -> io::Result<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let room = meter.room(Direction::Up, Some(upload));
+    let send = room.map_or(prefix.len(), |r| {
+        usize::try_from(r).map_or(prefix.len(), |r| r.min(prefix.len()))
+    });
+    upstream.write_all(&prefix[..send]).await?;
+    meter
+        .admit(Direction::Up, send as u64, Some(upload))
+        .map_err(io::Error::other)?;
+    if send < prefix.len() {
+        meter.cut(upload.reason);
+        return Err(io::Error::other(CapReached(upload.reason)));
+    }
+    Ok(())
+}
+
+/// How a tunnel's bytes were moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relay {
+    /// splice(2) between the two sockets, in the kernel.
+    Splice,
+    /// The portable copy through user space.
+    Copy,
+}
+
+impl Relay {
+    fn as_str(self) -> &'static str {
+        match self {
+            Relay::Splice => "splice",
+            Relay::Copy => "copy",
+        }
+    }
+}
+
+/// Move bytes both ways until both sides have closed (or an error, or the upload cap): splice
+/// when it can, else copy. Client → upstream bytes count as upload bytes against `upload`.
+pub async fn relay(
+    client: ClientIo,
+    upstream: TcpStream,
+    meter: &Arc<Meter>,
+    upload: Cap,
+) -> io::Result<Relay> {
+    #[cfg(target_os = "linux")]
+    let (client, upstream) = match client {
+        ClientIo::Tcp(tcp) => match splice(tcp, upstream, meter, upload).await? {
+            Spliced::Done => return Ok(Relay::Splice),
+            Spliced::Refused(client, upstream) => (ClientIo::Tcp(client), upstream),
+        },
+        other => (other, upstream),
+    };
+    tracing::debug!(relay = %Relay::Copy.as_str(), "tunnel relaying");
+    let mut client = Metered::new(client, meter.clone(), Direction::Up).with_cap(upload);
+    let mut server = Metered::new(upstream, meter.clone(), Direction::Down);
+    copy_bidirectional(&mut client, &mut server).await?;
+    Ok(Relay::Copy)
+}
+
+/// How [`splice`] ended without an error.
+#[cfg(target_os = "linux")]
+enum Spliced {
+    /// The tunnel is over.
+    Done,
+    /// splice(2) cannot carry it: the client and upstream sockets, for the copy. Whatever
+    /// splice had taken from them has been delivered.
+    Refused(TcpStream, TcpStream),
+}
+
+/// Splice the tunnel; if splice cannot carry it, deliver what it had taken and hand the two
+/// sockets back.
+#[cfg(target_os = "linux")]
+async fn splice(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    meter: &Meter,
+    upload: Cap,
+) -> io::Result<Spliced> {
+    use crate::io::splice::{splice_bidirectional, Spliced as Ended};
+
+    tracing::debug!(relay = %Relay::Splice.as_str(), "tunnel relaying");
+    let fallback = match splice_bidirectional(&client, &upstream, meter, Some(upload)).await? {
+        Ended::Done => return Ok(Spliced::Done),
+        Ended::Fallback(f) => f,
+    };
+    // A kernel or sandbox that refuses splice refuses it for every tunnel; each then costs one
+    // failed call before it copies, which is not worth process-wide state beyond the warning.
+    if fallback.unsupported {
+        if !SPLICE_REFUSED.swap(true, Relaxed) {
+            tracing::warn!(error = %fallback.cause, "splice(2) refused; tunnels copy through user space");
+        }
+    } else {
+        tracing::debug!(error = %fallback.cause, "no pipe for splice(2); this tunnel copies");
+    }
+    let left = fallback.leftover;
+    tokio::try_join!(upstream.write_all(&left.up), client.write_all(&left.down))?;
+    Ok(Spliced::Refused(client, upstream))
+}
+
+#[cfg(test)]
+mod tests;
