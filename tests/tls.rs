@@ -811,3 +811,42 @@ fn the_https_listener_speaks_tls_1_2_and_1_3_only() {
         }
     }
 }
+
+#[test]
+fn a_client_hello_sent_with_the_connect_head_is_checked() {
+    // Eager clients write the CONNECT head and their ClientHello in one go: hyper reads both,
+    // and the check must see the hello among the bytes hyper already holds.
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let authority = format!("allowed.test:{}", tls_origin.addr.port());
+    for (name, passes) in [("fronted.test", false), ("allowed.test", true)] {
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut bytes =
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").into_bytes();
+        bytes.extend(client_hello(name));
+        s.write_all(&bytes).unwrap();
+        let head = read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        if passes {
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first).unwrap();
+            assert_eq!(first[0], 22, "expected the origin's ServerHello");
+        } else {
+            assert!(closed(&mut s));
+        }
+        drop(s);
+        let a = proxy.audit();
+        assert_eq!(a.sni.as_deref(), Some(name));
+        let expected = if passes { "allowed" } else { "sni_mismatch" };
+        assert_eq!(a.reason, expected);
+    }
+    assert_eq!(
+        tls_origin.spoken_to(),
+        1,
+        "only the allowed hello reached the origin"
+    );
+}
