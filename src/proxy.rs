@@ -9,6 +9,7 @@
 
 pub mod ctx;
 pub mod forward;
+pub mod pool;
 pub mod respond;
 pub mod tunnel;
 
@@ -71,6 +72,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Set when the grace period is over: end everything still open.
     pub abort: CancellationToken,
+    /// Idle upstream connections of plain-HTTP forwarding.
+    pub pool: Arc<pool::Pool>,
     timer: TokioTimer,
 }
 
@@ -87,6 +90,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
+            pool: Arc::new(pool::Pool::new()),
             timer: TokioTimer::new(),
         }
     }
@@ -239,9 +243,16 @@ async fn audit_broken_head(
 
 /// What [`steps`] hands over when a request may proceed.
 struct Admitted {
-    kind: Kind,
-    upstream: TcpStream,
+    upstream: Upstream,
     limits: Limits,
+}
+
+/// Where an admitted request goes next.
+enum Upstream {
+    /// CONNECT: the dialled socket.
+    Tunnel(TcpStream),
+    /// Plain HTTP: the vetted route; `forward` takes a pooled connection or dials.
+    Http(forward::Route),
 }
 
 /// Run the pipeline for one request and produce its response.
@@ -262,8 +273,8 @@ async fn handle(
     let timeouts = snap.config.timeouts;
     drop(snap);
     let enforce = audited.ctx().mode == Mode::Enforce;
-    match admitted.kind {
-        Kind::Connect => {
+    match admitted.upstream {
+        Upstream::Tunnel(upstream) => {
             audited.ctx_mut().status = Some(StatusCode::OK.as_u16());
             let on_upgrade = hyper::upgrade::on(&mut req);
             let upload = Cap {
@@ -273,7 +284,7 @@ async fn handle(
             };
             shared.tracker.spawn(tunnel::run(
                 on_upgrade,
-                admitted.upstream,
+                upstream,
                 audited,
                 upload,
                 timeouts.idle,
@@ -281,9 +292,8 @@ async fn handle(
             ));
             Ok(Response::new(Either::Left(Full::new(Bytes::new()))))
         }
-        Kind::Http => {
+        Upstream::Http(route) => {
             let uri = req.uri().clone();
-            let meter = audited.ctx().meter.clone();
             let caps = forward::Caps {
                 request: Cap {
                     max: admitted.limits.max_request_body_bytes,
@@ -296,24 +306,22 @@ async fn handle(
                     reason: Reason::ResponseCap,
                 },
             };
-            let sent = forward::send(
-                req,
-                admitted.upstream,
-                meter,
-                caps,
-                timeouts.idle,
-                &shared.tracker,
-                shared.abort.clone(),
-            )
-            .await;
+            let sent = forward::send(req, &route, audited.ctx_mut(), caps, &shared).await;
             match sent {
                 Ok(forward::Sent {
                     response,
                     request_done,
+                    lease,
                 }) => {
                     audited.ctx_mut().status = Some(response.status().as_u16());
                     Ok(response.map(|body| {
-                        Either::Right(ForwardBody::new(body, audited, caps.response, request_done))
+                        Either::Right(ForwardBody::new(
+                            body,
+                            audited,
+                            caps.response,
+                            request_done,
+                            lease,
+                        ))
                     }))
                 }
                 Err(deny) => Ok(refuse(audited, &deny, &uri).await),
@@ -322,7 +330,8 @@ async fn handle(
     }
 }
 
-/// The pipeline up to a connected upstream socket. Every `?` is a refusal; in report mode the
+/// The pipeline up to a connected upstream socket (CONNECT) or a vetted route (plain HTTP, which
+/// `forward` sends on a pooled or new connection). Every `?` is a refusal; in report mode the
 /// allowlist and limit refusals are recorded as `would_deny` and the request goes on.
 async fn steps(
     req: &Request<Incoming>,
@@ -367,15 +376,24 @@ async fn steps(
     }
     let addrs = resolved?.addrs;
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
-    let dialling = Instant::now();
-    let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
-    metrics.upstream_connected(dialling.elapsed());
-    ctx.upstream = Some(addr);
-    Ok(Admitted {
-        kind,
-        upstream,
-        limits,
-    })
+    let upstream = match kind {
+        // The pool is asked only now, with this request's own vetted addresses.
+        Kind::Http => Upstream::Http(forward::Route {
+            agent: agent.name.clone(),
+            target,
+            vetted,
+            connect_timeout: cfg.timeouts.connect,
+            idle: cfg.timeouts.idle,
+        }),
+        Kind::Connect => {
+            let dialling = Instant::now();
+            let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
+            metrics.upstream_connected(dialling.elapsed());
+            ctx.upstream = Some(addr.addr());
+            Upstream::Tunnel(upstream)
+        }
+    };
+    Ok(Admitted { upstream, limits })
 }
 
 /// In report mode a reportable refusal becomes `would_deny` and the request continues.
