@@ -537,13 +537,15 @@ impl Proxy {
         let audit = dir.path().join("audit.jsonl");
         let audit_out = File::create(&audit).expect("create the audit file");
         let bin = env!("CARGO_BIN_EXE_chokepoint");
-        let mut cmd = if pinned {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "0", bin]);
-            c
-        } else {
-            Command::new(bin)
-        };
+        // Its own session, hence its own scheduling autogroup: with autogroups the kernel shares
+        // CPU between groups first, and in this process's group the proxy's share of CPU 0
+        // would depend on how busy the load client keeps CPU 1 (and on the proxy's own thread
+        // count), not on its code. `setsid` and `taskset` exec in place: the pid is the proxy's.
+        let mut cmd = Command::new("setsid");
+        if pinned {
+            cmd.args(["taskset", "-c", "0"]);
+        }
+        cmd.arg(bin);
         let mut child = cmd
             .arg("--config")
             .arg(&config)
