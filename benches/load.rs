@@ -558,10 +558,10 @@ impl Proxy {
                 "--compress-strings=no",
                 "--compress-pos=no",
             ])
-                .arg(format!(
-                    "--callgrind-out-file={}/callgrind.%p",
-                    dir.display()
-                ));
+            .arg(format!(
+                "--callgrind-out-file={}/callgrind.%p",
+                dir.display()
+            ));
         }
         cmd.arg(bin);
         let mut child = cmd
