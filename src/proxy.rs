@@ -345,7 +345,8 @@ async fn steps(
     ctx.target = Some(target.clone());
     if kind == Kind::Http {
         ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
-        forward::check_host(req.headers(), &target)?;
+        let authority = req.uri().authority().map_or("", |a| a.as_str());
+        forward::check_host(req.headers(), &target, authority)?;
         forward::check_framing(req.headers())?;
     }
     let agent_id = cfg.agents.identify(ctx.client, req.headers())?;

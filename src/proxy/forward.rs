@@ -15,7 +15,10 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
@@ -39,16 +42,17 @@ use crate::vet::VettedAddr;
 const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// Hop-by-hop headers removed in both directions, besides those the Connection header lists.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// `HeaderName`s, not strings: removing by `&str` parses and classifies the name every time.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 pin_project! {
@@ -128,8 +132,9 @@ pub struct Caps {
 }
 
 /// Refuse a request whose `Host` header names another destination than its absolute-form target
-/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up).
-pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
+/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up). `authority` is
+/// the request target's authority, which `target` was parsed from.
+pub fn check_host(headers: &HeaderMap, target: &Target, authority: &str) -> Result<(), Deny> {
     let mut hosts = headers.get_all(HOST).iter();
     let Some(value) = hosts.next() else {
         return Ok(());
@@ -139,6 +144,10 @@ pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
             Reason::MalformedRequest,
             "more than one Host header",
         ));
+    }
+    // The usual case: the same text as the target's authority parses to the same target.
+    if value.as_bytes() == authority.as_bytes() {
+        return Ok(());
     }
     let parsed = value
         .to_str()
@@ -427,6 +436,10 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
 
 /// Remove hop-by-hop headers: the fixed set, and every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names says so without touching the map.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // RFC 9112 §6.3: with Transfer-Encoding, Content-Length must not be forwarded; the body is
     // re-framed by the next connection from what was actually received.
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -444,7 +457,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -662,7 +675,7 @@ mod tests {
         let with = |v: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(HOST, HeaderValue::from_static(v));
-            check_host(&h, &t)
+            check_host(&h, &t, "example.com")
         };
         assert!(with("example.com").is_ok());
         assert!(with("EXAMPLE.com:80").is_ok());
@@ -672,12 +685,12 @@ mod tests {
             with("example.com:8080").unwrap_err().reason,
             Reason::HostMismatch
         );
-        assert!(check_host(&HeaderMap::new(), &t).is_ok());
+        assert!(check_host(&HeaderMap::new(), &t, "example.com").is_ok());
         let mut two = HeaderMap::new();
         two.append(HOST, HeaderValue::from_static("example.com"));
         two.append(HOST, HeaderValue::from_static("example.com"));
         assert_eq!(
-            check_host(&two, &t).unwrap_err().reason,
+            check_host(&two, &t, "example.com").unwrap_err().reason,
             Reason::MalformedRequest
         );
     }

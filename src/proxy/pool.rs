@@ -244,8 +244,11 @@ impl Pool {
             return; // `lease` is dropped (and closed) after the lock is released
         }
         let bucket = inner.buckets.entry(hash).or_default();
-        let same = bucket.iter().filter(|e| e.key == lease.key).count();
-        if same >= MAX_IDLE_PER_KEY {
+        // A bucket holds the key's connections and those of any key with the same hash, so it
+        // is only worth counting once it could be full.
+        let full = bucket.len() >= MAX_IDLE_PER_KEY
+            && bucket.iter().filter(|e| e.key == lease.key).count() >= MAX_IDLE_PER_KEY;
+        if full {
             drop(inner);
             return;
         }
