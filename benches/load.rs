@@ -16,7 +16,11 @@
 //! `LOAD_IDLE_TUNNELS` (scenario e, default 9000), `LOAD_SCENARIOS` (e.g. `a,b`; default all),
 //! `LOAD_PERF_DIR` (record a `perf` profile of the proxy over each measured window there, as
 //! `a.data`, `b.data`, `c.data`, `d-down.data`, `d-up.data`, `d3.data`; such a run's figures
-//! are perturbed by perf).
+//! are perturbed by perf), `LOAD_CALLGRIND_DIR` (run the proxy under valgrind's callgrind,
+//! counts zeroed when each measured window starts and dumped when it ends, into
+//! `callgrind.PID.1` there: user-space
+//! instructions per request that other processes on the machine cannot perturb; the proxy runs
+//! some 50x slower, so only the counts mean anything).
 
 #![allow(missing_docs, clippy::expect_used)]
 
@@ -91,6 +95,7 @@ struct Settings {
     idle_tunnels: usize,
     scenarios: String,
     perf_dir: Option<PathBuf>,
+    callgrind_dir: Option<PathBuf>,
     pinned: bool,
     clk_tck: f64,
 }
@@ -120,6 +125,7 @@ impl Settings {
             idle_tunnels,
             scenarios: std::env::var("LOAD_SCENARIOS").unwrap_or_else(|_| "abcde".into()),
             perf_dir: std::env::var_os("LOAD_PERF_DIR").map(PathBuf::from),
+            callgrind_dir: std::env::var_os("LOAD_CALLGRIND_DIR").map(PathBuf::from),
             pinned,
             clk_tck: clk_tck(),
         }
@@ -530,20 +536,34 @@ struct AuditLog {
 }
 
 impl Proxy {
-    fn start(origin_port: u16, pinned: bool) -> Proxy {
+    fn start(origin_port: u16, s: &Settings) -> Proxy {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let config = dir.path().join("chokepoint.toml");
         std::fs::write(&config, config_toml(origin_port)).expect("write the proxy config");
         let audit = dir.path().join("audit.jsonl");
         let audit_out = File::create(&audit).expect("create the audit file");
         let bin = env!("CARGO_BIN_EXE_chokepoint");
-        let mut cmd = if pinned {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "0", bin]);
-            c
-        } else {
-            Command::new(bin)
-        };
+        // Its own session, hence its own scheduling autogroup: with autogroups the kernel shares
+        // CPU between groups first, and in this process's group the proxy's share of CPU 0
+        // would depend on how busy the load client keeps CPU 1 (and on the proxy's own thread
+        // count), not on its code. `setsid` and `taskset` exec in place: the pid is the proxy's.
+        let mut cmd = Command::new("setsid");
+        if s.pinned {
+            cmd.args(["taskset", "-c", "0"]);
+        }
+        if let Some(dir) = &s.callgrind_dir {
+            cmd.args([
+                "valgrind",
+                "--tool=callgrind",
+                "--compress-strings=no",
+                "--compress-pos=no",
+            ])
+            .arg(format!(
+                "--callgrind-out-file={}/callgrind.%p",
+                dir.display()
+            ));
+        }
+        cmd.arg(bin);
         let mut child = cmd
             .arg("--config")
             .arg(&config)
@@ -554,8 +574,10 @@ impl Proxy {
             .spawn()
             .expect("start chokepoint");
         let stderr = child.stderr.take().expect("piped stderr");
+        // Valgrind takes a while to translate the binary before it runs.
+        let wait = PROCESS_WAIT * if s.callgrind_dir.is_some() { 10 } else { 1 };
         let addr = listen_addr(stderr)
-            .recv_timeout(PROCESS_WAIT)
+            .recv_timeout(wait)
             .expect("chokepoint did not report its listen address");
         Proxy {
             pid: child.id(),
@@ -936,35 +958,70 @@ async fn open(addr: SocketAddr, preface: Option<&[u8]>) -> io::Result<Wire> {
     .await
 }
 
-/// `perf record` of the proxy into `LOAD_PERF_DIR/NAME.data` until [`stop_perf`], when asked
-/// for (software clock, so it works in VMs without hardware counters).
-fn start_perf(s: &Settings, proxy: Option<&Proxy>, name: &str) -> Option<Child> {
-    let (dir, proxy) = (s.perf_dir.as_ref()?, proxy?);
-    let out = dir.join(format!("{name}.data"));
-    let args = [
-        "record",
-        "-e",
-        "cpu-clock",
-        "-F",
-        "999",
-        "--call-graph",
-        "dwarf",
-    ];
-    Command::new("perf")
-        .args(args)
-        .args(["-p", &proxy.pid.to_string(), "-o"])
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| eprintln!("perf did not start: {e}"))
-        .ok()
+/// What profiles a measured window: a `perf record` of the proxy into `LOAD_PERF_DIR/NAME.data`,
+/// and/or callgrind's collection switched on in a proxy running under it; until [`stop_perf`].
+struct Profiling {
+    perf: Option<Child>,
+    callgrind: Option<u32>,
 }
 
-/// Stop a `perf record` (SIGINT makes it write its file) and wait for it, bounded; the wait is
-/// async so the load winds down meanwhile.
-async fn stop_perf(perf: Option<Child>) {
-    let Some(mut perf) = perf else { return };
+/// Start profiling the window, when asked for (perf: software clock, so it works in VMs
+/// without hardware counters).
+fn start_perf(s: &Settings, proxy: Option<&Proxy>, name: &str) -> Profiling {
+    let callgrind = match (&s.callgrind_dir, proxy) {
+        (Some(_), Some(p)) => {
+            callgrind_control(&["-z"], p.pid); // counts start from zero here
+            Some(p.pid)
+        }
+        _ => None,
+    };
+    let perf = match (&s.perf_dir, proxy) {
+        (Some(dir), Some(proxy)) => {
+            let out = dir.join(format!("{name}.data"));
+            let args = [
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "--call-graph",
+                "dwarf",
+            ];
+            Command::new("perf")
+                .args(args)
+                .args(["-p", &proxy.pid.to_string(), "-o"])
+                .arg(out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| eprintln!("perf did not start: {e}"))
+                .ok()
+        }
+        _ => None,
+    };
+    Profiling { perf, callgrind }
+}
+
+/// `callgrind_control ARGS PID`, bounded by the tool's own timeout handling.
+fn callgrind_control(args: &[&str], pid: u32) {
+    let status = Command::new("callgrind_control")
+        .args(args)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("callgrind_control {args:?} {pid} failed: {status:?}");
+    }
+}
+
+/// Stop profiling: dump callgrind's counts since the window started; stop `perf record`
+/// (SIGINT makes it write its file) and wait for it, bounded; the wait is async so the load
+/// winds down meanwhile.
+async fn stop_perf(p: Profiling) {
+    if let Some(pid) = p.callgrind {
+        callgrind_control(&["-d"], pid);
+    }
+    let Some(mut perf) = p.perf else { return };
     let _ = Command::new("kill")
         .args(["-INT", &perf.id().to_string()])
         .status();
@@ -1293,7 +1350,7 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
         reconnect: false,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
-    let proxy = Proxy::start(port, s.pinned);
+    let proxy = Proxy::start(port, s);
     let script = Script {
         preface: None,
         request: get_absolute(port, "/").into(),
@@ -1322,7 +1379,7 @@ async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) 
         reconnect: false,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
-    let proxy = Proxy::start(port, s.pinned);
+    let proxy = Proxy::start(port, s);
     let script = Script {
         preface: Some(connect_request(port).into()),
         request,
@@ -1351,7 +1408,7 @@ async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) {
         reconnect: true,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
-    let proxy = Proxy::start(port, s.pinned);
+    let proxy = Proxy::start(port, s);
     let script = Script {
         preface: Some(connect_request(port).into()),
         request,
@@ -1374,7 +1431,7 @@ async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) {
 async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<()> {
     let port = origin.addr.port();
     let (direct_down, direct_up) = down_and_up(s, origin.addr, None, port, None).await?;
-    let proxy = Proxy::start(port, s.pinned);
+    let proxy = Proxy::start(port, s);
     let connect = connect_request(port);
     let (down, up) = down_and_up(s, proxy.addr, Some(&connect), port, Some(&proxy)).await?;
     let get = get_absolute(port, &format!("/bulk/{GIB}"));
@@ -1403,7 +1460,7 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io:
     let n = s.idle_tunnels;
     let port = origin.addr.port();
     let connect = connect_request(port);
-    let proxy = Proxy::start(port, s.pinned);
+    let proxy = Proxy::start(port, s);
     // Warm-up: one batch opened and closed, so one-time allocations land in "before".
     drop(open_tunnels(proxy.addr, &connect, CONNS).await?);
     sleep(Duration::from_millis(500)).await;

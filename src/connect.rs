@@ -2,7 +2,6 @@
 //! only [`VettedAddr`]s, so nothing here can resolve a name or reach an unchecked address.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -14,19 +13,20 @@ use crate::vet::VettedAddr;
 pub const MAX_ATTEMPTS: usize = 3;
 
 /// Connect to the first vetted address that accepts, in order, each attempt bounded by `timeout`.
+/// Returns the socket and the address it is connected to.
 pub async fn dial(
     addrs: &[VettedAddr],
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), Deny> {
+) -> Result<(TcpStream, VettedAddr), Deny> {
     let mut timed_out = 0usize;
     let mut last_err: Option<io::Error> = None;
-    for addr in addrs.iter().take(MAX_ATTEMPTS) {
-        let addr = addr.addr();
+    for &vetted in addrs.iter().take(MAX_ATTEMPTS) {
+        let addr = vetted.addr();
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 // Proxied traffic is request/response; Nagle only adds latency here.
                 let _ = stream.set_nodelay(true);
-                return Ok((stream, addr));
+                return Ok((stream, vetted));
             }
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "upstream connect failed");

@@ -156,6 +156,12 @@ where
     };
     let hup = reload::hangup();
     let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
+    // Expires idle upstream connections; closes the pool when draining starts, so they do not
+    // hold the drain up.
+    let reaper = tokio::spawn(proxy::pool::reap(
+        shared.pool.clone(),
+        shared.draining.clone(),
+    ));
     // Announced only now: signal handlers are installed and every part is ready. The HTTPS
     // listener first: tools wait for the `listen=` line and then expect everything up.
     if let Some(l) = &tls {
@@ -204,6 +210,7 @@ where
         let _ = tokio::time::timeout(ABORT_WAIT, shared.tracker.wait()).await;
     }
     let _ = watcher.await;
+    let _ = reaper.await;
     admin_stop.cancel();
     if let Some(t) = admin_task {
         let _ = t.await;

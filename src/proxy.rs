@@ -10,6 +10,7 @@
 pub mod ctx;
 pub mod forward;
 pub mod hello;
+pub mod pool;
 pub mod respond;
 pub mod tunnel;
 
@@ -87,6 +88,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Set when the grace period is over: end everything still open.
     pub abort: CancellationToken,
+    /// Idle upstream connections of plain-HTTP forwarding.
+    pub pool: Arc<pool::Pool>,
     timer: TokioTimer,
 }
 
@@ -103,6 +106,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
+            pool: Arc::new(pool::Pool::new()),
             timer: TokioTimer::new(),
         }
     }
@@ -350,11 +354,18 @@ async fn audit_broken_head(
 
 /// What [`steps`] hands over when a request may proceed.
 struct Admitted {
-    kind: Kind,
-    upstream: TcpStream,
+    upstream: Upstream,
     limits: Limits,
     /// CONNECT to a TLS port: the ClientHello check the tunnel runs first.
     sni: Option<tunnel::SniCheck>,
+}
+
+/// Where an admitted request goes next.
+enum Upstream {
+    /// CONNECT: the dialled socket.
+    Tunnel(TcpStream),
+    /// Plain HTTP: the vetted route; `forward` takes a pooled connection or dials.
+    Http(forward::Route),
 }
 
 /// Run the pipeline for one request and produce its response. `received` is the client
@@ -386,8 +397,8 @@ async fn handle(
     let timeouts = snap.config.timeouts;
     drop(snap);
     let enforce = audited.ctx().mode == Mode::Enforce;
-    match admitted.kind {
-        Kind::Connect => {
+    match admitted.upstream {
+        Upstream::Tunnel(upstream) => {
             audited.ctx_mut().status = Some(StatusCode::OK.as_u16());
             let on_upgrade = hyper::upgrade::on(&mut req);
             let upload = Cap {
@@ -397,7 +408,7 @@ async fn handle(
             };
             shared.tracker.spawn(tunnel::run(
                 on_upgrade,
-                admitted.upstream,
+                upstream,
                 audited,
                 upload,
                 admitted.sni,
@@ -406,9 +417,8 @@ async fn handle(
             ));
             Ok(Response::new(Either::Left(Full::new(Bytes::new()))))
         }
-        Kind::Http => {
+        Upstream::Http(route) => {
             let uri = req.uri().clone();
-            let meter = audited.ctx().meter.clone();
             let caps = forward::Caps {
                 request: Cap {
                     max: admitted.limits.max_request_body_bytes,
@@ -421,24 +431,22 @@ async fn handle(
                     reason: Reason::ResponseCap,
                 },
             };
-            let sent = forward::send(
-                req,
-                admitted.upstream,
-                meter,
-                caps,
-                timeouts.idle,
-                &shared.tracker,
-                shared.abort.clone(),
-            )
-            .await;
+            let sent = forward::send(req, &route, audited.ctx_mut(), caps, &shared).await;
             match sent {
                 Ok(forward::Sent {
                     response,
                     request_done,
+                    lease,
                 }) => {
                     audited.ctx_mut().status = Some(response.status().as_u16());
                     Ok(response.map(|body| {
-                        Either::Right(ForwardBody::new(body, audited, caps.response, request_done))
+                        Either::Right(ForwardBody::new(
+                            body,
+                            audited,
+                            caps.response,
+                            request_done,
+                            lease,
+                        ))
                     }))
                 }
                 Err(deny) => Ok(refuse(audited, &deny, &uri).await),
@@ -447,7 +455,8 @@ async fn handle(
     }
 }
 
-/// The pipeline up to a connected upstream socket. Every `?` is a refusal; in report mode the
+/// The pipeline up to a connected upstream socket (CONNECT) or a vetted route (plain HTTP, which
+/// `forward` sends on a pooled or new connection). Every `?` is a refusal; in report mode the
 /// allowlist and limit refusals are recorded as `would_deny` and the request goes on.
 async fn steps(
     req: &Request<Incoming>,
@@ -462,7 +471,8 @@ async fn steps(
     ctx.target = Some(target.clone());
     if kind == Kind::Http {
         ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
-        forward::check_host(req.headers(), &target)?;
+        let authority = req.uri().authority().map_or("", |a| a.as_str());
+        forward::check_host(req.headers(), &target, authority)?;
         forward::check_framing(req.headers())?;
     }
     let agent_id = cfg.agents.identify(ctx.client, req.headers(), cert)?;
@@ -493,19 +503,31 @@ async fn steps(
     }
     let addrs = resolved?.addrs;
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
-    let dialling = Instant::now();
-    let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
-    metrics.upstream_connected(dialling.elapsed());
-    ctx.upstream = Some(addr);
+    let upstream = match kind {
+        // The pool is asked only now, with this request's own vetted addresses.
+        Kind::Http => Upstream::Http(forward::Route {
+            agent: agent.name.clone(),
+            target: target.clone(),
+            vetted,
+            connect_timeout: cfg.timeouts.connect,
+            idle: cfg.timeouts.idle,
+        }),
+        Kind::Connect => {
+            let dialling = Instant::now();
+            let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
+            metrics.upstream_connected(dialling.elapsed());
+            ctx.upstream = Some(addr.addr());
+            Upstream::Tunnel(upstream)
+        }
+    };
     Ok(Admitted {
-        kind,
-        upstream,
-        limits,
         sni: (kind == Kind::Connect && cfg.sni.applies_to(target.port)).then(|| tunnel::SniCheck {
             host: target.host.clone(),
             require: cfg.sni.require,
             within: cfg.timeouts.request_header,
         }),
+        upstream,
+        limits,
     })
 }
 

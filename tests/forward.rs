@@ -191,8 +191,8 @@ fn keep_alive_serves_several_requests_on_one_client_connection() {
     );
     assert_eq!(
         origin.connections(),
-        3,
-        "one upstream connection per request"
+        1,
+        "the upstream connection is kept alive and reused"
     );
 }
 

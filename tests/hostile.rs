@@ -134,12 +134,13 @@ impl World {
         }
     }
 
-    /// No origin has been contacted (beyond `origin_ok` connections to the allowed one).
+    /// No origin has been contacted (beyond `origin_ok` requests to the allowed one, which the
+    /// upstream pool may have carried on fewer connections).
     fn untouched_but(&self, origin_ok: usize, case: &str) {
-        assert_eq!(
-            self.origin.settled_connections(),
-            origin_ok,
-            "origin: {case}"
+        let connections = self.origin.settled_connections();
+        assert!(
+            connections <= origin_ok && (origin_ok == 0 || connections > 0),
+            "origin: {connections} connections for {origin_ok} requests: {case}"
         );
         assert_eq!(self.evil.settled_connections(), 0, "evil: {case}");
         assert_eq!(self.internal.settled_connections(), 0, "internal: {case}");

@@ -158,28 +158,37 @@ impl RequestCtx {
 
     /// Render the audit line.
     pub fn audit_line(&self) -> String {
-        let t = self.arrived;
-        // RFC 3339, UTC, exactly three fractional digits (the audit schema's `ts`).
-        let ts = format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.millisecond()
-        );
-        let id = self.request_id.to_string();
+        let mut ts_buf = [0u8; 24];
+        let far_off: String;
+        let ts = match audit::timestamp(self.arrived, &mut ts_buf) {
+            Some(ts) => ts,
+            None => {
+                // A year outside 0–9999: only a badly wrong clock gets here.
+                let t = self.arrived;
+                far_off = format!(
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second(),
+                    t.millisecond()
+                );
+                &far_off
+            }
+        };
+        let mut id_buf = [0u8; ulid::ULID_LEN];
+        let id: &str = self.request_id.array_to_str(&mut id_buf);
         let event = match self.kind {
             Some(k) => k.as_str(),
             None => "reject",
         };
         AuditRecord {
             v: SCHEMA_VERSION,
-            ts: &ts,
+            ts,
             event,
-            request_id: &id,
+            request_id: id,
             agent: self.agent.as_deref(),
             policy: self.policy.as_deref(),
             client: self.client,

@@ -1,53 +1,77 @@
 //! Step 8b: plain-HTTP forwarding of absolute-form requests.
 //!
-//! Lifecycle: the driver has checked and dialled; [`send`] rewrites the request to origin-form,
-//! strips hop-by-hop headers (RFC 9110 §7.6.1), and sends it over a fresh HTTP/1.1 connection to
-//! the vetted address, streaming the body. The response head comes back to the driver; its body
-//! is wrapped in a [`ForwardBody`] that counts bytes and writes the audit line when the body ends
-//! (or when the client goes away first).
+//! Lifecycle: the driver has run the pipeline up to vetting; [`send`] rewrites the request to
+//! origin-form, strips hop-by-hop headers (RFC 9110 §7.6.1), and sends it, streaming the body,
+//! over an HTTP/1.1 connection to one of the request's vetted addresses: an idle one from the
+//! [`Pool`] when there is one for this agent, target and address, else a new one from
+//! `connect::dial`. The response head comes back to the driver; its body is wrapped in a
+//! [`ForwardBody`] that counts bytes, writes the audit line when the body ends (or when the client
+//! goes away first), and gives the connection back to the pool if the exchange ended cleanly.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use bytes::Bytes;
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_util::sync::{CancellationToken, PollSender};
-use tokio_util::task::TaskTracker;
+use tokio_util::sync::PollSender;
 
-use super::ctx::Audited;
+use super::ctx::{Audited, RequestCtx};
+use super::pool::{Conn, Key, Lease};
+use super::Shared;
+use crate::connect;
 use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody};
 use crate::outcome::{Deny, Reason};
 use crate::target::{self, Target};
+use crate::vet::VettedAddr;
+
+/// How long a pooled connection that hyper has not yet marked ready (its task is still winding
+/// up the previous exchange) may take before it is given up for another one.
+const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// Hop-by-hop headers removed in both directions, besides those the Connection header lists.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// `HeaderName`s, not strings: removing by `&str` parses and classifies the name every time.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 pin_project! {
-    /// The request body as sent upstream: counted and capped; when hyper is done with it
-    /// (sent, or failed), dropping it signals `done`.
+    /// The request body as sent upstream: the client's, counted and capped (or an empty one for
+    /// a bodiless request sent again); when hyper is done with it (sent, or failed), dropping it
+    /// signals `done`.
     pub struct UpBody {
         #[pin]
-        inner: MeteredBody<Incoming>,
+        inner: Either<MeteredBody<Incoming>, Empty<Bytes>>,
         done: oneshot::Sender<()>,
+    }
+}
+
+// === impl UpBody ===
+
+impl UpBody {
+    fn new(inner: Either<MeteredBody<Incoming>, Empty<Bytes>>) -> (UpBody, oneshot::Receiver<()>) {
+        let (done, request_done) = oneshot::channel();
+        (UpBody { inner, done }, request_done)
     }
 }
 
@@ -71,12 +95,31 @@ impl Body for UpBody {
     }
 }
 
-/// The response head, and a signal that completes once the request body has been sent.
+/// The response head, a signal that completes once the request body has been sent, and the
+/// connection (to go back to the pool when the exchange ends cleanly).
 pub struct Sent {
     /// The upstream response.
     pub response: Response<Incoming>,
     /// Completes (with an error: the sender is dropped) when the request body is done.
     pub request_done: oneshot::Receiver<()>,
+    /// The connection the exchange runs on.
+    pub lease: Lease,
+}
+
+/// Where a plain-HTTP request may go, as its own pipeline decided: the agent, the normalised
+/// target and the addresses that passed vetting (in answer order).
+#[derive(Debug)]
+pub struct Route {
+    /// The identified agent.
+    pub agent: Arc<str>,
+    /// The normalised target.
+    pub target: Target,
+    /// The request's vetted addresses.
+    pub vetted: Vec<VettedAddr>,
+    /// Bound on each connection attempt.
+    pub connect_timeout: Duration,
+    /// Bound on an upstream connection on which nothing moves.
+    pub idle: Duration,
 }
 
 /// The byte caps of one forwarded exchange.
@@ -89,8 +132,9 @@ pub struct Caps {
 }
 
 /// Refuse a request whose `Host` header names another destination than its absolute-form target
-/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up).
-pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
+/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up). `authority` is
+/// the request target's authority, which `target` was parsed from.
+pub fn check_host(headers: &HeaderMap, target: &Target, authority: &str) -> Result<(), Deny> {
     let mut hosts = headers.get_all(HOST).iter();
     let Some(value) = hosts.next() else {
         return Ok(());
@@ -100,6 +144,10 @@ pub fn check_host(headers: &HeaderMap, target: &Target) -> Result<(), Deny> {
             Reason::MalformedRequest,
             "more than one Host header",
         ));
+    }
+    // The usual case: the same text as the target's authority parses to the same target.
+    if value.as_bytes() == authority.as_bytes() {
+        return Ok(());
     }
     let parsed = value
         .to_str()
@@ -132,64 +180,64 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
     }
 }
 
-/// Send the request upstream on `stream`; returns the response head with its streaming body.
+/// Send the request to one of `route`'s vetted addresses, on an idle pooled connection for this
+/// agent, target and address if there is one, else on a new one; returns the response head with
+/// its streaming body. Records the address used in `ctx.upstream`.
+///
+/// A request that fails on a pooled connection before any response arrives (the server closed
+/// it while idle) is sent again, once, on a new connection: when hyper reports it was never
+/// written, or when it is safe to repeat (GET, HEAD, OPTIONS, TRACE without a body).
 pub async fn send(
     req: Request<Incoming>,
-    stream: TcpStream,
-    meter: Arc<Meter>,
+    route: &Route,
+    ctx: &mut RequestCtx,
     caps: Caps,
-    idle: Duration,
-    tracker: &TaskTracker,
-    abort: CancellationToken,
+    shared: &Shared,
 ) -> Result<Sent, Deny> {
     let (mut parts, body) = req.into_parts();
-    let is_head = parts.method == http::Method::HEAD;
+    let is_head = parts.method == Method::HEAD;
     prepare(&mut parts)?;
-    let (done, request_done) = oneshot::channel();
-    let body = UpBody {
-        inner: MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request),
-        done,
-    };
-    let req = Request::from_parts(parts, body);
-
-    // The socket gets its own activity meter: the idle bound covers waiting for the response
-    // head too, which the body meter never sees.
-    let activity = Arc::new(Meter::default());
-    let io = TokioIo::new(Metered::new(stream, activity.clone(), Direction::Down));
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, UpBody>(io)
-        .await
-        .map_err(|e| upstream_error("handshake", &e))?;
-    tracker.spawn(async move {
-        tokio::select! {
-            r = conn => if let Err(e) = r {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            },
-            () = activity.idle_for(idle) => tracing::debug!("upstream connection idle; closed"),
-            () = abort.cancelled() => {}
-        }
-    });
-    let mut resp = match sender.send_request(req).await {
+    let meter = ctx.meter.clone();
+    let mut lease = acquire(route, shared).await?;
+    ctx.upstream = Some(lease.peer());
+    // What it takes to repeat a safe request: only kept when a repeat may be needed.
+    let replay = (lease.pooled && is_safe(&parts.method) && body.is_end_stream())
+        .then(|| replay_parts(&parts));
+    let up = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
+    let (body, mut request_done) = UpBody::new(Either::Left(up));
+    let first = lease
+        .conn
+        .sender
+        .try_send_request(Request::from_parts(parts, body))
+        .await;
+    let mut resp = match first {
         Ok(resp) => resp,
-        // The request body decides what a failed exchange was: over its cap, or the client gone.
-        Err(e) => {
-            return Err(match meter.cut_reason() {
-                Some(Reason::BodyTooLarge) => Deny::with_detail(
-                    Reason::BodyTooLarge,
-                    format!(
-                        "request body passed the agent's max_request_body_bytes ({}); the upstream request was aborted",
-                        caps.request.max
-                    ),
-                ),
-                Some(Reason::ClientClosed) if is_malformed_body(&e) => Deny::new(
-                    Reason::MalformedRequest,
-                    "the request body's chunked framing is broken",
-                ),
-                Some(Reason::ClientClosed) => {
-                    Deny::new(Reason::ClientClosed, "client body ended early")
+        Err(mut e) => {
+            let again = if lease.pooled && meter.cut_reason().is_none() {
+                match e.take_message() {
+                    Some(unsent) => Some(unsent),
+                    None if peer_closed(e.error()) => replay.map(|parts| {
+                        let (body, done) = UpBody::new(Either::Right(Empty::new()));
+                        request_done = done;
+                        Request::from_parts(parts, body)
+                    }),
+                    None => None,
                 }
-                _ => upstream_error("request", &e),
-            })
+            } else {
+                None
+            };
+            let Some(req) = again else {
+                return Err(exchange_error(&meter, caps, e.error()));
+            };
+            tracing::debug!(error = %e.error(), "pooled upstream connection failed; sending again on a new one");
+            lease = fresh(route, shared).await?;
+            ctx.upstream = Some(lease.peer());
+            lease
+                .conn
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| exchange_error(&meter, caps, &e))?
         }
     };
     if check_framing(resp.headers()).is_err() {
@@ -218,13 +266,138 @@ pub async fn send(
             }
         }
     }
+    // Read before the hop-by-hop headers go: whether the server keeps the connection open.
+    lease.reusable = keeps_alive(&resp);
     strip_hop_by_hop(resp.headers_mut());
     // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
     *resp.version_mut() = Version::HTTP_11;
     Ok(Sent {
         response: resp,
         request_done,
+        lease,
     })
+}
+
+/// An idle pooled connection for `route`, else a new one.
+async fn acquire(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
+    // Bounded: every checkout takes a connection out of the pool.
+    while let Some(mut lease) = shared
+        .pool
+        .checkout(&route.agent, &route.target, &route.vetted)
+    {
+        if lease.conn.sender.is_ready() {
+            return Ok(lease);
+        }
+        if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, lease.conn.sender.ready()).await {
+            return Ok(lease);
+        }
+    }
+    fresh(route, shared).await
+}
+
+/// Dial one of `route`'s vetted addresses and start an HTTP/1.1 connection on it.
+async fn fresh(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
+    let dialling = Instant::now();
+    let (stream, peer) = connect::dial(&route.vetted, route.connect_timeout).await?;
+    shared.metrics.upstream_connected(dialling.elapsed());
+    // The socket gets its own activity meter: the idle bound covers waiting for the response
+    // head too, which the body meter never sees.
+    let activity = Arc::new(Meter::default());
+    let io = TokioIo::new(Metered::new(stream, activity.clone(), Direction::Down));
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpBody>(io)
+        .await
+        .map_err(|e| upstream_error("handshake", &e))?;
+    let (watch, idle, abort) = (activity.clone(), route.idle, shared.abort.clone());
+    shared.tracker.spawn(async move {
+        // Ends when the server closes the connection, when it is idle too long, at the end of
+        // the shutdown grace, or once every handle is gone (closed by the pool, or not pooled).
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            },
+            () = watch.idle_for(idle) => tracing::debug!("upstream connection idle; closed"),
+            () = abort.cancelled() => {}
+        }
+    });
+    let key = Key::new(route.agent.clone(), route.target.clone(), peer);
+    Ok(Lease::fresh(
+        shared.pool.clone(),
+        key,
+        Conn { sender, activity },
+    ))
+}
+
+/// RFC 9110 §9.2.1: methods a client may repeat without asking.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// A copy of a bodiless request's head, to send it again.
+fn replay_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// Whether a failed exchange failed because the server closed or reset the connection before
+/// answering (what a connection closed while idle in the pool looks like).
+fn peer_closed(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Whether the server leaves the connection open after this response: HTTP/1.1, no
+/// `Connection: close`, not a protocol switch.
+fn keeps_alive(resp: &Response<Incoming>) -> bool {
+    resp.version() == Version::HTTP_11
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && !resp.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+            })
+        })
+}
+
+/// The refusal for a failed exchange: the request body decides what it was (over its cap, or
+/// the client gone); anything else is the upstream.
+fn exchange_error(meter: &Meter, caps: Caps, e: &hyper::Error) -> Deny {
+    match meter.cut_reason() {
+        Some(Reason::BodyTooLarge) => Deny::with_detail(
+            Reason::BodyTooLarge,
+            format!(
+                "request body passed the agent's max_request_body_bytes ({}); the upstream request was aborted",
+                caps.request.max
+            ),
+        ),
+        Some(Reason::ClientClosed) if is_malformed_body(e) => Deny::new(
+            Reason::MalformedRequest,
+            "the request body's chunked framing is broken",
+        ),
+        Some(Reason::ClientClosed) => Deny::new(Reason::ClientClosed, "client body ended early"),
+        _ => upstream_error("request", e),
+    }
 }
 
 /// The declared `Content-Length`, if present and valid.
@@ -267,6 +440,10 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
 
 /// Remove hop-by-hop headers: the fixed set, and every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names says so without touching the map.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // RFC 9112 §6.3: with Transfer-Encoding, Content-Length must not be forwarded; the body is
     // re-framed by the next connection from what was actually received.
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -284,7 +461,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -293,13 +470,15 @@ pin_project! {
     /// The upstream response body on its way to the client: counted, and the audit line written
     /// when it ends. The end of the body is held back until the request body has been sent (so
     /// the line counts every byte and the agent's concurrency slot is held for the whole
-    /// exchange) and until the audit queue has room (backpressure, never a dropped line).
+    /// exchange) and until the audit queue has room (backpressure, never a dropped line). An
+    /// exchange that ended cleanly gives its connection back to the pool.
     pub struct ForwardBody {
         #[pin]
         inner: MeteredBody<Incoming>,
         audited: Option<Audited>,
         request_done: Option<oneshot::Receiver<()>>,
         audit_slot: Option<PollSender<String>>,
+        lease: Option<Lease>,
     }
 
     impl PinnedDrop for ForwardBody {
@@ -312,32 +491,48 @@ pin_project! {
             }
             // hyper drops a body it knows is complete (Content-Length reached, HEAD, 204, 304)
             // without polling it to its end: finish here, after the upload if it is still going.
-            match this.request_done.take() {
-                Some(mut rx) => {
-                    if rx.try_recv() == Err(oneshot::error::TryRecvError::Empty) {
-                        audited.finish_after(rx);
-                    } else {
-                        audited.finish_now();
-                    }
+            // A connection whose upload is still going is not given back.
+            let mut upload = this.request_done.take();
+            let uploading = upload
+                .as_mut()
+                .is_some_and(|rx| rx.try_recv() == Err(oneshot::error::TryRecvError::Empty));
+            match upload {
+                Some(rx) if uploading => audited.finish_after(rx),
+                _ => {
+                    release(this.lease, &audited);
+                    audited.finish_now();
                 }
-                None => audited.finish_now(),
             }
         }
     }
 }
 
-/// The end of a forwarded response: wait for the request body, then for an audit queue slot,
-/// then queue the line and end the body.
+/// The exchange is over (response read to its end, request body sent): give the connection
+/// back, unless a cap cut either body or the client failed.
+fn release(lease: &mut Option<Lease>, audited: &Audited) {
+    if let Some(lease) = lease.take() {
+        if audited.ctx().meter.cut_reason().is_none() {
+            lease.release();
+        }
+    }
+}
+
+/// The end of a forwarded response: wait for the request body, give the connection back, then
+/// wait for an audit queue slot, queue the line and end the body.
 fn finish_at_end(
     audited: &mut Option<Audited>,
     request_done: &mut Option<oneshot::Receiver<()>>,
     audit_slot: &mut Option<PollSender<String>>,
+    lease: &mut Option<Lease>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
     if let Some(rx) = request_done.as_mut() {
         // Resolves (Err: sender dropped) once hyper is done with the request body.
         let _ = ready!(Pin::new(rx).poll(cx));
         *request_done = None;
+    }
+    if let Some(a) = audited.as_ref() {
+        release(lease, a);
     }
     if let Some(slot) = audit_slot.as_mut() {
         if ready!(slot.poll_reserve(cx)).is_err() {
@@ -360,12 +555,13 @@ fn finish_at_end(
 
 impl ForwardBody {
     /// Wrap `body`, counting into the request's meter against `cap`; `audited` is finished when
-    /// it ends.
+    /// it ends, and `lease` goes back to the pool if the exchange ended cleanly.
     pub fn new(
         body: Incoming,
         audited: Audited,
         cap: Cap,
         request_done: oneshot::Receiver<()>,
+        lease: Lease,
     ) -> Self {
         let meter = audited.ctx().meter.clone();
         ForwardBody {
@@ -373,6 +569,7 @@ impl ForwardBody {
             audited: Some(audited),
             request_done: Some(request_done),
             audit_slot: None,
+            lease: Some(lease),
         }
     }
 }
@@ -388,14 +585,26 @@ impl Body for ForwardBody {
         let mut this = self.project();
         if this.audited.is_some() && this.audit_slot.is_some() {
             // The body has ended; finishing the audit line is all that is left.
-            return finish_at_end(this.audited, this.request_done, this.audit_slot, cx);
+            return finish_at_end(
+                this.audited,
+                this.request_done,
+                this.audit_slot,
+                this.lease,
+                cx,
+            );
         }
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             None => {
                 if let Some(a) = this.audited.as_ref() {
                     *this.audit_slot = Some(a.poll_sender());
-                    return finish_at_end(this.audited, this.request_done, this.audit_slot, cx);
+                    return finish_at_end(
+                        this.audited,
+                        this.request_done,
+                        this.audit_slot,
+                        this.lease,
+                        cx,
+                    );
                 }
             }
             Some(Err(e)) => {
@@ -486,7 +695,7 @@ mod tests {
         let with = |v: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(HOST, HeaderValue::from_static(v));
-            check_host(&h, &t)
+            check_host(&h, &t, "example.com")
         };
         assert!(with("example.com").is_ok());
         assert!(with("EXAMPLE.com:80").is_ok());
@@ -496,12 +705,12 @@ mod tests {
             with("example.com:8080").unwrap_err().reason,
             Reason::HostMismatch
         );
-        assert!(check_host(&HeaderMap::new(), &t).is_ok());
+        assert!(check_host(&HeaderMap::new(), &t, "example.com").is_ok());
         let mut two = HeaderMap::new();
         two.append(HOST, HeaderValue::from_static("example.com"));
         two.append(HOST, HeaderValue::from_static("example.com"));
         assert_eq!(
-            check_host(&two, &t).unwrap_err().reason,
+            check_host(&two, &t, "example.com").unwrap_err().reason,
             Reason::MalformedRequest
         );
     }
