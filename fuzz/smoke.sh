@@ -16,9 +16,9 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-# A dev build (unoptimised, debug assertions, overflow checks, AddressSanitizer): a cold
-# optimised build of chokepoint's dependency tree with cargo-fuzz's codegen-units=1 costs CI far
-# more than 20 s of slower execution loses. Long campaigns use the default (optimised) build.
+# A dev build (fuzz/Cargo.toml: opt-level 1; debug assertions, overflow checks, AddressSanitizer):
+# a cold release build of chokepoint's dependency tree with cargo-fuzz's codegen-units=1 took
+# about twice as long. Long campaigns use the default (release) build.
 profile=(--dev)
 cargo fuzz build "${profile[@]}"
 built=$(date +%s)
