@@ -174,12 +174,20 @@ impl Token {
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
-    let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+    use std::io::Read;
+    let read_err = |source| TokenError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    // Bounded: a path naming a device or a huge file must not exhaust memory (one byte past
+    // the longest padded token is enough to refuse it).
+    let limit = (2 * MAX_TOKEN_BYTES + 1) as u64;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+        .map_err(read_err)?;
     let trimmed = bytes.trim_ascii();
-    if trimmed.is_empty() || trimmed.len() > MAX_TOKEN_BYTES {
+    if trimmed.is_empty() || trimmed.len() > MAX_TOKEN_BYTES || bytes.len() as u64 == limit {
         return Err(TokenError::Length {
             path: path.to_owned(),
         });

@@ -85,6 +85,9 @@ pub enum TlsError {
     Rejected(String),
 }
 
+/// Largest certificate, key or CA file read (a CA bundle of a few hundred certificates fits).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
 /// The protocols the listener offers in ALPN: the proxy speaks HTTP/1.1 only.
 const ALPN: &[&[u8]] = &[b"http/1.1"];
 
@@ -156,10 +159,22 @@ fn read_all(s: &TlsSettings) -> Result<Vec<Vec<u8>>, TlsError> {
     paths
         .into_iter()
         .map(|p| {
-            std::fs::read(p).map_err(|source| TlsError::Read {
-                path: p.clone(),
-                source,
-            })
+            use std::io::Read;
+            // Bounded: a path naming a device or a huge file must not exhaust memory.
+            let mut bytes = Vec::new();
+            let read = std::fs::File::open(p)
+                .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes));
+            match read {
+                Ok(n) if n as u64 > MAX_PEM_BYTES => Err(TlsError::Rejected(format!(
+                    "{} is larger than {MAX_PEM_BYTES} bytes",
+                    p.display()
+                ))),
+                Ok(_) => Ok(bytes),
+                Err(source) => Err(TlsError::Read {
+                    path: p.clone(),
+                    source,
+                }),
+            }
         })
         .collect()
 }

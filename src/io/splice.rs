@@ -9,8 +9,8 @@
 //! * **Small reads are copied, bulk is spliced.** Splicing a few hundred bytes costs more than
 //!   `recv` + `send` of them (the kernel copies small packets into a page for the pipe anyway), so
 //!   a direction starts by reading into the thread's scratch buffer (the copy's) and writing; a
-//!   read that fills the buffer switches it to splice, and a splice that moves less than
-//!   [`BULK_BYTES`] switches it back. Bytes the destination cannot take at once wait in a pipe.
+//!   read of [`BULK_BYTES`] or more switches it to splice, and a splice that moves less than a
+//!   quarter of that switches it back. Bytes the destination cannot take at once wait in a pipe.
 //! * **Fill, then drain.** Bytes are spliced into the pipe only while it is empty, then spliced
 //!   out until it is empty again. So an `EAGAIN` from the source side always means "the socket has
 //!   nothing" (never "the pipe is full"), which is what tokio's `try_io` needs to clear the
@@ -38,10 +38,10 @@
 //!   [`Spliced::Fallback`]: what is still in the pipes comes back as [`Leftover`] bytes for the
 //!   caller to write before it copies the rest the portable way. No byte is lost or reordered.
 //!
-//! Cost: two descriptors per direction while it moves data, up to [`POOL_MAX`] pooled pipes per
-//! worker thread, and kernel memory that `VmRSS` does not show: a pipe's slot array (about 1 KiB
-//! at [`PIPE_BYTES`]) and, while bytes are in flight, references to the socket buffers' pages
-//! (not copies). Every pipe's capacity counts against the user's pipe budget.
+//! Cost: two descriptors per direction while it moves bulk, up to [`POOL_MAX`] pooled pipes per
+//! worker thread, and kernel memory that `VmRSS` does not show: a pipe's inode, files and slot
+//! array (a few KiB at [`PIPE_BYTES`]) and, while bytes are in flight, references to the socket
+//! buffers' pages (not copies). Every pipe's capacity counts against the user's pipe budget.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -72,8 +72,10 @@ const MAX_MOVE: usize = 1 << 20;
 /// this size but only 64 of 1 MiB (docs/benchmarks.md).
 pub const PIPE_BYTES: usize = 256 * 1024;
 
-/// A splice that moves less than this ends bulk mode: the next reads are copied.
-pub const BULK_BYTES: usize = CHUNK / 4;
+/// A copied read of at least this much starts bulk mode (splice); a splice that moves less than
+/// a quarter of it ends it (the next reads are copied). The gap keeps a transfer whose reads
+/// vary around the threshold from switching back and forth.
+pub const BULK_BYTES: usize = 16 * 1024;
 
 /// Smallest pipe worth splicing through (the default pipe size; a user over the pipe budget
 /// gets 8 KiB).
@@ -332,7 +334,7 @@ impl Half {
                 self.pipe = Some(pipe);
                 self.pending = n;
                 // The burst is over: small reads are cheaper copied.
-                self.bulk = n >= BULK_BYTES;
+                self.bulk = n >= BULK_BYTES / 4;
                 Ok(Some(n))
             }
             // Hold no pipe while waiting for more.
@@ -349,8 +351,8 @@ impl Half {
     }
 
     /// Read up to `want` bytes from `src` into this thread's scratch buffer and write what `dst`
-    /// takes now; the rest goes into a pipe, to be spliced out like any other. A read that fills
-    /// the buffer starts bulk mode. `probe`: the byte read is past the cap and is not written.
+    /// takes now; the rest goes into a pipe, to be spliced out like any other. A large read
+    /// starts bulk mode. `probe`: the byte read is past the cap and is not written.
     /// `None`: nothing to read.
     fn copy_through(
         &mut self,
@@ -370,7 +372,7 @@ impl Half {
             if n == 0 || probe {
                 return Ok(Some(n));
             }
-            self.bulk = n == CHUNK;
+            self.bulk = n >= BULK_BYTES;
             let written = match dst.try_write(&buf[..n]) {
                 Ok(k) => k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

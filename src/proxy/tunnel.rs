@@ -272,7 +272,7 @@ pub async fn send_prefix(
 /// How a tunnel's bytes were moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Relay {
-    /// splice(2) between the two sockets, in the kernel.
+    /// `io::splice`: bulk spliced between the two sockets in the kernel, small reads copied.
     Splice,
     /// The portable copy through user space.
     Copy,
