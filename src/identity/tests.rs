@@ -299,3 +299,18 @@ fn an_empty_presented_token_never_matches() {
     let r = agents.identify("127.0.0.1:1".parse().unwrap(), &basic("coder", ""), None);
     assert_eq!(r.unwrap_err().reason, Reason::AuthFailed);
 }
+
+#[test]
+fn a_huge_token_file_is_refused_without_reading_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge");
+    std::fs::write(&path, vec![b'a'; 4 * 1024 * 1024]).unwrap();
+    assert!(matches!(Token::load(&path), Err(TokenError::Length { .. })));
+    // Whitespace padding up to the read bound is still trimmed away.
+    std::fs::write(
+        &path,
+        format!("{}tok{}", " ".repeat(4000), "\n".repeat(4000)),
+    )
+    .unwrap();
+    assert!(Token::load(&path).unwrap().matches(b"tok"));
+}

@@ -158,3 +158,12 @@ fn peer_identity_reads_uri_sans_and_common_name() {
     assert_eq!(peer_cert(&der).unwrap(), PeerCert::default());
     assert_eq!(peer_cert(b"not der"), None);
 }
+
+#[test]
+fn an_oversized_pem_file_is_refused() {
+    let pki = Pki::new();
+    let mut s = pki.settings(false);
+    s.cert = pki.write("big.crt", &"A".repeat(2 << 20));
+    let e = TlsFiles::load(s).unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+}
