@@ -328,10 +328,19 @@ fn a_rule_removed_by_reload_refuses_the_next_request_despite_an_idle_connection(
 
 #[test]
 fn a_name_moved_by_reload_goes_to_its_new_address_despite_an_idle_connection() {
-    let old = Scripted::start("127.0.0.1:0");
+    // The same port on another loopback address: only the vetted address tells them apart. The
+    // port the kernel picks for 127.0.0.1 may be taken on 127.0.0.2 by a parallel test: retry.
+    let (old, new) = (0..50)
+        .find_map(|_| {
+            let old = Scripted::start("127.0.0.1:0");
+            let free = TcpListener::bind(("127.0.0.2", old.addr.port())).is_ok();
+            free.then(|| {
+                let new = Scripted::start(&format!("127.0.0.2:{}", old.addr.port()));
+                (old, new)
+            })
+        })
+        .expect("a port free on both 127.0.0.1 and 127.0.0.2");
     let port = old.addr.port();
-    // The same port on another loopback address: only the vetted address tells them apart.
-    let new = Scripted::start(&format!("127.0.0.2:{port}"));
     let cfg = |to: &str| {
         config(
             &format!("\"a.test\" = [\"{to}\"]"),
