@@ -416,13 +416,20 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
         .authority()
         .cloned()
         .ok_or(Deny::new(Reason::MalformedRequest, "URL has no host"))?;
-    let origin_form = match parts.uri.path_and_query().map(|pq| pq.as_str()) {
-        Some(pq) if pq.starts_with('/') => Uri::try_from(pq),
+    let invalid = || Deny::new(Reason::MalformedRequest, "invalid request path");
+    let origin_form = match parts.uri.path_and_query() {
+        // The parsed path and query, shared rather than parsed again.
+        Some(pq) if pq.as_str().starts_with('/') => {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(pq.clone());
+            Uri::from_parts(origin).map_err(|_| invalid())?
+        }
         // `http://host?q` has an empty path: origin-form needs the `/` (RFC 9112 §3.2.1).
-        Some(pq) if pq.starts_with('?') => Uri::try_from(format!("/{pq}")),
-        _ => Ok(Uri::from_static("/")),
-    }
-    .map_err(|_| Deny::new(Reason::MalformedRequest, "invalid request path"))?;
+        Some(pq) if pq.as_str().starts_with('?') => {
+            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| invalid())?
+        }
+        _ => Uri::from_static("/"),
+    };
     parts.uri = origin_form;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
