@@ -20,8 +20,10 @@ use tokio::time::Instant;
 use crate::outcome::Reason;
 
 mod copy;
+mod watched;
 
 pub use copy::copy_bidirectional;
+pub use watched::Watched;
 
 /// The error type of bodies passed through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
