@@ -32,7 +32,7 @@ use super::ctx::{Audited, RequestCtx};
 use super::pool::{Conn, Key, Lease};
 use super::Shared;
 use crate::connect;
-use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody};
+use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody, Watched};
 use crate::outcome::{Deny, Reason};
 use crate::target::{self, Target};
 use crate::vet::VettedAddr;
@@ -309,15 +309,18 @@ async fn fresh(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
         .await
         .map_err(|e| upstream_error("handshake", &e))?;
     let (watch, idle, abort) = (activity.clone(), route.idle, shared.abort.clone());
-    shared.tracker.spawn(async move {
-        // Ends when the server closes the connection, when it is idle too long, at the end of
-        // the shutdown grace, or once every handle is gone (closed by the pool, or not pooled).
+    // Ends when the server closes the connection, when it is idle too long, at the end of the
+    // shutdown grace, or once every handle is gone (closed by the pool, or not pooled). The
+    // watchdogs are polled only when they fire, not on each of the task's wake-ups per request.
+    let watchdogs = async move {
         tokio::select! {
-            r = conn => if let Err(e) = r {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            },
             () = watch.idle_for(idle) => tracing::debug!("upstream connection idle; closed"),
             () = abort.cancelled() => {}
+        }
+    };
+    shared.tracker.spawn(async move {
+        if let Some(Err(e)) = Watched::new(conn, watchdogs).await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
     let key = Key::new(route.agent.clone(), route.target.clone(), peer);
@@ -420,13 +423,20 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
         .authority()
         .cloned()
         .ok_or(Deny::new(Reason::MalformedRequest, "URL has no host"))?;
-    let origin_form = match parts.uri.path_and_query().map(|pq| pq.as_str()) {
-        Some(pq) if pq.starts_with('/') => Uri::try_from(pq),
+    let invalid = || Deny::new(Reason::MalformedRequest, "invalid request path");
+    let origin_form = match parts.uri.path_and_query() {
+        // The parsed path and query, shared rather than parsed again.
+        Some(pq) if pq.as_str().starts_with('/') => {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(pq.clone());
+            Uri::from_parts(origin).map_err(|_| invalid())?
+        }
         // `http://host?q` has an empty path: origin-form needs the `/` (RFC 9112 §3.2.1).
-        Some(pq) if pq.starts_with('?') => Uri::try_from(format!("/{pq}")),
-        _ => Ok(Uri::from_static("/")),
-    }
-    .map_err(|_| Deny::new(Reason::MalformedRequest, "invalid request path"))?;
+        Some(pq) if pq.as_str().starts_with('?') => {
+            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| invalid())?
+        }
+        _ => Uri::from_static("/"),
+    };
     parts.uri = origin_form;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
