@@ -67,10 +67,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The proxy runs these for absolute-form requests; they must never panic on anything.
+    let authority = req.uri().authority().map_or("", |a| a.as_str());
     let host = parsed
         .as_ref()
         .ok()
-        .map(|(_, t)| forward::check_host(req.headers(), t));
+        .map(|(_, t)| forward::check_host(req.headers(), t, authority));
     let framing_ok = forward::check_framing(req.headers()).is_ok();
     let length = forward::content_length(req.headers());
 
