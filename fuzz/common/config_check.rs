@@ -30,7 +30,7 @@ pub fn reads_outside(src: &str) -> bool {
                     "token_file" | "tls_cert" | "tls_key" | "client_ca"
                 ) && v
                     .as_str()
-                        .is_none_or(|s| s.contains('/') || s.contains('\\') || s.starts_with('.')))
+                    .is_none_or(|s| s.contains('/') || s.contains('\\') || s.starts_with('.')))
                     || walk(v)
             }),
             toml::Value::Array(a) => a.iter().any(walk),
