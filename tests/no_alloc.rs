@@ -20,8 +20,9 @@
 //! - `Vetter::vet` allocates: one `Vec<VettedAddr>` when an address passes, and that `Vec` plus
 //!   the refusal's `format!` detail (2 allocations, sometimes a reallocation) when none does.
 //!
-//! The counter lives in the `densa-alloc` dev-dependency because this crate forbids unsafe code
-//! and a `GlobalAlloc` impl is unsafe.
+//! The counter is the `allocation-counter` dev-dependency (it installs itself as this test
+//! binary's global allocator and counts per thread): this crate forbids unsafe code, and a
+//! `GlobalAlloc` impl is unsafe.
 
 #![allow(clippy::unwrap_used)] // setup failures may panic
 
@@ -32,16 +33,21 @@ use chokepoint::limits::Limits;
 use chokepoint::policy::{parse_rule, Allowlist, Miss, Mode, Policy};
 use chokepoint::target::{parse_authority, Kind};
 use chokepoint::vet::Vetter;
-use densa_alloc::{is_active, measure, CountingAllocator};
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator::system();
-
-/// Run `f` with the counter armed; fail if it allocated, reallocated or freed anything.
+/// Run `f` with the counter armed; fail if it allocated (or reallocated) anything.
 fn assert_no_alloc<R>(what: &str, f: impl FnOnce() -> R) -> R {
-    let (out, stats) = measure(f);
-    assert!(stats.is_zero(), "{what} touched the heap: {stats:?}");
-    out
+    let mut out = None;
+    let info = allocation_counter::measure(|| out = Some(f()));
+    assert_eq!(info.count_total, 0, "{what} allocated: {info:?}");
+    out.unwrap()
+}
+
+/// The counter is really installed: a box counts as one allocation.
+fn assert_counting() {
+    let info = allocation_counter::measure(|| drop(black_box(Box::new(1u64))));
+    assert_eq!(
+        info.count_total, 1,
+        "allocation counter not installed: {info:?}"
+    );
 }
 
 /// The policy of `benches/allowlist.rs`: half exact names, half `*.` wildcards.
@@ -67,7 +73,7 @@ fn policy(n: usize) -> Policy {
 
 #[test]
 fn allowlist_lookup_does_not_allocate() {
-    assert!(is_active(), "counting allocator not installed");
+    assert_counting();
     for n in [10, 10_000] {
         let policy = policy(n);
         let (e, w) = (n / 2 * 2 - 2, n - 1); // the last exact and the last wildcard rule
@@ -106,7 +112,7 @@ fn allowlist_lookup_does_not_allocate() {
 
 #[test]
 fn address_vetting_decision_does_not_allocate() {
-    assert!(is_active(), "counting allocator not installed");
+    assert_counting();
     let vetter = Vetter::new(
         vec!["1.2.3.0/24".parse().unwrap()],
         vec!["10.1.0.0/16".parse().unwrap()],
