@@ -1,0 +1,142 @@
+//! Issue #6: "no allocation on the lookup path". The benches measure time; this proves the other
+//! half. A counting global allocator (per-thread counters, so the harness's other threads never
+//! count) watches only the call under test, and any heap operation there fails the test:
+//!
+//! - `Allowlist::check` (and `Policy::check` on a hit, which is what the data path calls) at 10
+//!   and 10,000 rules built as `benches/allowlist.rs` builds them: exact hit, wildcard hit, miss,
+//!   known host on the wrong port. 100,000 rules take about 0.9 s to build in a debug build, too
+//!   slow for this file; a hit and a miss tried there by hand allocated nothing either.
+//! - `Vetter::check_with`, the pure per-address decision of `vet`, for allowed and denied IPv4
+//!   and IPv6 addresses, through the built-in ranges, `deny_cidrs`, `allow_cidrs` and a policy's
+//!   own exception.
+//!
+//! Measured with the same counter while writing this, and deliberately not asserted (none is the
+//! lookup issue #6 is about):
+//! - Target parsing allocates for names: `parse_authority` / `target::parse` make one allocation
+//!   for a normalised name (the `Box<str>` in `Host::Name`); a name that needs normalising
+//!   (upper case, trailing dot, IDN) goes through `idna` and adds three reallocations. IP
+//!   literals (v4 and bracketed v6) parse without allocating.
+//! - `Policy::check` on a refusal allocates once: the `Deny` detail is a `format!` (`#[cold]`).
+//! - `Vetter::vet` allocates: one `Vec<VettedAddr>` when an address passes, and that `Vec` plus
+//!   the refusal's `format!` detail (2 allocations, sometimes a reallocation) when none does.
+//!
+//! The counter is the `allocation-counter` dev-dependency (it installs itself as this test
+//! binary's global allocator and counts per thread): this crate forbids unsafe code, and a
+//! `GlobalAlloc` impl is unsafe.
+
+#![allow(clippy::unwrap_used)] // setup failures may panic
+
+use std::hint::black_box;
+use std::net::IpAddr;
+
+use chokepoint::limits::Limits;
+use chokepoint::policy::{parse_rule, Allowlist, Miss, Mode, Policy};
+use chokepoint::target::{parse_authority, Kind};
+use chokepoint::vet::Vetter;
+/// Run `f` with the counter armed; fail if it allocated (or reallocated) anything.
+fn assert_no_alloc<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    let mut out = None;
+    let info = allocation_counter::measure(|| out = Some(f()));
+    assert_eq!(info.count_total, 0, "{what} allocated: {info:?}");
+    out.unwrap()
+}
+
+/// The counter is really installed: a box counts as one allocation.
+fn assert_counting() {
+    let info = allocation_counter::measure(|| drop(black_box(Box::new(1u64))));
+    assert_eq!(
+        info.count_total, 1,
+        "allocation counter not installed: {info:?}"
+    );
+}
+
+/// The policy of `benches/allowlist.rs`: half exact names, half `*.` wildcards.
+fn policy(n: usize) -> Policy {
+    let mut allowlist = Allowlist::default();
+    for i in 0..n {
+        let rule = if i % 2 == 0 {
+            format!("api{i}.svc{i}.example")
+        } else {
+            format!("*.cdn{i}.example")
+        };
+        let (pattern, port) = parse_rule(&rule).unwrap();
+        allowlist.insert(&rule, pattern, port);
+    }
+    Policy {
+        name: "bench".into(),
+        allowlist,
+        limits: Limits::default(),
+        mode: Mode::Enforce,
+        allow_cidrs: Vec::new(),
+    }
+}
+
+#[test]
+fn allowlist_lookup_does_not_allocate() {
+    assert_counting();
+    for n in [10, 10_000] {
+        let policy = policy(n);
+        let (e, w) = (n / 2 * 2 - 2, n - 1); // the last exact and the last wildcard rule
+        let exact = format!("api{e}.svc{e}.example");
+        let wildcard = format!("*.cdn{w}.example");
+        let cases = [
+            ("exact hit", format!("{exact}:443"), Ok(exact.as_str())),
+            (
+                "wildcard hit",
+                format!("a.b.cdn{w}.example:443"),
+                Ok(&wildcard),
+            ),
+            ("miss", "exfil.attacker.test:443".into(), Err(Miss::Host)),
+            ("wrong port", format!("{exact}:8443"), Err(Miss::Port)),
+        ];
+        for (case, authority, want) in cases {
+            // Parsed before arming: parsing is not the lookup path (it allocates; see above).
+            let target = parse_authority(&authority, None).unwrap();
+            let got = assert_no_alloc(&format!("{case} at {n} rules"), || {
+                policy
+                    .allowlist
+                    .check(Kind::Connect, black_box(&target))
+                    .map(|rule| &*rule.text)
+            });
+            assert_eq!(got, want, "{case} at {n} rules");
+            if want.is_ok() {
+                let allowed =
+                    assert_no_alloc(&format!("Policy::check {case} at {n} rules"), || {
+                        policy.check(Kind::Connect, black_box(&target)).is_ok()
+                    });
+                assert!(allowed);
+            }
+        }
+    }
+}
+
+#[test]
+fn address_vetting_decision_does_not_allocate() {
+    assert_counting();
+    let vetter = Vetter::new(
+        vec!["1.2.3.0/24".parse().unwrap()],
+        vec!["10.1.0.0/16".parse().unwrap()],
+        vec!["127.0.0.1:3128".parse().unwrap()],
+    );
+    let policy_allow = ["192.168.5.0/24".parse().unwrap()];
+    let cases = [
+        ("93.184.216.34", true),     // public
+        ("10.1.2.3", true),          // RFC 1918, but in allow_cidrs
+        ("192.168.5.5", true),       // RFC 1918, but in the policy's allow_cidrs
+        ("10.0.0.1", false),         // built-in: RFC 1918
+        ("1.2.3.4", false),          // deny_cidrs
+        ("2606:4700::1111", true),   // public
+        ("fd00::1", false),          // built-in: unique-local
+        ("::ffff:127.0.0.1", false), // IPv4-mapped loopback
+        ("2002:a00:1::1", false),    // 6to4 carrying 10.0.0.1
+    ];
+    for (addr, want) in cases {
+        let ip: IpAddr = addr.parse().unwrap();
+        let allowed = assert_no_alloc(&format!("vetting {addr}"), || {
+            vetter
+                .check_with(black_box(ip), 443, black_box(&policy_allow))
+                .is_ok()
+        });
+        assert_eq!(allowed, want, "{addr}");
+    }
+}
