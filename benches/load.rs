@@ -14,6 +14,10 @@
 //! Run: `LOAD_SECS=5 cargo bench --bench load`. Environment:
 //! `LOAD_SECS` (measured seconds per scenario, default 5), `LOAD_WARM_SECS` (warm-up, default 1),
 //! `LOAD_IDLE_TUNNELS` (scenario e, default 9000), `LOAD_SCENARIOS` (e.g. `a,b`; default all),
+//! `LOAD_JSON` (where the results are also written as JSON, one record per table row with ids
+//! `a`, `a-noproxy`, …, `d-down`, `d-up`, `d3`, `e`, plus the run's commit and settings; default
+//! `load-results.json` in `CARGO_TARGET_DIR` or the crate's `target`; `benches/chart.py` draws
+//! it as SVG),
 //! `LOAD_PERF_DIR` (record a `perf` profile of the proxy over each measured window there, as
 //! `a.data`, `b.data`, `c.data`, `d-down.data`, `d-up.data`, `d3.data`; such a run's figures
 //! are perturbed by perf), `LOAD_CALLGRIND_DIR` (run the proxy under valgrind's callgrind,
@@ -31,8 +35,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -77,15 +82,21 @@ static ZEROS: [u8; BULK_CHUNK] = [0; BULK_CHUNK];
 
 fn main() {
     let mut notes = Vec::new();
-    let pinned = pin_self(&mut notes);
+    // Before pinning, which leaves this process one CPU.
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = pin_self(nproc, &mut notes);
     let nofile = raise_nofile(&mut notes);
-    let settings = Settings::from_env(pinned, nofile, &mut notes);
+    let settings = Settings::from_env(nproc, pinned, nofile, &mut notes);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("build a tokio runtime");
     let report = rt.block_on(run(&settings));
     report.print(&settings, &notes);
+    match report.write_json(&settings, &notes) {
+        Ok(()) => println!("\nresults as JSON: {}", settings.json.display()),
+        Err(e) => eprintln!("could not write {}: {e}", settings.json.display()),
+    }
 }
 
 /// What the environment asks for, after what the machine allows.
@@ -96,12 +107,16 @@ struct Settings {
     scenarios: String,
     perf_dir: Option<PathBuf>,
     callgrind_dir: Option<PathBuf>,
+    /// Where the results go as JSON.
+    json: PathBuf,
+    /// CPUs available to the bench before it pinned itself.
+    nproc: usize,
     pinned: bool,
     clk_tck: f64,
 }
 
 impl Settings {
-    fn from_env(pinned: bool, nofile: u64, notes: &mut Vec<String>) -> Settings {
+    fn from_env(nproc: usize, pinned: bool, nofile: u64, notes: &mut Vec<String>) -> Settings {
         // A window shorter than this measures nothing worth a number.
         let secs = env_number("LOAD_SECS", 5.0).max(0.1);
         let warm = env_number("LOAD_WARM_SECS", 1.0);
@@ -126,6 +141,8 @@ impl Settings {
             scenarios: std::env::var("LOAD_SCENARIOS").unwrap_or_else(|_| "abcde".into()),
             perf_dir: std::env::var_os("LOAD_PERF_DIR").map(PathBuf::from),
             callgrind_dir: std::env::var_os("LOAD_CALLGRIND_DIR").map(PathBuf::from),
+            json: json_path(),
+            nproc,
             pinned,
             clk_tck: clk_tck(),
         }
@@ -134,6 +151,18 @@ impl Settings {
     fn wants(&self, scenario: char) -> bool {
         self.scenarios.contains(scenario)
     }
+}
+
+/// `LOAD_JSON`, else `load-results.json` in the target directory: `CARGO_TARGET_DIR` if set
+/// (relative to the crate's directory), else the crate's `target`.
+fn json_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOAD_JSON") {
+        return path.into();
+    }
+    let krate = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| krate.join("target"), |t| krate.join(t));
+    target.join("load-results.json")
 }
 
 fn env_number(name: &str, default: f64) -> f64 {
@@ -151,8 +180,7 @@ fn env_number(name: &str, default: f64) -> f64 {
 
 /// Pin this process (load client and origin) to CPU 1; the proxy goes on CPU 0. Runs before any
 /// thread exists, so every thread inherits the mask.
-fn pin_self(notes: &mut Vec<String>) -> bool {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+fn pin_self(cores: usize, notes: &mut Vec<String>) -> bool {
     if cores < 2 {
         notes.push(format!("{cores} core available: not pinned"));
         return false;
@@ -828,12 +856,13 @@ impl Closed {
         self.ops as f64 / self.spent.wall
     }
 
-    fn percentile(&self, p: f64) -> String {
+    /// Nearest-rank percentile of the latencies, in µs; `None` without samples.
+    fn percentile(&self, p: f64) -> Option<u32> {
         if self.samples.is_empty() {
-            return "-".into();
+            return None;
         }
         let rank = ((p * self.samples.len() as f64).ceil() as usize).clamp(1, self.samples.len());
-        format!("{} µs", self.samples[rank - 1])
+        Some(self.samples[rank - 1])
     }
 
     /// Proxy CPU µs per exchange.
@@ -1108,13 +1137,55 @@ async fn plain_download(
 
 // === the report ===
 
-/// One line of the results table; every cell already formatted.
+/// One line of the results table, every cell formatted, and the same figures as numbers.
 struct Row {
     name: String,
     cells: [String; 9],
+    record: Record,
+}
+
+/// A row's figures as numbers, for the `LOAD_JSON` file; `None` (null) where the table has "-".
+#[derive(Serialize, Default)]
+struct Record {
+    /// `a`, `a-noproxy`, `b`, `b-noproxy`, `c`, `c-noproxy`, `d-down`, `d-up`, `d3` or `e`.
+    id: String,
+    label: String,
+    throughput: Option<Quantity>,
+    /// The no-proxy throughput `ratio` divides by, in `throughput`'s unit.
+    no_proxy: Option<f64>,
+    ratio: Option<f64>,
+    p50_us: Option<u32>,
+    p99_us: Option<u32>,
+    p999_us: Option<u32>,
+    /// The table's "proxy CPU/op": µs per request or tunnel (a, b, c), s per GiB (d, d3), or
+    /// memory, KiB per idle tunnel (e).
+    proxy_per_op: Option<Quantity>,
+    proxy_core_pct: Option<f64>,
+    client_core_pct: Option<f64>,
+    /// Set when other processes were busy during a window this row's figures come from.
+    busy_note: Option<String>,
+    /// e only.
+    idle: Option<Idle>,
+    /// Why the scenario has no figures.
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Quantity {
+    value: f64,
+    unit: &'static str,
+}
+
+/// Scenario e: tunnels held open and the proxy's `VmRSS` before and after opening them.
+#[derive(Serialize)]
+struct Idle {
+    tunnels: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
 }
 
 /// An issue-6 target next to what was measured.
+#[derive(Serialize)]
 struct Check {
     target: String,
     measured: String,
@@ -1141,87 +1212,157 @@ const COLUMNS: [&str; 10] = [
     "client core",
 ];
 
-fn pct(busy: Option<f64>, wall: f64) -> String {
-    busy.map_or("-".into(), |b| format!("{:.0}%", 100.0 * b / wall))
+/// CPU time `busy` over a window of `wall` seconds, as a percentage of one core.
+fn core_pct(busy: Option<f64>, wall: f64) -> Option<f64> {
+    busy.map(|b| 100.0 * b / wall)
+}
+
+fn pct(pct: Option<f64>) -> String {
+    pct.map_or("-".into(), |p| format!("{p:.0}%"))
+}
+
+fn micros(us: Option<u32>) -> String {
+    us.map_or("-".into(), |us| format!("{us} µs"))
 }
 
 impl Report {
-    fn closed(&mut self, name: &str, unit: &str, via: &Closed, direct: &Closed) {
+    /// Rows `id` and `id-noproxy` of a closed-loop scenario.
+    fn closed(&mut self, id: &str, name: &str, unit: &'static str, via: &Closed, direct: &Closed) {
+        let direct_name = format!("{name}, no proxy");
+        let [via_busy, direct_busy] =
+            [(via, name), (direct, direct_name.as_str())].map(|(run, label)| {
+                let busy = self.neighbours(label, &run.spent);
+                if run.errors > 0 {
+                    self.notes.push(format!(
+                        "{label}: {} connections failed; first: {}",
+                        run.errors,
+                        run.first_error.as_deref().unwrap_or("?")
+                    ));
+                }
+                busy
+            });
         let ratio = via.rate() / direct.rate();
+        let cpu = via.cpu_per_op();
+        let record = Record {
+            id: id.into(),
+            label: name.into(),
+            throughput: Some(Quantity {
+                value: via.rate(),
+                unit,
+            }),
+            no_proxy: Some(direct.rate()),
+            ratio: Some(ratio),
+            p50_us: via.percentile(0.50),
+            p99_us: via.percentile(0.99),
+            p999_us: via.percentile(0.999),
+            proxy_per_op: cpu.map(|value| Quantity { value, unit: "µs" }),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            busy_note: via_busy,
+            ..Record::default()
+        };
         self.rows.push(Row {
             name: name.into(),
             cells: [
                 format!("{:.0} {unit}", via.rate()),
                 format!("{:.0} {unit}", direct.rate()),
                 format!("{ratio:.2}×"),
-                via.percentile(0.50),
-                via.percentile(0.99),
-                via.percentile(0.999),
-                via.cpu_per_op()
-                    .map_or("-".into(), |c| format!("{c:.1} µs")),
-                pct(via.spent.proxy, via.spent.wall),
-                pct(via.spent.own, via.spent.wall),
+                micros(record.p50_us),
+                micros(record.p99_us),
+                micros(record.p999_us),
+                cpu.map_or("-".into(), |c| format!("{c:.1} µs")),
+                pct(record.proxy_core_pct),
+                pct(record.client_core_pct),
             ],
+            record,
         });
+        let record = Record {
+            id: format!("{id}-noproxy"),
+            label: direct_name.clone(),
+            throughput: Some(Quantity {
+                value: direct.rate(),
+                unit,
+            }),
+            p50_us: direct.percentile(0.50),
+            p99_us: direct.percentile(0.99),
+            p999_us: direct.percentile(0.999),
+            client_core_pct: core_pct(direct.spent.own, direct.spent.wall),
+            busy_note: direct_busy,
+            ..Record::default()
+        };
         self.rows.push(Row {
-            name: format!("{name}, no proxy"),
+            name: direct_name,
             cells: [
                 format!("{:.0} {unit}", direct.rate()),
                 "-".into(),
                 "-".into(),
-                direct.percentile(0.50),
-                direct.percentile(0.99),
-                direct.percentile(0.999),
+                micros(record.p50_us),
+                micros(record.p99_us),
+                micros(record.p999_us),
                 "-".into(),
                 "-".into(),
-                pct(direct.spent.own, direct.spent.wall),
+                pct(record.client_core_pct),
             ],
+            record,
         });
-        for (run, label) in [
-            (via, name.to_string()),
-            (direct, format!("{name}, no proxy")),
-        ] {
-            self.neighbours(&label, &run.spent);
-            if run.errors > 0 {
-                self.notes.push(format!(
-                    "{label}: {} connections failed; first: {}",
-                    run.errors,
-                    run.first_error.as_deref().unwrap_or("?")
-                ));
-            }
-        }
     }
 
-    fn bulk(&mut self, name: &str, via: &Transfer, direct: &Transfer) {
-        let per_gib = via
-            .proxy_cpu()
-            .map_or("-".into(), |c| format!("{c:.2} s/GiB"));
+    /// Row `id` of a 1 GiB transfer through the proxy, against `direct`.
+    fn bulk(&mut self, id: &str, name: &str, via: &Transfer, direct: &Transfer) {
+        let busy: Vec<String> = [
+            self.neighbours(name, &via.spent),
+            self.neighbours(&format!("{name}, no proxy"), &direct.spent),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let ratio = via.gb_per_s() / direct.gb_per_s();
+        let per_gib = via.proxy_cpu();
+        let record = Record {
+            id: id.into(),
+            label: name.into(),
+            throughput: Some(Quantity {
+                value: via.gb_per_s(),
+                unit: "GB/s",
+            }),
+            no_proxy: Some(direct.gb_per_s()),
+            ratio: Some(ratio),
+            proxy_per_op: per_gib.map(|value| Quantity {
+                value,
+                unit: "s/GiB",
+            }),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            busy_note: (!busy.is_empty()).then(|| busy.join("; ")),
+            ..Record::default()
+        };
         self.rows.push(Row {
             name: name.into(),
             cells: [
                 format!("{:.2} GB/s", via.gb_per_s()),
                 format!("{:.2} GB/s", direct.gb_per_s()),
-                format!("{:.2}×", via.gb_per_s() / direct.gb_per_s()),
+                format!("{ratio:.2}×"),
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                per_gib,
-                pct(via.spent.proxy, via.spent.wall),
-                pct(via.spent.own, via.spent.wall),
+                per_gib.map_or("-".into(), |c| format!("{c:.2} s/GiB")),
+                pct(record.proxy_core_pct),
+                pct(record.client_core_pct),
             ],
+            record,
         });
-        self.neighbours(name, &via.spent);
-        self.neighbours(&format!("{name}, no proxy"), &direct.spent);
     }
 
-    /// Say so when other processes took more than 5% of a core during a measurement.
-    fn neighbours(&mut self, label: &str, spent: &Spent) {
-        if let Some(others) = spent.others.filter(|o| *o > 0.05 * spent.wall) {
-            self.notes.push(format!(
-                "{label}: other processes were busy {:.0}% of a core during the window",
-                100.0 * others / spent.wall
-            ));
-        }
+    /// Say so when other processes took more than 5% of a core during a measurement; the note,
+    /// if any, is also returned.
+    fn neighbours(&mut self, label: &str, spent: &Spent) -> Option<String> {
+        let others = spent.others.filter(|o| *o > 0.05 * spent.wall)?;
+        let note = format!(
+            "{label}: other processes were busy {:.0}% of a core during the window",
+            100.0 * others / spent.wall
+        );
+        self.notes.push(note.clone());
+        Some(note)
     }
 
     fn check(&mut self, target: &str, measured: String, met: bool) {
@@ -1232,13 +1373,47 @@ impl Report {
         });
     }
 
-    fn failed(&mut self, name: &str, error: &str) {
+    /// Row `id`: the scenario failed with `error`.
+    fn failed(&mut self, id: &str, error: &str) {
         let mut cells: [String; 9] = Default::default();
         cells[0] = format!("failed: {error}");
         self.rows.push(Row {
-            name: name.into(),
+            name: id.into(),
             cells,
+            record: Record {
+                id: id.into(),
+                label: id.into(),
+                error: Some(error.into()),
+                ..Record::default()
+            },
         });
+    }
+
+    /// Write the rows, checks and notes with the run's settings as JSON to `s.json`.
+    fn write_json(&self, s: &Settings, notes: &[String]) -> io::Result<()> {
+        let results = Results {
+            timestamp: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            commit: git(&["rev-parse", "--short", "HEAD"]),
+            dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
+            nproc: s.nproc,
+            pinned: s.pinned,
+            load_secs: s.secs.as_secs_f64(),
+            load_warm_secs: s.warm.as_secs_f64(),
+            idle_tunnels: s.idle_tunnels,
+            scenarios: &s.scenarios,
+            rows: self.rows.iter().map(|r| &r.record).collect(),
+            checks: &self.checks,
+            notes: notes
+                .iter()
+                .chain(&self.notes)
+                .map(String::as_str)
+                .collect(),
+        };
+        let json = serde_json::to_string_pretty(&results).map_err(io::Error::other)?;
+        if let Some(dir) = s.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&s.json, json + "\n")
     }
 
     fn print(&self, s: &Settings, notes: &[String]) {
@@ -1276,6 +1451,43 @@ impl Report {
             println!("- {n}");
         }
     }
+}
+
+/// The `LOAD_JSON` file.
+#[derive(Serialize)]
+struct Results<'a> {
+    /// When the run ended, RFC 3339, UTC.
+    timestamp: String,
+    /// `git rev-parse --short HEAD` of the crate's checkout; null outside one.
+    commit: Option<String>,
+    /// Whether tracked files differed from `commit`.
+    dirty: Option<bool>,
+    nproc: usize,
+    pinned: bool,
+    load_secs: f64,
+    load_warm_secs: f64,
+    idle_tunnels: usize,
+    scenarios: &'a str,
+    rows: Vec<&'a Record>,
+    checks: &'a [Check],
+    notes: Vec<&'a str>,
+}
+
+/// `git ARGS` in the crate's directory: its trimmed output, or `None` (no git, not a checkout).
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8(out.stdout)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn print_markdown(table: &[Vec<String>]) {
@@ -1358,7 +1570,7 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
     };
     let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "a").await;
     let audit = proxy.stop().await;
-    report.closed("a: plain HTTP, keep-alive", "req/s", &via, &direct);
+    report.closed("a", "a: plain HTTP, keep-alive", "req/s", &via, &direct);
     report.notes.push(audit.note("a"));
     let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
     let ratio = via.rate() / direct.rate();
@@ -1387,7 +1599,7 @@ async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) 
     };
     let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "b").await;
     let audit = proxy.stop().await;
-    report.closed("b: GETs in tunnels", "req/s", &via, &direct);
+    report.closed("b", "b: GETs in tunnels", "req/s", &via, &direct);
     report.notes.push(audit.note("b"));
     let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
     let ratio = via.rate() / direct.rate();
@@ -1416,7 +1628,7 @@ async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) {
     };
     let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "c").await;
     let audit = proxy.stop().await;
-    report.closed("c: new tunnel + 1 GET", "tunnels/s", &via, &direct);
+    report.closed("c", "c: new tunnel + 1 GET", "tunnels/s", &via, &direct);
     report.notes.push(audit.note("c"));
     let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
     let ratio = via.rate() / direct.rate();
@@ -1437,9 +1649,9 @@ async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<
     let get = get_absolute(port, &format!("/bulk/{GIB}"));
     let plain = plain_download(s, proxy.addr, &get, Some(&proxy)).await?;
     let audit = proxy.stop().await;
-    report.bulk("d: tunnel, 1 GiB down", &down, &direct_down);
-    report.bulk("d: tunnel, 1 GiB up", &up, &direct_up);
-    report.bulk("d3: plain HTTP, 1 GiB down", &plain, &direct_down);
+    report.bulk("d-down", "d: tunnel, 1 GiB down", &down, &direct_down);
+    report.bulk("d-up", "d: tunnel, 1 GiB up", &up, &direct_up);
+    report.bulk("d3", "d3: plain HTTP, 1 GiB down", &plain, &direct_down);
     report.notes.push(audit.note("d"));
     for (name, t, base) in [("down", &down, &direct_down), ("up", &up, &direct_up)] {
         let ratio = t.gb_per_s() / base.gb_per_s();
@@ -1483,6 +1695,20 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io:
     report.rows.push(Row {
         name: "e: idle tunnels".into(),
         cells,
+        record: Record {
+            id: "e".into(),
+            label: "e: idle tunnels".into(),
+            proxy_per_op: Some(Quantity {
+                value: per,
+                unit: "KiB/tunnel",
+            }),
+            idle: Some(Idle {
+                tunnels: open,
+                rss_before_kib: before,
+                rss_after_kib: after,
+            }),
+            ..Record::default()
+        },
     });
     report.notes.push(audit.note("e"));
     report.check(
