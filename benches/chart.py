@@ -56,6 +56,7 @@ X0 = 190  # left edge of the plot area; labels are left of it
 PLOT_W = 520  # the rest is room for the value printed after a bar
 ROW = 17  # height of one bar's row
 OURS, PEER, TARGET = "#2563eb", "#a3a3a3", "#dc2626"  # bar colours and the target line
+FLOOR = "#86efac"  # client + origin without a proxy: the kernel work a proxy repeats
 INK, FAINT, GRID = "#1f2937", "#6b7280", "#e5e7eb"  # text, secondary text, grid lines
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 
@@ -98,7 +99,9 @@ def panel(out, y, title, groups, scale, fmt, tick_fmt):
     for label, target_text, target, bars in groups:
         out.append(text(16, y + 13, label, weight="bold"))
         group_top, y = y, y + ROW
-        for name, value, ours in bars:
+        for name, value, kind in bars:
+            ours = kind is True
+            colour = OURS if ours else FLOOR if kind == "floor" else PEER
             out.append(text(X0 - 8, y + 12, name, size=11, anchor="end",
                             fill=INK if ours else FAINT, weight="bold" if ours else "normal"))
             if value is None:
@@ -107,7 +110,7 @@ def panel(out, y, title, groups, scale, fmt, tick_fmt):
             else:
                 end = x(value)
                 out.append(f'<rect x="{X0}" y="{y + 3}" width="{max(end - X0, 1):.1f}" '
-                           f'height="{ROW - 5}" fill="{OURS if ours else PEER}"/>')
+                           f'height="{ROW - 5}" fill="{colour}"/>')
                 out.append(text(end + 4, y + 12, fmt(value), size=10,
                                 fill=INK if ours else FAINT))
             y += ROW
@@ -118,8 +121,8 @@ def panel(out, y, title, groups, scale, fmt, tick_fmt):
     return bottom + 30
 
 
-def per_op(row):
-    value = (row or {}).get("proxy_per_op") or {}
+def per_op(row, key="proxy_per_op"):
+    value = (row or {}).get(key) or {}
     return value.get("value")
 
 
@@ -133,8 +136,12 @@ def render(results):
     def label(sid):
         return rows[sid]["label"] if sid in rows else LABELS[sid]
 
+    # Each CPU group ends with what client and origin together spent per exchange without a
+    # proxy in this run: a proxy is both a server and a client, so it repeats that kernel work.
     cpu = [(label(s), f"target ≤ {TARGET_CPU_US[s]} µs", TARGET_CPU_US[s],
-            bars(per_op(rows.get(s)), PEER_CPU_US[s])) for s in ("a", "b", "c")]
+            bars(per_op(rows.get(s)), PEER_CPU_US[s])
+            + [("both ends, no proxy", per_op(rows.get(f"{s}-noproxy"), "load_per_op"), "floor")])
+           for s in ("a", "b", "c")]
     ratio = []
     for s, (base, *peers) in ISSUE_THROUGHPUT.items():
         ours = (rows.get(s) or {}).get("ratio")
@@ -158,13 +165,14 @@ def render(results):
                 f"nproc {results.get('nproc', '?')}"
                 + (", proxy and load pinned to separate cores" if results.get("pinned") else ""))
     out.append(text(16, 46, settings, size=11, fill=FAINT))
-    legend = [(OURS, "chokepoint, this run"), (PEER, "reference proxies (issue #6)")]
+    legend = [(OURS, "chokepoint, this run"), (PEER, "reference proxies (issue #6)"),
+              (FLOOR, "client + origin, no proxy")]
     for i, (colour, name) in enumerate(legend):
-        out.append(f'<rect x="{16 + 230 * i}" y="58" width="12" height="12" fill="{colour}"/>')
-        out.append(text(34 + 230 * i, 68, name, size=11))
-    out.append(f'<line x1="476" y1="64" x2="496" y2="64" stroke="{TARGET}" stroke-width="2" '
+        out.append(f'<rect x="{16 + 190 * i}" y="58" width="12" height="12" fill="{colour}"/>')
+        out.append(text(34 + 190 * i, 68, name, size=11))
+    out.append(f'<line x1="606" y1="64" x2="626" y2="64" stroke="{TARGET}" stroke-width="2" '
                f'stroke-dasharray="4 3"/>')
-    out.append(text(502, 68, "issue-6 target", size=11))
+    out.append(text(632, 68, "issue-6 target", size=11))
 
     y = panel(out, 86, "Proxy CPU per request (a, b) or per new tunnel (c), µs: lower is better; "
               "log scale", cpu, logarithmic(1, 10 ** math.ceil(math.log10(top_cpu))),
@@ -179,6 +187,9 @@ def render(results):
         "Reference proxies: the issue's own measurements on the same kind of machine, not this "
         "run. Their ratios divide",
         "by the issue's no-proxy baseline; chokepoint's by the no-proxy run of this bench.",
+        "Both ends, no proxy: CPU of this run's load client and origin together per exchange "
+        "without a proxy. A proxy is",
+        "the server of one connection and the client of another, so it repeats that kernel work.",
     ]
     busy = [r["id"] for r in results.get("rows", []) if r.get("busy_note")]
     if busy:

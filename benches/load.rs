@@ -869,6 +869,11 @@ impl Closed {
     fn cpu_per_op(&self) -> Option<f64> {
         Some(self.spent.proxy? * 1e6 / self.ops.max(1) as f64)
     }
+
+    /// CPU µs per exchange of this process: the load client and the origin together.
+    fn load_per_op(&self) -> Option<f64> {
+        Some(self.spent.own? * 1e6 / self.ops.max(1) as f64)
+    }
 }
 
 /// `CONNS` connections to `addr` running `script` back to back: warm-up, then the measured window.
@@ -1078,6 +1083,11 @@ impl Transfer {
     fn proxy_cpu(&self) -> Option<f64> {
         self.spent.proxy
     }
+
+    /// CPU seconds per GiB of this process: the load client and the origin together.
+    fn load_cpu(&self) -> Option<f64> {
+        self.spent.own
+    }
 }
 
 /// Time `f` and the proxy's CPU over it.
@@ -1140,7 +1150,7 @@ async fn plain_download(
 /// One line of the results table, every cell formatted, and the same figures as numbers.
 struct Row {
     name: String,
-    cells: [String; 9],
+    cells: [String; 10],
     record: Record,
 }
 
@@ -1160,6 +1170,10 @@ struct Record {
     /// The table's "proxy CPU/op": µs per request or tunnel (a, b, c), s per GiB (d, d3), or
     /// memory, KiB per idle tunnel (e).
     proxy_per_op: Option<Quantity>,
+    /// CPU of the load client and origin together (this process), in `proxy_per_op`'s unit.
+    /// On a no-proxy row it is what the exchange costs both ends without a proxy: the kernel
+    /// work of a connection's two ends, which a proxy, being both ends, repeats.
+    load_per_op: Option<Quantity>,
     proxy_core_pct: Option<f64>,
     client_core_pct: Option<f64>,
     /// Set when other processes were busy during a window this row's figures come from.
@@ -1199,7 +1213,7 @@ struct Report {
     notes: Vec<String>,
 }
 
-const COLUMNS: [&str; 10] = [
+const COLUMNS: [&str; 11] = [
     "scenario",
     "throughput",
     "no-proxy",
@@ -1208,6 +1222,7 @@ const COLUMNS: [&str; 10] = [
     "p99",
     "p99.9",
     "proxy CPU/op",
+    "load CPU/op",
     "proxy core",
     "client core",
 ];
@@ -1223,6 +1238,10 @@ fn pct(pct: Option<f64>) -> String {
 
 fn micros(us: Option<u32>) -> String {
     us.map_or("-".into(), |us| format!("{us} µs"))
+}
+
+fn micros_f(us: Option<f64>) -> String {
+    us.map_or("-".into(), |us| format!("{us:.1} µs"))
 }
 
 impl Report {
@@ -1256,6 +1275,9 @@ impl Report {
             p99_us: via.percentile(0.99),
             p999_us: via.percentile(0.999),
             proxy_per_op: cpu.map(|value| Quantity { value, unit: "µs" }),
+            load_per_op: via
+                .load_per_op()
+                .map(|value| Quantity { value, unit: "µs" }),
             proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
             client_core_pct: core_pct(via.spent.own, via.spent.wall),
             busy_note: via_busy,
@@ -1271,6 +1293,7 @@ impl Report {
                 micros(record.p99_us),
                 micros(record.p999_us),
                 cpu.map_or("-".into(), |c| format!("{c:.1} µs")),
+                micros_f(via.load_per_op()),
                 pct(record.proxy_core_pct),
                 pct(record.client_core_pct),
             ],
@@ -1286,6 +1309,9 @@ impl Report {
             p50_us: direct.percentile(0.50),
             p99_us: direct.percentile(0.99),
             p999_us: direct.percentile(0.999),
+            load_per_op: direct
+                .load_per_op()
+                .map(|value| Quantity { value, unit: "µs" }),
             client_core_pct: core_pct(direct.spent.own, direct.spent.wall),
             busy_note: direct_busy,
             ..Record::default()
@@ -1300,6 +1326,7 @@ impl Report {
                 micros(record.p99_us),
                 micros(record.p999_us),
                 "-".into(),
+                micros_f(direct.load_per_op()),
                 "-".into(),
                 pct(record.client_core_pct),
             ],
@@ -1308,14 +1335,17 @@ impl Report {
     }
 
     /// Row `id` of a 1 GiB transfer through the proxy, against `direct`.
-    fn bulk(&mut self, id: &str, name: &str, via: &Transfer, direct: &Transfer) {
-        let busy: Vec<String> = [
-            self.neighbours(name, &via.spent),
-            self.neighbours(&format!("{name}, no proxy"), &direct.spent),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+    /// `direct_seen`: `direct` is a window an earlier row already checked for neighbours.
+    fn bulk(&mut self, id: &str, name: &str, via: &Transfer, direct: &Transfer, direct_seen: bool) {
+        let direct_busy = if direct_seen {
+            None
+        } else {
+            self.neighbours(&format!("{name}, no proxy"), &direct.spent)
+        };
+        let busy: Vec<String> = [self.neighbours(name, &via.spent), direct_busy]
+            .into_iter()
+            .flatten()
+            .collect();
         let ratio = via.gb_per_s() / direct.gb_per_s();
         let per_gib = via.proxy_cpu();
         let record = Record {
@@ -1328,6 +1358,10 @@ impl Report {
             no_proxy: Some(direct.gb_per_s()),
             ratio: Some(ratio),
             proxy_per_op: per_gib.map(|value| Quantity {
+                value,
+                unit: "s/GiB",
+            }),
+            load_per_op: via.load_cpu().map(|value| Quantity {
                 value,
                 unit: "s/GiB",
             }),
@@ -1346,6 +1380,8 @@ impl Report {
                 "-".into(),
                 "-".into(),
                 per_gib.map_or("-".into(), |c| format!("{c:.2} s/GiB")),
+                via.load_cpu()
+                    .map_or("-".into(), |c| format!("{c:.2} s/GiB")),
                 pct(record.proxy_core_pct),
                 pct(record.client_core_pct),
             ],
@@ -1375,7 +1411,7 @@ impl Report {
 
     /// Row `id`: the scenario failed with `error`.
     fn failed(&mut self, id: &str, error: &str) {
-        let mut cells: [String; 9] = Default::default();
+        let mut cells: [String; 10] = Default::default();
         cells[0] = format!("failed: {error}");
         self.rows.push(Row {
             name: id.into(),
@@ -1649,9 +1685,27 @@ async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<
     let get = get_absolute(port, &format!("/bulk/{GIB}"));
     let plain = plain_download(s, proxy.addr, &get, Some(&proxy)).await?;
     let audit = proxy.stop().await;
-    report.bulk("d-down", "d: tunnel, 1 GiB down", &down, &direct_down);
-    report.bulk("d-up", "d: tunnel, 1 GiB up", &up, &direct_up);
-    report.bulk("d3", "d3: plain HTTP, 1 GiB down", &plain, &direct_down);
+    report.bulk(
+        "d-down",
+        "d: tunnel, 1 GiB down",
+        &down,
+        &direct_down,
+        false,
+    );
+    report.bulk("d-up", "d: tunnel, 1 GiB up", &up, &direct_up, false);
+    report.bulk(
+        "d3",
+        "d3: plain HTTP, 1 GiB down",
+        &plain,
+        &direct_down,
+        true,
+    );
+    if let (Some(dn), Some(up)) = (direct_down.load_cpu(), direct_up.load_cpu()) {
+        report.notes.push(format!(
+            "d, no proxy: client and origin together spent {dn:.2} s CPU per GiB down, \
+             {up:.2} s per GiB up"
+        ));
+    }
     report.notes.push(audit.note("d"));
     for (name, t, base) in [("down", &down, &direct_down), ("up", &up, &direct_up)] {
         let ratio = t.gb_per_s() / base.gb_per_s();
@@ -1676,15 +1730,16 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io:
     // Warm-up: one batch opened and closed, so one-time allocations land in "before".
     drop(open_tunnels(proxy.addr, &connect, CONNS).await?);
     sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(proxy.pid).unwrap_or(0);
+    let rss = || rss_kib(proxy.pid).ok_or_else(|| invalid("VmRSS of the proxy"));
+    let before = rss()?;
     let tunnels = open_tunnels(proxy.addr, &connect, n).await?;
     sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(proxy.pid).unwrap_or(0);
+    let after = rss()?;
     let open = tunnels.len();
     drop(tunnels);
     let audit = proxy.stop().await;
     let per = after.saturating_sub(before) as f64 / open.max(1) as f64;
-    let mut cells: [String; 9] = Default::default();
+    let mut cells: [String; 10] = Default::default();
     cells[0] = format!("{open} idle tunnels");
     cells[1] = format!(
         "RSS {:.1} → {:.1} MiB",
