@@ -1401,6 +1401,19 @@ impl Report {
         Some(note)
     }
 
+    /// The latency target of a and b: p99 through the proxy minus p99 without it, ≤ 0.3 ms.
+    fn latency_check(&mut self, id: &str, via: &Closed, direct: &Closed) {
+        let (Some(p99), Some(base)) = (via.percentile(0.99), direct.percentile(0.99)) else {
+            return;
+        };
+        let added = (f64::from(p99) - f64::from(base)) / 1000.0;
+        self.check(
+            &format!("{id}: p99 added ≤ 0.3 ms"),
+            format!("{added:+.2} ms"),
+            added <= 0.3,
+        );
+    }
+
     fn check(&mut self, target: &str, measured: String, met: bool) {
         self.checks.push(Check {
             target: target.into(),
@@ -1615,6 +1628,7 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
         format!("{cpu:.1} µs, {ratio:.2}×"),
         cpu <= 15.0 && ratio >= 0.6,
     );
+    report.latency_check("a", &via, &direct);
 }
 
 /// b. 64 CONNECT tunnels, keep-alive GETs inside them.
@@ -1644,6 +1658,7 @@ async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) 
         format!("{cpu:.1} µs, {ratio:.2}×"),
         cpu <= 12.0 && ratio >= 0.95,
     );
+    report.latency_check("b", &via, &direct);
 }
 
 /// c. A new tunnel and one GET per exchange, 64 at a time.
