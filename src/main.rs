@@ -10,11 +10,6 @@ use chokepoint::config::{self, Config};
 
 use chokepoint::commands::{self, EX_CONFIG, EX_UNAVAILABLE};
 
-/// mimalloc instead of glibc's malloc: per-connection allocations (hyper's buffers, tasks)
-/// cost a quarter of a new tunnel's instructions in glibc (callgrind, scenario c).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// chokepoint: egress gateway for AI agents (HTTP forward proxy with per-agent allowlists).
 #[derive(Debug, Parser)]
 #[command(version, about)]
