@@ -51,7 +51,7 @@ use std::os::fd::OwnedFd;
 use std::task::{ready, Context, Poll};
 
 use rustix::io::Errno;
-use rustix::net::Shutdown;
+use rustix::net::{RecvFlags, Shutdown};
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -364,9 +364,9 @@ impl Half {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let buf = &mut scratch[..want.min(CHUNK)];
-            let n = match src.try_read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            let n = match read_draining(src, buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
             if n == 0 || probe {
@@ -447,6 +447,31 @@ impl Half {
 }
 
 /// Record that `cap` was passed and make the error that ends the tunnel.
+/// Read what `src` has into `buf`. A read that fills less than `buf` has emptied the socket's
+/// receive queue, so it also clears tokio's read readiness, as tokio's own `poll_read` does:
+/// the next poll waits for the next edge instead of a `recv` that would only say `EAGAIN`. A
+/// request/response exchange then costs one `recv` per message, not two. The readiness cleared
+/// is the one observed before the read (`try_io` takes it first), so data that arrives after
+/// the read raises a new edge and is not lost. `None`: nothing to read.
+fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let mut short = None;
+    let len = buf.len();
+    let read = src.try_io(Interest::READABLE, || {
+        let (n, _) = rustix::net::recv(src, &mut *buf, RecvFlags::empty())?;
+        if n > 0 && n < len {
+            // Handed back as `WouldBlock` so that `try_io` clears the readiness.
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match read {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+        Err(e) => Err(e),
+    }
+}
+
 fn cap_passed(meter: &Meter, cap: Option<Cap>) -> io::Error {
     match cap {
         Some(cap) => {

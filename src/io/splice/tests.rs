@@ -129,6 +129,42 @@ async fn both_ways(client_closes_first: bool) {
     assert_eq!(meter.cut_reason(), None);
 }
 
+/// Request/response traffic: a short read clears the socket's readiness (`read_draining`), so
+/// every later message must still wake the relay. Small messages both ways, some sent in two
+/// parts with a pause between, some right after the previous answer, on two worker threads (so
+/// the I/O driver can run on the other thread between a read and its clearing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_after_short_reads_all_arrive() {
+    tokio::time::timeout(LIMIT, async {
+        let (mut app, client, upstream, mut origin) = tunnel().await;
+        let (meter, relay) = spawn_relay(client, upstream, None);
+        let mut sent = 0u64;
+        for round in 0..200u32 {
+            let request = format!("request {round}\n");
+            let (head, tail) = request.as_bytes().split_at(4);
+            app.write_all(head).await.unwrap();
+            if round % 3 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            app.write_all(tail).await.unwrap();
+            let mut got = vec![0; request.len()];
+            origin.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, request.as_bytes(), "round {round} upstream");
+            let answer = format!("answer {round}\n");
+            origin.write_all(answer.as_bytes()).await.unwrap();
+            let mut got = vec![0; answer.len()];
+            app.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, answer.as_bytes(), "round {round} downstream");
+            sent += request.len() as u64;
+        }
+        assert_eq!(meter.up(), sent);
+        drop((app, origin));
+        relay.await.unwrap().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 /// An enforced upload cap: the upstream receives exactly the cap, the tunnel ends with the cap's
 /// reason, and the byte that proved the client wanted more is never sent.
 #[tokio::test]
