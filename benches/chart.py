@@ -3,6 +3,7 @@
 the issue-6 targets and the reference proxies the issue measured:
 
     python3 benches/chart.py target/load-results.json > docs/benchmarks.svg
+    python3 benches/chart.py run1.json run2.json run3.json > docs/benchmarks.svg   # medians
 
 Standard library only. The SVG is self-contained (no script, no external fonts) and has its own
 white background, so it reads the same on light and dark pages.
@@ -10,6 +11,7 @@ white background, so it reads the same on light and dark pages.
 
 import json
 import math
+import statistics
 import sys
 from html import escape
 
@@ -161,8 +163,10 @@ def render(results):
         commit += " + uncommitted changes"
     out.append(text(16, 26, "chokepoint load benchmark (issue #6)", size=18, weight="bold"))
     secs = results.get("load_secs")
+    runs = results.get("runs", 1)
     settings = (f"{when} · {commit} · {'?' if secs is None else f'{secs:g}'} s per window · "
-                f"nproc {results.get('nproc', '?')}"
+                + (f"median of {runs} runs · " if runs > 1 else "")
+                + f"nproc {results.get('nproc', '?')}"
                 + (", proxy and load pinned to separate cores" if results.get("pinned") else ""))
     out.append(text(16, 46, settings, size=11, fill=FAINT))
     legend = [(OURS, "chokepoint, this run"), (PEER, "reference proxies (issue #6)"),
@@ -205,12 +209,35 @@ def render(results):
     return "\n".join([head] + out + ["</svg>", ""])
 
 
+def median_of(runs):
+    """One results object from several runs of the same commit: every figure of a row is the
+    median over the runs that have that row; settings and notes come from the first run."""
+    merged = dict(runs[0])
+    merged["runs"] = len(runs)
+    rows = []
+    for row in runs[0].get("rows", []):
+        same = [r for run in runs for r in run.get("rows", []) if r["id"] == row["id"]]
+        out = dict(row)
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = statistics.median(r[key] for r in same if r.get(key) is not None)
+            elif isinstance(value, dict) and "value" in value:
+                values = [r[key]["value"] for r in same if r.get(key)]
+                out[key] = dict(value, value=statistics.median(values))
+        out["busy_note"] = "; ".join(r["busy_note"] for r in same if r.get("busy_note")) or None
+        rows.append(out)
+    merged["rows"] = rows
+    return merged
+
+
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: python3 benches/chart.py RESULTS.json > docs/benchmarks.svg")
-    with open(sys.argv[1], encoding="utf-8") as f:
-        results = json.load(f)
-    sys.stdout.write(render(results))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python3 benches/chart.py RESULTS.json [MORE.json ...] > docs/benchmarks.svg")
+    runs = []
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.load(f))
+    sys.stdout.write(render(runs[0] if len(runs) == 1 else median_of(runs)))
 
 
 if __name__ == "__main__":
