@@ -446,7 +446,6 @@ impl Half {
     }
 }
 
-/// Record that `cap` was passed and make the error that ends the tunnel.
 /// Read what `src` has into `buf`. A read that fills less than `buf` has emptied the socket's
 /// receive queue, so it also clears tokio's read readiness, as tokio's own `poll_read` does:
 /// the next poll waits for the next edge instead of a `recv` that would only say `EAGAIN`. A
@@ -472,6 +471,7 @@ fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     }
 }
 
+/// Record that `cap` was passed and make the error that ends the tunnel.
 fn cap_passed(meter: &Meter, cap: Option<Cap>) -> io::Error {
     match cap {
         Some(cap) => {
