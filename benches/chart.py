@@ -59,6 +59,8 @@ PLOT_W = 520  # the rest is room for the value printed after a bar
 ROW = 17  # height of one bar's row
 OURS, PEER, TARGET = "#2563eb", "#a3a3a3", "#dc2626"  # bar colours and the target line
 FLOOR = "#86efac"  # client + origin without a proxy: the kernel work a proxy repeats
+MEASURED = "#f59e0b"  # a peer the bench itself ran (rows `a@squid`, …): same run, same load
+MEASURED_NAMES = {"squid": "Squid, this run", "trafficserver": "Traffic Server, this run"}
 INK, FAINT, GRID = "#1f2937", "#6b7280", "#e5e7eb"  # text, secondary text, grid lines
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 
@@ -103,7 +105,7 @@ def panel(out, y, title, groups, scale, fmt, tick_fmt):
         group_top, y = y, y + ROW
         for name, value, kind in bars:
             ours = kind is True
-            colour = OURS if ours else FLOOR if kind == "floor" else PEER
+            colour = {"floor": FLOOR, "measured": MEASURED}.get(kind, OURS if ours else PEER)
             out.append(text(X0 - 8, y + 12, name, size=11, anchor="end",
                             fill=INK if ours else FAINT, weight="bold" if ours else "normal"))
             if value is None:
@@ -128,8 +130,20 @@ def per_op(row, key="proxy_per_op"):
     return value.get("value")
 
 
-def bars(ours, peers):
-    return [("chokepoint", ours, True)] + [(n, v, False) for n, v in zip(PEERS, peers)]
+def bars(ours, peers, measured=()):
+    """chokepoint's bar, the peers this run measured, then the issue's reference peers."""
+    return ([("chokepoint", ours, True)] + [(n, v, "measured") for n, v in measured]
+            + [(n, v, False) for n, v in zip(PEERS, peers)])
+
+
+def measured_peers(rows, sid, pick):
+    """(name, value) of every peer the bench ran for scenario sid, e.g. row `a@squid`."""
+    found = []
+    for rid, row in rows.items():
+        base, _, peer = rid.partition("@")
+        if base == sid and peer and not row.get("error"):
+            found.append((MEASURED_NAMES.get(peer, f"{peer}, this run"), pick(row)))
+    return found
 
 
 def render(results):
@@ -141,16 +155,17 @@ def render(results):
     # Each CPU group ends with what client and origin together spent per exchange without a
     # proxy in this run: a proxy is both a server and a client, so it repeats that kernel work.
     cpu = [(label(s), f"target ≤ {TARGET_CPU_US[s]} µs", TARGET_CPU_US[s],
-            bars(per_op(rows.get(s)), PEER_CPU_US[s])
+            bars(per_op(rows.get(s)), PEER_CPU_US[s], measured_peers(rows, s, per_op))
             + [("both ends, no proxy", per_op(rows.get(f"{s}-noproxy"), "load_per_op"), "floor")])
            for s in ("a", "b", "c")]
     ratio = []
     for s, (base, *peers) in ISSUE_THROUGHPUT.items():
         ours = (rows.get(s) or {}).get("ratio")
         ratio.append((label(s), f"target ≥ {TARGET_RATIO[s]}×", TARGET_RATIO[s],
-                      bars(ours, [None if p is None else p / base for p in peers])))
+                      bars(ours, [None if p is None else p / base for p in peers],
+                           measured_peers(rows, s, lambda r: r.get("ratio")))))
     idle = [(label("e"), f"target ≤ {TARGET_IDLE_KIB} KiB", TARGET_IDLE_KIB,
-             bars(per_op(rows.get("e")), PEER_IDLE_KIB))]
+             bars(per_op(rows.get("e")), PEER_IDLE_KIB, measured_peers(rows, "e", per_op)))]
     top_cpu = max([1000.0] + [v for *_, b in cpu for _, v, _ in b if v is not None])
     top_ratio = max([1.0] + [v for *_, b in ratio for _, v, _ in b if v is not None])
     top_idle = max([40.0] + [v for *_, b in idle for _, v, _ in b if v is not None])
@@ -169,14 +184,16 @@ def render(results):
                 + f"nproc {results.get('nproc', '?')}"
                 + (", proxy and load pinned to separate cores" if results.get("pinned") else ""))
     out.append(text(16, 46, settings, size=11, fill=FAINT))
-    legend = [(OURS, "chokepoint, this run"), (PEER, "reference proxies (issue #6)"),
-              (FLOOR, "client + origin, no proxy")]
-    for i, (colour, name) in enumerate(legend):
-        out.append(f'<rect x="{16 + 190 * i}" y="58" width="12" height="12" fill="{colour}"/>')
-        out.append(text(34 + 190 * i, 68, name, size=11))
-    out.append(f'<line x1="606" y1="64" x2="626" y2="64" stroke="{TARGET}" stroke-width="2" '
-               f'stroke-dasharray="4 3"/>')
-    out.append(text(632, 68, "issue-6 target", size=11))
+    legend = [(OURS, "chokepoint"), (MEASURED, "peer, same run"),
+              (PEER, "reference proxies (issue #6)"), (FLOOR, "client + origin, no proxy")]
+    x = 16
+    for colour, name in legend:
+        out.append(f'<rect x="{x}" y="58" width="12" height="12" fill="{colour}"/>')
+        out.append(text(x + 18, 68, name, size=11))
+        x += 30 + 6.5 * len(name)
+    out.append(f'<line x1="{x}" y1="64" x2="{x + 20}" y2="64" stroke="{TARGET}" '
+               f'stroke-width="2" stroke-dasharray="4 3"/>')
+    out.append(text(x + 26, 68, "issue-6 target", size=11))
 
     y = panel(out, 86, "Proxy CPU per request (a, b) or per new tunnel (c), µs: lower is better; "
               "log scale", cpu, logarithmic(1, 10 ** math.ceil(math.log10(top_cpu))),
@@ -195,6 +212,9 @@ def render(results):
         "without a proxy. A proxy is",
         "the server of one connection and the client of another, so it repeats that kernel work.",
     ]
+    if any("@" in r["id"] for r in results.get("rows", [])):
+        notes.append("Peers marked \"this run\" were started by the bench itself and given the same "
+                     "load, pinned to the same core.")
     busy = [r["id"] for r in results.get("rows", []) if r.get("busy_note")]
     if busy:
         notes.append("Other processes were busy during: " + ", ".join(busy) +
