@@ -11,13 +11,15 @@
 //! and the proxy's nameserver is 127.0.0.1:9 (never asked). Every loop is bounded by a deadline or
 //! a count, every socket operation by a timeout.
 //!
-//! Peers: when `squid` is on `PATH` (Debian: `apt-get install -y squid`), the selected scenarios
-//! run again through it after chokepoint's, with the same load code: `squid -N` with a generated
-//! config (one worker, no cache, access log on, forwarding only to `origin.test`, which its hosts
-//! file maps to 127.0.0.1; nameserver 127.0.0.1), pinned like the proxy; its CPU and memory are
-//! those of its process tree. A second table, "peers", prints its rows with chokepoint's
-//! throughput and CPU/op divided by its own; their JSON ids are `a@squid`, …, `e@squid`.
-//! `trafficserver` is detected but not driven yet.
+//! Peers: when `squid` or `traffic_server` is on `PATH` (Debian: `apt-get install -y squid
+//! trafficserver`), the selected scenarios run again through each, after chokepoint's, with the
+//! same load code: one worker (`squid -N`; one Traffic Server event thread), no cache, access log
+//! on, config generated in a temp dir, pinned like the proxy. Each listens on 127.0.0.1 only and
+//! is only asked for `origin.test` (squid refuses anything else), which its hosts file maps to
+//! 127.0.0.1; its only nameserver is 127.0.0.1 (Traffic Server may ask it; nothing answers). CPU
+//! and memory are those of the peer's process tree. A second table, "peers", prints their rows
+//! with chokepoint's throughput and CPU/op divided by theirs; their JSON ids are `a@squid`, …,
+//! `e@trafficserver`.
 //!
 //! Run: `LOAD_SECS=5 cargo bench --bench load`. Environment:
 //! `LOAD_SECS` (measured seconds per scenario, default 5), `LOAD_WARM_SECS` (warm-up, default 1),
@@ -788,35 +790,75 @@ allow = [
 #[derive(Clone, Copy)]
 enum Peer {
     Squid,
+    TrafficServer,
+}
+
+/// What starts a peer: its command line, and the files its logs go to.
+struct PeerLaunch {
+    args: Vec<String>,
+    /// The access log, one line per request or tunnel.
+    access_log: PathBuf,
+    /// Where it says why it did not start.
+    diag_log: PathBuf,
 }
 
 impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Squid => "squid",
+            Peer::TrafficServer => "trafficserver",
+        }
+    }
+
+    /// The program looked for on `PATH`.
+    fn binary(self) -> &'static str {
+        match self {
+            Peer::Squid => "squid",
+            Peer::TrafficServer => "traffic_server",
+        }
+    }
+
+    /// Write the peer's config into `dir`: listen on 127.0.0.1:`port`, forward to
+    /// `origin.test:origin_port` only.
+    fn prepare(self, dir: &Path, port: u16, origin_port: u16) -> io::Result<PeerLaunch> {
+        match self {
+            Peer::Squid => {
+                let conf = dir.join("squid.conf");
+                std::fs::write(&conf, squid_conf(port, origin_port, dir))?;
+                Ok(PeerLaunch {
+                    args: vec!["squid".into(), "-N".into(), "-f".into(), path_arg(&conf)],
+                    access_log: dir.join("access.log"),
+                    diag_log: dir.join("cache.log"),
+                })
+            }
+            Peer::TrafficServer => trafficserver_layout(dir, port, origin_port),
         }
     }
 }
 
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
 impl Proxy {
-    /// `squid -N` (no daemon, no kid processes; helpers are its children) with a config for
-    /// this bench in a temp dir, pinned like chokepoint; ready once its port accepts. `Err`
-    /// carries why it did not start, with the end of its stderr and `cache.log`.
-    async fn start_squid(origin_port: u16, s: &Settings) -> Result<Proxy, String> {
+    /// `peer` with a config for this bench in a temp dir, pinned like chokepoint; ready once a
+    /// GET through it gets the origin's answer (Traffic Server holds the first requests for
+    /// seconds after it listens). `Err` carries why it did not start, with the end of its
+    /// stderr and of its own log.
+    async fn start_peer(peer: Peer, origin_port: u16, s: &Settings) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let path = dir.path();
-        // Run as root, squid drops to `cache_effective_user`, which writes its logs here.
+        // Started as root, a peer drops to its own user, which writes its logs here.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
             .map_err(|e| format!("chmod {}: {e}", path.display()))?;
         let port = free_port().map_err(|e| format!("no free port on 127.0.0.1: {e}"))?;
-        let conf = path.join("squid.conf");
-        let write = |file: &Path, text: String| {
-            std::fs::write(file, text).map_err(|e| format!("write {}: {e}", file.display()))
-        };
-        write(&path.join("hosts"), format!("127.0.0.1 {HOST}\n"))?;
-        write(&conf, squid_conf(port, origin_port, path))?;
+        let hosts = path.join("hosts");
+        std::fs::write(&hosts, format!("127.0.0.1 {HOST}\n"))
+            .map_err(|e| format!("write {}: {e}", hosts.display()))?;
+        let launch = peer
+            .prepare(path, port, origin_port)
+            .map_err(|e| format!("writing its config in {}: {e}", path.display()))?;
         let stderr_path = path.join("stderr");
-        let cache_log = path.join("cache.log");
         let stderr = File::create(&stderr_path).map_err(|e| format!("stderr file: {e}"))?;
         // As for chokepoint: its own session (autogroup), and `taskset` execs in place.
         let mut cmd = Command::new("setsid");
@@ -824,26 +866,26 @@ impl Proxy {
             cmd.args(["taskset", "-c", "0"]);
         }
         let child = cmd
-            .args(["squid", "-N", "-f"])
-            .arg(&conf)
+            .args(&launch.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("squid did not start: {e}"))?;
+            .map_err(|e| format!("{} did not start: {e}", peer.name()))?;
         let mut proxy = Proxy {
             pid: child.id(),
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            audit: path.join("access.log"),
-            peer: Some(Peer::Squid),
+            audit: launch.access_log,
+            peer: Some(peer),
             _dir: dir,
         };
         let why = |what: String| {
             format!(
-                "{what}; stderr: {}; cache.log: {}",
+                "{what}; stderr: {}; {}: {}",
                 tail(&stderr_path, 5),
-                tail(&cache_log, 5)
+                launch.diag_log.display(),
+                tail(&launch.diag_log, 5)
             )
         };
         let deadline = Instant::now() + PROCESS_WAIT;
@@ -851,23 +893,108 @@ impl Proxy {
         loop {
             if let Some(Ok(Some(status))) = proxy.child.as_mut().map(Child::try_wait) {
                 proxy.child = None;
-                return Err(why(format!("squid exited ({status})")));
+                return Err(why(format!("{} exited ({status})", peer.name())));
             }
-            if let Ok(Ok(_)) =
-                timeout(Duration::from_millis(200), TcpStream::connect(proxy.addr)).await
-            {
+            let probe = get_absolute(origin_port, "/");
+            let answered = within(Duration::from_secs(1), async {
+                Wire::connect(proxy.addr, SMALL_BUF)
+                    .await?
+                    .exchange(&probe)
+                    .await
+            })
+            .await;
+            if answered.is_ok() {
                 return Ok(proxy);
             }
             if Instant::now() >= deadline {
                 // Dropping `proxy` kills it.
                 return Err(why(format!(
-                    "squid did not listen on {} within {PROCESS_WAIT:?}",
+                    "{} did not answer a GET on {} within {PROCESS_WAIT:?}",
+                    peer.name(),
                     proxy.addr
                 )));
             }
             sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Where Debian's Traffic Server package keeps its config; copied, then adjusted.
+const TRAFFICSERVER_ETC: &str = "/etc/trafficserver";
+
+/// Traffic Server (9.2) in `dir` as a runroot: the package's config files copied to `dir/etc`
+/// and adjusted — listen on 127.0.0.1:`port` only, forward proxy (no remap), no cache (no
+/// storage, no RAM cache), one event thread (it runs on one pinned core, like squid's one
+/// worker), access log on (the package's `squid` format, as text), CONNECT allowed to the
+/// origin's port only, and names from `dir/hosts` with nameserver 127.0.0.1 (never asked), so
+/// it only ever connects to 127.0.0.1.
+fn trafficserver_layout(dir: &Path, port: u16, origin_port: u16) -> io::Result<PeerLaunch> {
+    let etc = dir.join("etc");
+    let [run, log, cache] = ["run", "log", "cache"].map(|d| dir.join(d));
+    for d in [&etc, &run, &log, &cache] {
+        std::fs::create_dir(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777))?;
+    }
+    for entry in std::fs::read_dir(TRAFFICSERVER_ETC)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = etc.join(entry.file_name());
+            std::fs::copy(entry.path(), &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    std::fs::write(etc.join("storage.config"), "")?;
+    let logging = std::fs::read_to_string(etc.join("logging.yaml"))?;
+    std::fs::write(
+        etc.join("logging.yaml"),
+        logging.replace("mode: binary", "mode: ascii"),
+    )?;
+    let dir_s = dir.display();
+    // records.config: a variable set again further down overrides the package's value.
+    let mut records = std::fs::read_to_string(etc.join("records.config"))?;
+    records.push_str(&format!(
+        "\n# chokepoint's load bench\n\
+         CONFIG proxy.config.http.server_ports STRING {port}:ipv4:ip-in=127.0.0.1\n\
+         CONFIG proxy.config.url_remap.remap_required INT 0\n\
+         CONFIG proxy.config.reverse_proxy.enabled INT 0\n\
+         CONFIG proxy.config.http.cache.http INT 0\n\
+         CONFIG proxy.config.cache.ram_cache.size INT 0\n\
+         CONFIG proxy.config.exec_thread.autoconfig INT 0\n\
+         CONFIG proxy.config.exec_thread.limit INT 1\n\
+         CONFIG proxy.config.exec_thread.affinity INT 0\n\
+         CONFIG proxy.config.accept_threads INT 0\n\
+         CONFIG proxy.config.task_threads INT 1\n\
+         CONFIG proxy.config.dns.nameservers STRING 127.0.0.1\n\
+         CONFIG proxy.config.dns.resolv_conf STRING NULL\n\
+         CONFIG proxy.config.hostdb.host_file.path STRING {dir_s}/hosts\n\
+         CONFIG proxy.config.http.connect_ports STRING {origin_port}\n\
+         CONFIG proxy.config.log.logfile_dir STRING {dir_s}/log\n\
+         CONFIG proxy.config.log.rolling_enabled INT 0\n\
+         CONFIG proxy.config.body_factory.template_sets_dir STRING {TRAFFICSERVER_ETC}/body_factory\n"
+    ));
+    std::fs::write(etc.join("records.config"), records)?;
+    let runroot = dir.join("runroot.yaml");
+    std::fs::write(
+        &runroot,
+        format!(
+            "prefix: /usr\nexec_prefix: /usr\nbindir: /usr/bin\nsbindir: /usr/sbin\n\
+             sysconfdir: {etc}\ndatadir: {cache}\nincludedir: /usr/include\n\
+             libdir: /usr/lib/trafficserver\nlibexecdir: /usr/lib/trafficserver/modules\n\
+             localstatedir: {run}\nruntimedir: {run}\nlogdir: {log}\ncachedir: {cache}\n",
+            etc = etc.display(),
+            cache = cache.display(),
+            run = run.display(),
+            log = log.display(),
+        ),
+    )?;
+    Ok(PeerLaunch {
+        args: vec![
+            "traffic_server".into(),
+            format!("--run-root={}", runroot.display()),
+        ],
+        access_log: log.join("squid.log"),
+        diag_log: log.join("diags.log"),
+    })
 }
 
 /// A port on 127.0.0.1 nothing listens on (as of now).
@@ -952,7 +1079,7 @@ async fn run_peer(s: &Settings, origin: &Origin, peer: Peer, report: &mut Report
             continue;
         }
         let port = origin.addr.port();
-        let proxy = match start_peer(peer, port, s).await {
+        let proxy = match Proxy::start_peer(peer, port, s).await {
             Ok(p) => p,
             Err(e) => return peer_down(report, peer, &id.to_string(), &e),
         };
@@ -963,7 +1090,7 @@ async fn run_peer(s: &Settings, origin: &Origin, peer: Peer, report: &mut Report
         report.notes.push(log.note_as("access log", &tag));
     }
     if s.wants('d') {
-        let proxy = match start_peer(peer, origin.addr.port(), s).await {
+        let proxy = match Proxy::start_peer(peer, origin.addr.port(), s).await {
             Ok(p) => p,
             Err(e) => return peer_down(report, peer, "d", &e),
         };
@@ -981,7 +1108,7 @@ async fn run_peer(s: &Settings, origin: &Origin, peer: Peer, report: &mut Report
             .push(log.note_as("access log", &format!("d@{}", peer.name())));
     }
     if s.wants('e') {
-        let proxy = match start_peer(peer, origin.addr.port(), s).await {
+        let proxy = match Proxy::start_peer(peer, origin.addr.port(), s).await {
             Ok(p) => p,
             Err(e) => return peer_down(report, peer, "e", &e),
         };
@@ -993,12 +1120,6 @@ async fn run_peer(s: &Settings, origin: &Origin, peer: Peer, report: &mut Report
         report
             .notes
             .push(log.note_as("access log", &format!("e@{}", peer.name())));
-    }
-}
-
-async fn start_peer(peer: Peer, origin_port: u16, s: &Settings) -> Result<Proxy, String> {
-    match peer {
-        Peer::Squid => Proxy::start_squid(origin_port, s).await,
     }
 }
 
@@ -1751,6 +1872,13 @@ impl Report {
     /// Peer row `id@peer` of a closed-loop scenario, next to chokepoint's row `id`.
     fn peer_closed(&mut self, id: &str, name: &str, unit: &'static str, peer: Peer, via: &Closed) {
         let label = format!("{name} ({})", peer.name());
+        if via.ops == 0 {
+            let why = via
+                .first_error
+                .as_deref()
+                .unwrap_or("no exchange completed");
+            return self.peer_failed(id, peer, &format!("no exchange completed; first: {why}"));
+        }
         let busy = self.neighbours(&label, &via.spent);
         if via.errors > 0 {
             self.notes.push(format!(
@@ -2121,26 +2249,18 @@ async fn run(s: &Settings) -> Report {
             report.failed("e", &e.to_string());
         }
     }
-    for (name, binary, peer) in [
-        ("squid", "squid", Some(Peer::Squid)),
-        ("trafficserver", "traffic_server", None),
-    ] {
-        if !installed(binary) && !installed(name) {
+    for peer in [Peer::Squid, Peer::TrafficServer] {
+        let name = peer.name();
+        if !installed(peer.binary()) {
             report
                 .notes
                 .push(format!("{name}: not installed, no comparison"));
-        } else if let Some(peer) = peer {
-            if s.perf_dir.is_some() || s.callgrind_dir.is_some() {
-                report.notes.push(format!(
-                    "{name}: not run (LOAD_PERF_DIR or LOAD_CALLGRIND_DIR profile chokepoint)"
-                ));
-            } else {
-                run_peer(s, &origin, peer, &mut report).await;
-            }
-        } else {
+        } else if s.perf_dir.is_some() || s.callgrind_dir.is_some() {
             report.notes.push(format!(
-                "{name}: installed, but this bench does not drive it yet"
+                "{name}: not run (LOAD_PERF_DIR or LOAD_CALLGRIND_DIR profile chokepoint)"
             ));
+        } else {
+            run_peer(s, &origin, peer, &mut report).await;
         }
     }
     report
