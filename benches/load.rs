@@ -11,6 +11,16 @@
 //! and the proxy's nameserver is 127.0.0.1:9 (never asked). Every loop is bounded by a deadline or
 //! a count, every socket operation by a timeout.
 //!
+//! Peers: when `squid` or `traffic_server` is on `PATH` (Debian: `apt-get install -y squid
+//! trafficserver`), the selected scenarios run again through each, after chokepoint's, with the
+//! same load code: one worker (`squid -N`; one Traffic Server event thread), no cache, access log
+//! on, config generated in a temp dir, pinned like the proxy. Each listens on 127.0.0.1 only and
+//! is only asked for `origin.test` (squid refuses anything else), which its hosts file maps to
+//! 127.0.0.1; its only nameserver is 127.0.0.1 (Traffic Server may ask it; nothing answers). CPU
+//! and memory are those of the peer's process tree. A second table, "peers", prints their rows
+//! with chokepoint's throughput and CPU/op divided by theirs; their JSON ids are `a@squid`, …,
+//! `e@trafficserver`.
+//!
 //! Run: `LOAD_SECS=5 cargo bench --bench load`. Environment:
 //! `LOAD_SECS` (measured seconds per scenario, default 5), `LOAD_WARM_SECS` (warm-up, default 1),
 //! `LOAD_IDLE_TUNNELS` (scenario e, default 9000), `LOAD_SCENARIOS` (e.g. `a,b`; default all),
@@ -32,6 +42,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, Arc};
@@ -266,6 +277,29 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Children, grandchildren, … of a process (from /proc/PID/task/TID/children); a bounded walk.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    // Each pass takes one process off `next`; the bound stops a walk that /proc races could
+    // make cyclic (pids are reused).
+    for _ in 0..10_000 {
+        let Some(parent) = next.pop() else { break };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
 }
 
 fn installed(binary: &str) -> bool {
@@ -548,16 +582,20 @@ async fn origin_answer(wire: &mut Wire, head: &Head) -> io::Result<()> {
 
 // === the proxy process ===
 
-/// A running `chokepoint` (release build) with audit lines going to a file.
+/// A running `chokepoint` (release build) with audit lines going to a file, or a peer with its
+/// access log going to one.
 struct Proxy {
     child: Option<Child>,
     pid: u32,
     addr: SocketAddr,
+    /// The audit log (chokepoint) or access log (a peer).
     audit: PathBuf,
+    /// Set for a peer, whose CPU and memory are those of its process tree (helpers included).
+    peer: Option<Peer>,
     _dir: tempfile::TempDir,
 }
 
-/// The audit log a proxy left.
+/// The audit (or access) log a proxy left.
 struct AuditLog {
     bytes: u64,
     lines: u64,
@@ -612,12 +650,33 @@ impl Proxy {
             child: Some(child),
             addr,
             audit,
+            peer: None,
             _dir: dir,
         }
     }
 
     fn cpu_ticks(&self) -> Option<u64> {
-        cpu_ticks(&self.pid.to_string())
+        if self.peer.is_none() {
+            return cpu_ticks(&self.pid.to_string());
+        }
+        let mut total = cpu_ticks(&self.pid.to_string())?;
+        for pid in descendants(self.pid) {
+            // A helper that exited meanwhile no longer counts; its parent reaps it.
+            total += cpu_ticks(&pid.to_string()).unwrap_or(0);
+        }
+        Some(total)
+    }
+
+    /// VmRSS of the proxy (of a peer's process tree), in KiB.
+    fn rss_kib(&self) -> Option<u64> {
+        let mut total = rss_kib(self.pid)?;
+        if self.peer.is_some() {
+            total += descendants(self.pid)
+                .into_iter()
+                .filter_map(rss_kib)
+                .sum::<u64>();
+        }
+        Some(total)
     }
 
     /// SIGTERM, wait (bounded) for the audit log to be flushed, and measure it. The wait is
@@ -725,6 +784,368 @@ allow = [
     )
 }
 
+// === peers: other proxies under the same load ===
+
+/// A proxy the scenarios also run against when it is installed, to compare with.
+#[derive(Clone, Copy)]
+enum Peer {
+    Squid,
+    TrafficServer,
+}
+
+/// What starts a peer: its command line, and the files its logs go to.
+struct PeerLaunch {
+    args: Vec<String>,
+    /// The access log, one line per request or tunnel.
+    access_log: PathBuf,
+    /// Where it says why it did not start.
+    diag_log: PathBuf,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Squid => "squid",
+            Peer::TrafficServer => "trafficserver",
+        }
+    }
+
+    /// The program looked for on `PATH`.
+    fn binary(self) -> &'static str {
+        match self {
+            Peer::Squid => "squid",
+            Peer::TrafficServer => "traffic_server",
+        }
+    }
+
+    /// Write the peer's config into `dir`: listen on 127.0.0.1:`port`, forward to
+    /// `origin.test:origin_port` only.
+    fn prepare(self, dir: &Path, port: u16, origin_port: u16) -> io::Result<PeerLaunch> {
+        match self {
+            Peer::Squid => {
+                let conf = dir.join("squid.conf");
+                std::fs::write(&conf, squid_conf(port, origin_port, dir))?;
+                Ok(PeerLaunch {
+                    args: vec!["squid".into(), "-N".into(), "-f".into(), path_arg(&conf)],
+                    access_log: dir.join("access.log"),
+                    diag_log: dir.join("cache.log"),
+                })
+            }
+            Peer::TrafficServer => trafficserver_layout(dir, port, origin_port),
+        }
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl Proxy {
+    /// `peer` with a config for this bench in a temp dir, pinned like chokepoint; ready once a
+    /// GET through it gets the origin's answer (Traffic Server holds the first requests for
+    /// seconds after it listens). `Err` carries why it did not start, with the end of its
+    /// stderr and of its own log.
+    async fn start_peer(peer: Peer, origin_port: u16, s: &Settings) -> Result<Proxy, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let path = dir.path();
+        // Started as root, a peer drops to its own user, which writes its logs here.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        let port = free_port().map_err(|e| format!("no free port on 127.0.0.1: {e}"))?;
+        let hosts = path.join("hosts");
+        std::fs::write(&hosts, format!("127.0.0.1 {HOST}\n"))
+            .map_err(|e| format!("write {}: {e}", hosts.display()))?;
+        let launch = peer
+            .prepare(path, port, origin_port)
+            .map_err(|e| format!("writing its config in {}: {e}", path.display()))?;
+        let stderr_path = path.join("stderr");
+        let stderr = File::create(&stderr_path).map_err(|e| format!("stderr file: {e}"))?;
+        // As for chokepoint: its own session (autogroup), and `taskset` execs in place.
+        let mut cmd = Command::new("setsid");
+        if s.pinned {
+            cmd.args(["taskset", "-c", "0"]);
+        }
+        let child = cmd
+            .args(&launch.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("{} did not start: {e}", peer.name()))?;
+        let mut proxy = Proxy {
+            pid: child.id(),
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            audit: launch.access_log,
+            peer: Some(peer),
+            _dir: dir,
+        };
+        let why = |what: String| {
+            format!(
+                "{what}; stderr: {}; {}: {}",
+                tail(&stderr_path, 5),
+                launch.diag_log.display(),
+                tail(&launch.diag_log, 5)
+            )
+        };
+        let deadline = Instant::now() + PROCESS_WAIT;
+        // Each pass sleeps; the deadline bounds them.
+        loop {
+            if let Some(Ok(Some(status))) = proxy.child.as_mut().map(Child::try_wait) {
+                proxy.child = None;
+                return Err(why(format!("{} exited ({status})", peer.name())));
+            }
+            let probe = get_absolute(origin_port, "/");
+            let answered = within(Duration::from_secs(1), async {
+                Wire::connect(proxy.addr, SMALL_BUF)
+                    .await?
+                    .exchange(&probe)
+                    .await
+            })
+            .await;
+            if answered.is_ok() {
+                return Ok(proxy);
+            }
+            if Instant::now() >= deadline {
+                // Dropping `proxy` kills it.
+                return Err(why(format!(
+                    "{} did not answer a GET on {} within {PROCESS_WAIT:?}",
+                    peer.name(),
+                    proxy.addr
+                )));
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Where Debian's Traffic Server package keeps its config; copied, then adjusted.
+const TRAFFICSERVER_ETC: &str = "/etc/trafficserver";
+
+/// Traffic Server (9.2) in `dir` as a runroot: the package's config files copied to `dir/etc`
+/// and adjusted — listen on 127.0.0.1:`port` only, forward proxy (no remap), no cache (no
+/// storage, no RAM cache), one event thread (it runs on one pinned core, like squid's one
+/// worker), access log on (the package's `squid` format, as text), CONNECT allowed to the
+/// origin's port only, and names from `dir/hosts` with nameserver 127.0.0.1 (never asked), so
+/// it only ever connects to 127.0.0.1.
+fn trafficserver_layout(dir: &Path, port: u16, origin_port: u16) -> io::Result<PeerLaunch> {
+    let etc = dir.join("etc");
+    let [run, log, cache] = ["run", "log", "cache"].map(|d| dir.join(d));
+    for d in [&etc, &run, &log, &cache] {
+        std::fs::create_dir(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777))?;
+    }
+    for entry in std::fs::read_dir(TRAFFICSERVER_ETC)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = etc.join(entry.file_name());
+            std::fs::copy(entry.path(), &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    std::fs::write(etc.join("storage.config"), "")?;
+    let logging = std::fs::read_to_string(etc.join("logging.yaml"))?;
+    std::fs::write(
+        etc.join("logging.yaml"),
+        logging.replace("mode: binary", "mode: ascii"),
+    )?;
+    let dir_s = dir.display();
+    // records.config: a variable set again further down overrides the package's value.
+    let mut records = std::fs::read_to_string(etc.join("records.config"))?;
+    records.push_str(&format!(
+        "\n# chokepoint's load bench\n\
+         CONFIG proxy.config.http.server_ports STRING {port}:ipv4:ip-in=127.0.0.1\n\
+         CONFIG proxy.config.url_remap.remap_required INT 0\n\
+         CONFIG proxy.config.reverse_proxy.enabled INT 0\n\
+         CONFIG proxy.config.http.cache.http INT 0\n\
+         CONFIG proxy.config.cache.ram_cache.size INT 0\n\
+         CONFIG proxy.config.exec_thread.autoconfig INT 0\n\
+         CONFIG proxy.config.exec_thread.limit INT 1\n\
+         CONFIG proxy.config.exec_thread.affinity INT 0\n\
+         CONFIG proxy.config.accept_threads INT 0\n\
+         CONFIG proxy.config.task_threads INT 1\n\
+         CONFIG proxy.config.dns.nameservers STRING 127.0.0.1\n\
+         CONFIG proxy.config.dns.resolv_conf STRING NULL\n\
+         CONFIG proxy.config.hostdb.host_file.path STRING {dir_s}/hosts\n\
+         CONFIG proxy.config.http.connect_ports STRING {origin_port}\n\
+         CONFIG proxy.config.log.logfile_dir STRING {dir_s}/log\n\
+         CONFIG proxy.config.log.rolling_enabled INT 0\n\
+         CONFIG proxy.config.body_factory.template_sets_dir STRING {TRAFFICSERVER_ETC}/body_factory\n"
+    ));
+    std::fs::write(etc.join("records.config"), records)?;
+    let runroot = dir.join("runroot.yaml");
+    std::fs::write(
+        &runroot,
+        format!(
+            "prefix: /usr\nexec_prefix: /usr\nbindir: /usr/bin\nsbindir: /usr/sbin\n\
+             sysconfdir: {etc}\ndatadir: {cache}\nincludedir: /usr/include\n\
+             libdir: /usr/lib/trafficserver\nlibexecdir: /usr/lib/trafficserver/modules\n\
+             localstatedir: {run}\nruntimedir: {run}\nlogdir: {log}\ncachedir: {cache}\n",
+            etc = etc.display(),
+            cache = cache.display(),
+            run = run.display(),
+            log = log.display(),
+        ),
+    )?;
+    Ok(PeerLaunch {
+        args: vec![
+            "traffic_server".into(),
+            format!("--run-root={}", runroot.display()),
+        ],
+        access_log: log.join("squid.log"),
+        diag_log: log.join("diags.log"),
+    })
+}
+
+/// A port on 127.0.0.1 nothing listens on (as of now).
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The last `n` lines of a file, joined with " | "; "-" if it is empty or unreadable.
+fn tail(file: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines[lines.len().saturating_sub(n)..].join(" | ");
+    if last.is_empty() {
+        "-".into()
+    } else {
+        last
+    }
+}
+
+/// Whether this process runs as root (effective uid 0, from /proc/self/status).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            Some(line.split_whitespace().nth(2)? == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// Squid as the issue measured it, on loopback: one worker, no cache (disk or memory), access
+/// log on (its default `daemon` module, so a `log_file_daemon` helper writes it). It forwards
+/// only to `origin.test:PORT`, which its hosts file maps to 127.0.0.1; its only nameserver is
+/// 127.0.0.1, which nothing answers and which the hosts file keeps it from asking. ICP, HTCP,
+/// the pinger and netdb are off, so it sends nothing anywhere else.
+fn squid_conf(port: u16, origin_port: u16, dir: &Path) -> String {
+    let dir = dir.display();
+    let user = if is_root() {
+        "cache_effective_user proxy\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"http_port 127.0.0.1:{port}
+workers 1
+{user}visible_hostname chokepoint-bench
+pid_filename {dir}/squid.pid
+coredump_dir {dir}
+cache_log {dir}/cache.log
+access_log daemon:{dir}/access.log squid
+cache_store_log none
+cache deny all
+cache_mem 0 MB
+shutdown_lifetime 0 seconds
+hosts_file {dir}/hosts
+dns_nameservers 127.0.0.1
+icp_port 0
+htcp_port 0
+pinger_enable off
+netdb_filename none
+acl bench_client src 127.0.0.0/8
+acl bench_origin dstdomain {HOST}
+acl bench_port port {origin_port}
+http_access allow bench_client bench_origin bench_port
+http_access deny all
+"#
+    )
+}
+
+/// The selected scenarios against `peer`, the same load as chokepoint's; stops at the first
+/// scenario the peer could not be started for.
+async fn run_peer(s: &Settings, origin: &Origin, peer: Peer, report: &mut Report) {
+    let closed = [
+        ('a', "a: plain HTTP, keep-alive", "req/s"),
+        ('b', "b: GETs in tunnels", "req/s"),
+        ('c', "c: new tunnel + 1 GET", "tunnels/s"),
+    ];
+    for (id, name, unit) in closed {
+        if !s.wants(id) {
+            continue;
+        }
+        let port = origin.addr.port();
+        let proxy = match Proxy::start_peer(peer, port, s).await {
+            Ok(p) => p,
+            Err(e) => return peer_down(report, peer, &id.to_string(), &e),
+        };
+        let tag = format!("{id}@{}", peer.name());
+        let via = closed_loop(proxy.addr, &via_script(id, port), s, Some(&proxy), &tag).await;
+        let log = proxy.stop().await;
+        report.peer_closed(&id.to_string(), name, unit, peer, &via);
+        report.notes.push(log.note_as("access log", &tag));
+    }
+    if s.wants('d') {
+        let proxy = match Proxy::start_peer(peer, origin.addr.port(), s).await {
+            Ok(p) => p,
+            Err(e) => return peer_down(report, peer, "d", &e),
+        };
+        match peer_bulk(s, origin, &proxy).await {
+            Ok((down, up, plain)) => {
+                report.peer_bulk("d-down", "d: tunnel, 1 GiB down", peer, &down);
+                report.peer_bulk("d-up", "d: tunnel, 1 GiB up", peer, &up);
+                report.peer_bulk("d3", "d3: plain HTTP, 1 GiB down", peer, &plain);
+            }
+            Err(e) => report.peer_failed("d", peer, &e.to_string()),
+        }
+        let log = proxy.stop().await;
+        report
+            .notes
+            .push(log.note_as("access log", &format!("d@{}", peer.name())));
+    }
+    if s.wants('e') {
+        let proxy = match Proxy::start_peer(peer, origin.addr.port(), s).await {
+            Ok(p) => p,
+            Err(e) => return peer_down(report, peer, "e", &e),
+        };
+        match idle_rss(s, origin, &proxy).await {
+            Ok(idle) => report.peer_idle(peer, idle),
+            Err(e) => report.peer_failed("e", peer, &e.to_string()),
+        }
+        let log = proxy.stop().await;
+        report
+            .notes
+            .push(log.note_as("access log", &format!("e@{}", peer.name())));
+    }
+}
+
+/// The peer did not start for scenario `id`: a failed row and a note with the reason.
+fn peer_down(report: &mut Report, peer: Peer, id: &str, error: &str) {
+    report.peer_failed(id, peer, "did not start (see the notes)");
+    report.notes.push(format!(
+        "{}: did not start for {id}, its other scenarios skipped: {error}",
+        peer.name()
+    ));
+}
+
+/// d and d3 through a peer, as `bulk` runs them through chokepoint.
+async fn peer_bulk(
+    s: &Settings,
+    origin: &Origin,
+    proxy: &Proxy,
+) -> io::Result<(Transfer, Transfer, Transfer)> {
+    let port = origin.addr.port();
+    let connect = connect_request(port);
+    let (down, up) = down_and_up(s, proxy.addr, Some(&connect), port, Some(proxy)).await?;
+    let get = get_absolute(port, &format!("/bulk/{GIB}"));
+    let plain = plain_download(s, proxy.addr, &get, Some(proxy)).await?;
+    Ok((down, up, plain))
+}
+
 // === AuditLog ===
 
 impl AuditLog {
@@ -743,8 +1164,13 @@ impl AuditLog {
     }
 
     fn note(&self, scenario: &str) -> String {
+        self.note_as("audit log", scenario)
+    }
+
+    /// `what` (audit log, access log) of `scenario`: its size.
+    fn note_as(&self, what: &str, scenario: &str) -> String {
         format!(
-            "audit log of {scenario} (warm-up included): {:.1} MB, {} lines, {} B/line",
+            "{what} of {scenario} (warm-up included): {:.1} MB, {} lines, {} B/line",
             self.bytes as f64 / 1e6,
             self.lines,
             self.bytes.checked_div(self.lines).unwrap_or(0),
@@ -1157,7 +1583,8 @@ struct Row {
 /// A row's figures as numbers, for the `LOAD_JSON` file; `None` (null) where the table has "-".
 #[derive(Serialize, Default)]
 struct Record {
-    /// `a`, `a-noproxy`, `b`, `b-noproxy`, `c`, `c-noproxy`, `d-down`, `d-up`, `d3` or `e`.
+    /// `a`, `a-noproxy`, `b`, `b-noproxy`, `c`, `c-noproxy`, `d-down`, `d-up`, `d3` or `e`;
+    /// a peer's row is the scenario's id, `@` and the peer (`a@squid`).
     id: String,
     label: String,
     throughput: Option<Quantity>,
@@ -1182,6 +1609,15 @@ struct Record {
     idle: Option<Idle>,
     /// Why the scenario has no figures.
     error: Option<String>,
+    /// A peer's row: the proxy measured instead of chokepoint (`squid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'static str>,
+    /// A peer's row: chokepoint's `throughput` in the same scenario of this run ÷ the peer's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chokepoint_throughput_ratio: Option<f64>,
+    /// A peer's row: chokepoint's `proxy_per_op` in the same scenario of this run ÷ the peer's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chokepoint_per_op_ratio: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -1198,6 +1634,20 @@ struct Idle {
     rss_after_kib: u64,
 }
 
+impl Idle {
+    fn per_tunnel_kib(&self) -> f64 {
+        self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 / self.tunnels.max(1) as f64
+    }
+
+    fn rss_cell(&self) -> String {
+        format!(
+            "RSS {:.1} → {:.1} MiB",
+            self.rss_before_kib as f64 / 1024.0,
+            self.rss_after_kib as f64 / 1024.0
+        )
+    }
+}
+
 /// An issue-6 target next to what was measured.
 #[derive(Serialize)]
 struct Check {
@@ -1209,6 +1659,8 @@ struct Check {
 #[derive(Default)]
 struct Report {
     rows: Vec<Row>,
+    /// The same scenarios against peers, in `PEER_COLUMNS`.
+    peer_rows: Vec<Row>,
     checks: Vec<Check>,
     notes: Vec<String>,
 }
@@ -1222,6 +1674,20 @@ const COLUMNS: [&str; 11] = [
     "p99",
     "p99.9",
     "proxy CPU/op",
+    "load CPU/op",
+    "proxy core",
+    "client core",
+];
+
+const PEER_COLUMNS: [&str; 11] = [
+    "scenario",
+    "throughput",
+    "chokepoint ÷ peer",
+    "p50",
+    "p99",
+    "p99.9",
+    "proxy CPU/op",
+    "chokepoint ÷ peer",
     "load CPU/op",
     "proxy core",
     "client core",
@@ -1242,6 +1708,10 @@ fn micros(us: Option<u32>) -> String {
 
 fn micros_f(us: Option<f64>) -> String {
     us.map_or("-".into(), |us| format!("{us:.1} µs"))
+}
+
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or("-".into(), |r| format!("{r:.2}×"))
 }
 
 impl Report {
@@ -1389,6 +1859,175 @@ impl Report {
         });
     }
 
+    /// Chokepoint's row `id` of this run: (throughput, proxy_per_op, no-proxy throughput).
+    fn ours(&self, id: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let Some(r) = self.rows.iter().find(|r| r.record.id == id) else {
+            return (None, None, None);
+        };
+        let r = &r.record;
+        let value = |q: &Option<Quantity>| q.as_ref().map(|q| q.value);
+        (value(&r.throughput), value(&r.proxy_per_op), r.no_proxy)
+    }
+
+    /// Peer row `id@peer` of a closed-loop scenario, next to chokepoint's row `id`.
+    fn peer_closed(&mut self, id: &str, name: &str, unit: &'static str, peer: Peer, via: &Closed) {
+        let label = format!("{name} ({})", peer.name());
+        if via.ops == 0 {
+            let why = via
+                .first_error
+                .as_deref()
+                .unwrap_or("no exchange completed");
+            return self.peer_failed(id, peer, &format!("no exchange completed; first: {why}"));
+        }
+        let busy = self.neighbours(&label, &via.spent);
+        if via.errors > 0 {
+            self.notes.push(format!(
+                "{label}: {} connections failed; first: {}",
+                via.errors,
+                via.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        let (ours, ours_cpu, no_proxy) = self.ours(id);
+        let cpu = via.cpu_per_op();
+        let record = Record {
+            id: format!("{id}@{}", peer.name()),
+            label: label.clone(),
+            throughput: Some(Quantity {
+                value: via.rate(),
+                unit,
+            }),
+            no_proxy,
+            ratio: no_proxy.map(|n| via.rate() / n),
+            p50_us: via.percentile(0.50),
+            p99_us: via.percentile(0.99),
+            p999_us: via.percentile(0.999),
+            proxy_per_op: cpu.map(|value| Quantity { value, unit: "µs" }),
+            load_per_op: via
+                .load_per_op()
+                .map(|value| Quantity { value, unit: "µs" }),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            busy_note: busy,
+            peer: Some(peer.name()),
+            chokepoint_throughput_ratio: ours.map(|o| o / via.rate()),
+            chokepoint_per_op_ratio: ours_cpu.zip(cpu).map(|(o, p)| o / p),
+            ..Record::default()
+        };
+        self.peer_rows.push(Row {
+            name: label,
+            cells: [
+                format!("{:.0} {unit}", via.rate()),
+                times(record.chokepoint_throughput_ratio),
+                micros(record.p50_us),
+                micros(record.p99_us),
+                micros(record.p999_us),
+                micros_f(cpu),
+                times(record.chokepoint_per_op_ratio),
+                micros_f(via.load_per_op()),
+                pct(record.proxy_core_pct),
+                pct(record.client_core_pct),
+            ],
+            record,
+        });
+    }
+
+    /// Peer row `id@peer` of a 1 GiB transfer, next to chokepoint's row `id`.
+    fn peer_bulk(&mut self, id: &str, name: &str, peer: Peer, via: &Transfer) {
+        let label = format!("{name} ({})", peer.name());
+        let busy = self.neighbours(&label, &via.spent);
+        let (ours, ours_cpu, no_proxy) = self.ours(id);
+        let per_gib = via.proxy_cpu();
+        let s_per_gib = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.2} s/GiB"));
+        let record = Record {
+            id: format!("{id}@{}", peer.name()),
+            label: label.clone(),
+            throughput: Some(Quantity {
+                value: via.gb_per_s(),
+                unit: "GB/s",
+            }),
+            no_proxy,
+            ratio: no_proxy.map(|n| via.gb_per_s() / n),
+            proxy_per_op: per_gib.map(|value| Quantity {
+                value,
+                unit: "s/GiB",
+            }),
+            load_per_op: via.load_cpu().map(|value| Quantity {
+                value,
+                unit: "s/GiB",
+            }),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            busy_note: busy,
+            peer: Some(peer.name()),
+            chokepoint_throughput_ratio: ours.map(|o| o / via.gb_per_s()),
+            chokepoint_per_op_ratio: ours_cpu.zip(per_gib).map(|(o, p)| o / p),
+            ..Record::default()
+        };
+        self.peer_rows.push(Row {
+            name: label,
+            cells: [
+                format!("{:.2} GB/s", via.gb_per_s()),
+                times(record.chokepoint_throughput_ratio),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                s_per_gib(per_gib),
+                times(record.chokepoint_per_op_ratio),
+                s_per_gib(via.load_cpu()),
+                pct(record.proxy_core_pct),
+                pct(record.client_core_pct),
+            ],
+            record,
+        });
+    }
+
+    /// Peer row `e@peer`: memory per idle tunnel, next to chokepoint's row `e`.
+    fn peer_idle(&mut self, peer: Peer, idle: Idle) {
+        let label = format!("e: idle tunnels ({})", peer.name());
+        let per = idle.per_tunnel_kib();
+        let (_, ours, _) = self.ours("e");
+        let ratio = ours.map(|o| o / per);
+        let mut cells: [String; 10] = Default::default();
+        cells[0] = format!("{} idle tunnels", idle.tunnels);
+        cells[1] = idle.rss_cell();
+        cells[5] = format!("{per:.2} KiB/tunnel");
+        cells[6] = times(ratio);
+        self.peer_rows.push(Row {
+            name: label.clone(),
+            cells,
+            record: Record {
+                id: format!("e@{}", peer.name()),
+                label,
+                proxy_per_op: Some(Quantity {
+                    value: per,
+                    unit: "KiB/tunnel",
+                }),
+                idle: Some(idle),
+                peer: Some(peer.name()),
+                chokepoint_per_op_ratio: ratio,
+                ..Record::default()
+            },
+        });
+    }
+
+    /// Peer row `id@peer`: the scenario failed with `error`.
+    fn peer_failed(&mut self, id: &str, peer: Peer, error: &str) {
+        let id = format!("{id}@{}", peer.name());
+        let mut cells: [String; 10] = Default::default();
+        cells[0] = format!("failed: {error}");
+        self.peer_rows.push(Row {
+            name: id.clone(),
+            cells,
+            record: Record {
+                id: id.clone(),
+                label: id,
+                error: Some(error.into()),
+                peer: Some(peer.name()),
+                ..Record::default()
+            },
+        });
+    }
+
     /// Say so when other processes took more than 5% of a core during a measurement; the note,
     /// if any, is also returned.
     fn neighbours(&mut self, label: &str, spent: &Spent) -> Option<String> {
@@ -1450,7 +2089,12 @@ impl Report {
             load_warm_secs: s.warm.as_secs_f64(),
             idle_tunnels: s.idle_tunnels,
             scenarios: &s.scenarios,
-            rows: self.rows.iter().map(|r| &r.record).collect(),
+            rows: self
+                .rows
+                .iter()
+                .chain(&self.peer_rows)
+                .map(|r| &r.record)
+                .collect(),
             checks: &self.checks,
             notes: notes
                 .iter()
@@ -1482,6 +2126,23 @@ impl Report {
             table.push(line);
         }
         print_markdown(&table);
+        if !self.peer_rows.is_empty() {
+            println!();
+            println!(
+                "peers: the same scenarios and load through other proxies; \"chokepoint ÷ peer\" \
+                 divides chokepoint's throughput, then its proxy CPU/op (memory for e), by the \
+                 peer's"
+            );
+            println!();
+            let mut table: Vec<Vec<String>> =
+                vec![PEER_COLUMNS.iter().map(|c| c.to_string()).collect()];
+            for r in &self.peer_rows {
+                let mut line = vec![r.name.clone()];
+                line.extend(r.cells.iter().cloned());
+                table.push(line);
+            }
+            print_markdown(&table);
+        }
         if !self.checks.is_empty() {
             println!();
             let mut checks = vec![vec![
@@ -1588,18 +2249,37 @@ async fn run(s: &Settings) -> Report {
             report.failed("e", &e.to_string());
         }
     }
-    for (name, binary) in [("squid", "squid"), ("trafficserver", "traffic_server")] {
-        if !installed(binary) && !installed(name) {
+    for peer in [Peer::Squid, Peer::TrafficServer] {
+        let name = peer.name();
+        if !installed(peer.binary()) {
             report
                 .notes
                 .push(format!("{name}: not installed, no comparison"));
-        } else {
+        } else if s.perf_dir.is_some() || s.callgrind_dir.is_some() {
             report.notes.push(format!(
-                "{name}: installed, but this bench does not drive it yet"
+                "{name}: not run (LOAD_PERF_DIR or LOAD_CALLGRIND_DIR profile chokepoint)"
             ));
+        } else {
+            run_peer(s, &origin, peer, &mut report).await;
         }
     }
     report
+}
+
+/// What each connection through a proxy does in closed-loop scenario `id` (a, b or c).
+fn via_script(id: char, port: u16) -> Script {
+    match id {
+        'a' => Script {
+            preface: None,
+            request: get_absolute(port, "/").into(),
+            reconnect: false,
+        },
+        _ => Script {
+            preface: Some(connect_request(port).into()),
+            request: get_origin_form(port, "/").into(),
+            reconnect: id == 'c',
+        },
+    }
 }
 
 /// a. Absolute-form GETs on 64 keep-alive connections, 100 B answers.
@@ -1612,12 +2292,7 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s);
-    let script = Script {
-        preface: None,
-        request: get_absolute(port, "/").into(),
-        reconnect: false,
-    };
-    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "a").await;
+    let via = closed_loop(proxy.addr, &via_script('a', port), s, Some(&proxy), "a").await;
     let audit = proxy.stop().await;
     report.closed("a", "a: plain HTTP, keep-alive", "req/s", &via, &direct);
     report.notes.push(audit.note("a"));
@@ -1634,20 +2309,14 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) {
 /// b. 64 CONNECT tunnels, keep-alive GETs inside them.
 async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) {
     let port = origin.addr.port();
-    let request: Arc<[u8]> = get_origin_form(port, "/").into();
     let direct = Script {
         preface: None,
-        request: request.clone(),
+        request: get_origin_form(port, "/").into(),
         reconnect: false,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s);
-    let script = Script {
-        preface: Some(connect_request(port).into()),
-        request,
-        reconnect: false,
-    };
-    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "b").await;
+    let via = closed_loop(proxy.addr, &via_script('b', port), s, Some(&proxy), "b").await;
     let audit = proxy.stop().await;
     report.closed("b", "b: GETs in tunnels", "req/s", &via, &direct);
     report.notes.push(audit.note("b"));
@@ -1664,20 +2333,14 @@ async fn tunnelled_requests(s: &Settings, origin: &Origin, report: &mut Report) 
 /// c. A new tunnel and one GET per exchange, 64 at a time.
 async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) {
     let port = origin.addr.port();
-    let request: Arc<[u8]> = get_origin_form(port, "/").into();
     let direct = Script {
         preface: None,
-        request: request.clone(),
+        request: get_origin_form(port, "/").into(),
         reconnect: true,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s);
-    let script = Script {
-        preface: Some(connect_request(port).into()),
-        request,
-        reconnect: true,
-    };
-    let via = closed_loop(proxy.addr, &script, s, Some(&proxy), "c").await;
+    let via = closed_loop(proxy.addr, &via_script('c', port), s, Some(&proxy), "c").await;
     let audit = proxy.stop().await;
     report.closed("c", "c: new tunnel + 1 GET", "tunnels/s", &via, &direct);
     report.notes.push(audit.note("c"));
@@ -1738,29 +2401,13 @@ async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<
 
 /// e. Proxy memory per idle tunnel.
 async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io::Result<()> {
-    let n = s.idle_tunnels;
-    let port = origin.addr.port();
-    let connect = connect_request(port);
-    let proxy = Proxy::start(port, s);
-    // Warm-up: one batch opened and closed, so one-time allocations land in "before".
-    drop(open_tunnels(proxy.addr, &connect, CONNS).await?);
-    sleep(Duration::from_millis(500)).await;
-    let rss = || rss_kib(proxy.pid).ok_or_else(|| invalid("VmRSS of the proxy"));
-    let before = rss()?;
-    let tunnels = open_tunnels(proxy.addr, &connect, n).await?;
-    sleep(Duration::from_secs(1)).await;
-    let after = rss()?;
-    let open = tunnels.len();
-    drop(tunnels);
+    let proxy = Proxy::start(origin.addr.port(), s);
+    let idle = idle_rss(s, origin, &proxy).await?;
     let audit = proxy.stop().await;
-    let per = after.saturating_sub(before) as f64 / open.max(1) as f64;
+    let per = idle.per_tunnel_kib();
     let mut cells: [String; 10] = Default::default();
-    cells[0] = format!("{open} idle tunnels");
-    cells[1] = format!(
-        "RSS {:.1} → {:.1} MiB",
-        before as f64 / 1024.0,
-        after as f64 / 1024.0
-    );
+    cells[0] = format!("{} idle tunnels", idle.tunnels);
+    cells[1] = idle.rss_cell();
     cells[6] = format!("{per:.2} KiB/tunnel");
     report.rows.push(Row {
         name: "e: idle tunnels".into(),
@@ -1772,11 +2419,7 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io:
                 value: per,
                 unit: "KiB/tunnel",
             }),
-            idle: Some(Idle {
-                tunnels: open,
-                rss_before_kib: before,
-                rss_after_kib: after,
-            }),
+            idle: Some(idle),
             ..Record::default()
         },
     });
@@ -1787,6 +2430,25 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> io:
         per <= 10.0,
     );
     Ok(())
+}
+
+/// The proxy's RSS before and after opening `LOAD_IDLE_TUNNELS` tunnels through it (closed
+/// again before this returns).
+async fn idle_rss(s: &Settings, origin: &Origin, proxy: &Proxy) -> io::Result<Idle> {
+    let connect = connect_request(origin.addr.port());
+    // Warm-up: one batch opened and closed, so one-time allocations land in "before".
+    drop(open_tunnels(proxy.addr, &connect, CONNS).await?);
+    sleep(Duration::from_millis(500)).await;
+    let rss = || proxy.rss_kib().ok_or_else(|| invalid("VmRSS of the proxy"));
+    let before = rss()?;
+    let tunnels = open_tunnels(proxy.addr, &connect, s.idle_tunnels).await?;
+    sleep(Duration::from_secs(1)).await;
+    let after = rss()?;
+    Ok(Idle {
+        tunnels: tunnels.len(),
+        rss_before_kib: before,
+        rss_after_kib: after,
+    })
 }
 
 /// `n` tunnels through the proxy at `addr`, opened `CONNS` at a time.
