@@ -217,8 +217,13 @@ def render(results):
                      "load, pinned to the same core.")
     busy = [r["id"] for r in results.get("rows", []) if r.get("busy_note")]
     if busy:
-        notes.append("Other processes were busy during: " + ", ".join(busy) +
-                     " (those figures are perturbed).")
+        line = "Other processes (or the kernel's softirq threads) were busy during:"
+        for rid in busy:
+            if len(line) > 100:
+                notes.append(line)
+                line = "  "
+            line += f" {rid},"
+        notes.append(line.rstrip(",") + " (see the notes of the runs).")
     for note in notes:
         out.append(text(16, y, note, size=11, fill=FAINT))
         y += 15
