@@ -1620,6 +1620,60 @@ struct Record {
     chokepoint_per_op_ratio: Option<f64>,
 }
 
+impl Record {
+    /// The figures of a closed-loop run through a proxy, against `no_proxy` (its rate).
+    fn closed(
+        id: String,
+        label: String,
+        unit: &'static str,
+        via: &Closed,
+        no_proxy: Option<f64>,
+    ) -> Record {
+        let micros = |value| Quantity { value, unit: "µs" };
+        Record {
+            id,
+            label,
+            throughput: Some(Quantity {
+                value: via.rate(),
+                unit,
+            }),
+            no_proxy,
+            ratio: no_proxy.map(|n| via.rate() / n),
+            p50_us: via.percentile(0.50),
+            p99_us: via.percentile(0.99),
+            p999_us: via.percentile(0.999),
+            proxy_per_op: via.cpu_per_op().map(micros),
+            load_per_op: via.load_per_op().map(micros),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            ..Record::default()
+        }
+    }
+
+    /// The figures of a 1 GiB transfer through a proxy, against `no_proxy` (its GB/s).
+    fn bulk(id: String, label: String, via: &Transfer, no_proxy: Option<f64>) -> Record {
+        let per_gib = |value| Quantity {
+            value,
+            unit: "s/GiB",
+        };
+        Record {
+            id,
+            label,
+            throughput: Some(Quantity {
+                value: via.gb_per_s(),
+                unit: "GB/s",
+            }),
+            no_proxy,
+            ratio: no_proxy.map(|n| via.gb_per_s() / n),
+            proxy_per_op: via.proxy_cpu().map(per_gib),
+            load_per_op: via.load_cpu().map(per_gib),
+            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
+            client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            ..Record::default()
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Quantity {
     value: f64,
@@ -1733,25 +1787,8 @@ impl Report {
         let ratio = via.rate() / direct.rate();
         let cpu = via.cpu_per_op();
         let record = Record {
-            id: id.into(),
-            label: name.into(),
-            throughput: Some(Quantity {
-                value: via.rate(),
-                unit,
-            }),
-            no_proxy: Some(direct.rate()),
-            ratio: Some(ratio),
-            p50_us: via.percentile(0.50),
-            p99_us: via.percentile(0.99),
-            p999_us: via.percentile(0.999),
-            proxy_per_op: cpu.map(|value| Quantity { value, unit: "µs" }),
-            load_per_op: via
-                .load_per_op()
-                .map(|value| Quantity { value, unit: "µs" }),
-            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
-            client_core_pct: core_pct(via.spent.own, via.spent.wall),
             busy_note: via_busy,
-            ..Record::default()
+            ..Record::closed(id.into(), name.into(), unit, via, Some(direct.rate()))
         };
         self.rows.push(Row {
             name: name.into(),
@@ -1819,26 +1856,8 @@ impl Report {
         let ratio = via.gb_per_s() / direct.gb_per_s();
         let per_gib = via.proxy_cpu();
         let record = Record {
-            id: id.into(),
-            label: name.into(),
-            throughput: Some(Quantity {
-                value: via.gb_per_s(),
-                unit: "GB/s",
-            }),
-            no_proxy: Some(direct.gb_per_s()),
-            ratio: Some(ratio),
-            proxy_per_op: per_gib.map(|value| Quantity {
-                value,
-                unit: "s/GiB",
-            }),
-            load_per_op: via.load_cpu().map(|value| Quantity {
-                value,
-                unit: "s/GiB",
-            }),
-            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
-            client_core_pct: core_pct(via.spent.own, via.spent.wall),
             busy_note: (!busy.is_empty()).then(|| busy.join("; ")),
-            ..Record::default()
+            ..Record::bulk(id.into(), name.into(), via, Some(direct.gb_per_s()))
         };
         self.rows.push(Row {
             name: name.into(),
@@ -1890,28 +1909,17 @@ impl Report {
         let (ours, ours_cpu, no_proxy) = self.ours(id);
         let cpu = via.cpu_per_op();
         let record = Record {
-            id: format!("{id}@{}", peer.name()),
-            label: label.clone(),
-            throughput: Some(Quantity {
-                value: via.rate(),
-                unit,
-            }),
-            no_proxy,
-            ratio: no_proxy.map(|n| via.rate() / n),
-            p50_us: via.percentile(0.50),
-            p99_us: via.percentile(0.99),
-            p999_us: via.percentile(0.999),
-            proxy_per_op: cpu.map(|value| Quantity { value, unit: "µs" }),
-            load_per_op: via
-                .load_per_op()
-                .map(|value| Quantity { value, unit: "µs" }),
-            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
-            client_core_pct: core_pct(via.spent.own, via.spent.wall),
             busy_note: busy,
             peer: Some(peer.name()),
             chokepoint_throughput_ratio: ours.map(|o| o / via.rate()),
             chokepoint_per_op_ratio: ours_cpu.zip(cpu).map(|(o, p)| o / p),
-            ..Record::default()
+            ..Record::closed(
+                format!("{id}@{}", peer.name()),
+                label.clone(),
+                unit,
+                via,
+                no_proxy,
+            )
         };
         self.peer_rows.push(Row {
             name: label,
@@ -1939,29 +1947,16 @@ impl Report {
         let per_gib = via.proxy_cpu();
         let s_per_gib = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.2} s/GiB"));
         let record = Record {
-            id: format!("{id}@{}", peer.name()),
-            label: label.clone(),
-            throughput: Some(Quantity {
-                value: via.gb_per_s(),
-                unit: "GB/s",
-            }),
-            no_proxy,
-            ratio: no_proxy.map(|n| via.gb_per_s() / n),
-            proxy_per_op: per_gib.map(|value| Quantity {
-                value,
-                unit: "s/GiB",
-            }),
-            load_per_op: via.load_cpu().map(|value| Quantity {
-                value,
-                unit: "s/GiB",
-            }),
-            proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
-            client_core_pct: core_pct(via.spent.own, via.spent.wall),
             busy_note: busy,
             peer: Some(peer.name()),
             chokepoint_throughput_ratio: ours.map(|o| o / via.gb_per_s()),
             chokepoint_per_op_ratio: ours_cpu.zip(per_gib).map(|(o, p)| o / p),
-            ..Record::default()
+            ..Record::bulk(
+                format!("{id}@{}", peer.name()),
+                label.clone(),
+                via,
+                no_proxy,
+            )
         };
         self.peer_rows.push(Row {
             name: label,
