@@ -1775,13 +1775,7 @@ impl Report {
         let [via_busy, direct_busy] =
             [(via, name), (direct, direct_name.as_str())].map(|(run, label)| {
                 let busy = self.neighbours(label, &run.spent);
-                if run.errors > 0 {
-                    self.notes.push(format!(
-                        "{label}: {} connections failed; first: {}",
-                        run.errors,
-                        run.first_error.as_deref().unwrap_or("?")
-                    ));
-                }
+                self.failures(label, run);
                 busy
             });
         let ratio = via.rate() / direct.rate();
@@ -1899,13 +1893,7 @@ impl Report {
             return self.peer_failed(id, peer, &format!("no exchange completed; first: {why}"));
         }
         let busy = self.neighbours(&label, &via.spent);
-        if via.errors > 0 {
-            self.notes.push(format!(
-                "{label}: {} connections failed; first: {}",
-                via.errors,
-                via.first_error.as_deref().unwrap_or("?")
-            ));
-        }
+        self.failures(&label, via);
         let (ours, ours_cpu, no_proxy) = self.ours(id);
         let cpu = via.cpu_per_op();
         let record = Record {
@@ -2021,6 +2009,17 @@ impl Report {
                 ..Record::default()
             },
         });
+    }
+
+    /// Say so when connections of a closed-loop run failed.
+    fn failures(&mut self, label: &str, run: &Closed) {
+        if run.errors > 0 {
+            self.notes.push(format!(
+                "{label}: {} connections failed; first: {}",
+                run.errors,
+                run.first_error.as_deref().unwrap_or("?")
+            ));
+        }
     }
 
     /// Say so when other processes took more than 5% of a core during a measurement; the note,
