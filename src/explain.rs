@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Config;
 use crate::identity::{AgentId, Agents};
-use crate::outcome::Deny;
+use crate::outcome::{Deny, Outcome, Reason, Verdict};
 use crate::policy::{Mode, Policy};
 use crate::target::{self, Kind, Target};
 
@@ -155,28 +155,36 @@ fn limits_line(policy: &Policy) -> String {
 // === impl Explanation ===
 
 impl Explanation {
-    /// `allow`, `deny`, or `would_deny` (report mode), including vetting when resolved.
-    pub fn decision(&self) -> &'static str {
-        let vetted_out = matches!(&self.addresses, Some(Ok(list)) if list.iter().all(|(_, v)| v.is_err()))
-            || matches!(&self.addresses, Some(Err(_)));
-        match (&self.verdict, self.mode) {
-            (Err(d), Mode::Enforce) if d.reason.is_reportable() => "deny",
-            (Err(d), Mode::Report) if d.reason.is_reportable() => {
-                if vetted_out {
-                    "deny"
-                } else {
-                    "would_deny"
-                }
+    /// What the gateway would record, folded by the proxy's own rule ([`Outcome::refuse`]): the
+    /// allowlist verdict under the policy's mode, then, when resolved, the lookup and vetting.
+    pub fn outcome(&self) -> Outcome {
+        let mut outcome = Outcome::ALLOWED;
+        if let Err(d) = &self.verdict {
+            if outcome.refuse(self.mode, d.reason) == Verdict::Refuse {
+                return outcome;
             }
-            (Err(_), _) => "deny",
-            (Ok(_), _) if vetted_out => "deny",
-            (Ok(_), _) => "allow",
         }
+        match &self.addresses {
+            Some(Err(d)) => {
+                outcome.refuse(self.mode, d.reason);
+            }
+            Some(Ok(list)) if list.iter().all(|(_, v)| v.is_err()) => {
+                outcome.refuse(self.mode, Reason::DeniedAddress);
+            }
+            _ => {}
+        }
+        outcome
     }
 
-    /// Exit status: 0 only when the request would be let through as allowed.
+    /// `allow`, `deny`, or `would_deny` (report mode), as the audit line would say.
+    pub fn decision(&self) -> &'static str {
+        self.outcome().decision().as_str()
+    }
+
+    /// Exit status: 0 only when the request would be let through as allowed (a failed lookup
+    /// is audited `allow` with its fault as the reason, and exits 1).
     pub fn exit_code(&self) -> u8 {
-        u8::from(self.decision() != "allow")
+        u8::from(self.outcome().reason() != Reason::Allowed)
     }
 }
 

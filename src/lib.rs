@@ -7,22 +7,31 @@
 //! # Pipeline
 //!
 //! ```text
-//! accept ─► read request head (bounded, timed; hyper) ─► target: parse + normalise
-//!        ─► identity: which agent (address class, proxy token) ─► policy: allowlist(host, port)
-//!        ─► limits: rate, concurrency, head and body size (report mode: record, let through)
+//! accept ─► read request head (bounded, timed; hyper)
+//!        ─► target: parse + normalise; plain HTTP: one Host that agrees, chunked-only framing
+//!        ─► identity: which agent (address class, proxy token, client certificate)
+//!        ─► limits: rate (GCRA), concurrency            ┐ report mode: recorded as would_deny,
+//!        ─► policy: allowlist(host, port)                │ the request goes on
+//!        ─► limits: head and declared body size          ┘ (outcome::Mode::verdict)
 //!        ─► resolve (static hosts, then DNS; timed) ─► vet addresses (deny ranges, exceptions)
 //!        ─► connect (timed, only to a vetted address)
-//!        ─► CONNECT: 200, then tunnel bytes both ways (counted, upload-capped, idle-timed)
+//!        ─► CONNECT: 200, SNI check on TLS ports, then tunnel bytes both ways
+//!                    (counted, upload-capped, idle-timed)
 //!           HTTP:    forward request (hop-by-hop stripped, body capped), stream the response
 //!                    back (counted, capped)
-//!        ─► audit line + metrics (always: allow, deny, would_deny, error, client gone)
+//!        ─► audit line + metrics, from the request's one Outcome (always: allow, deny,
+//!           would_deny, error, client gone)
 //! ```
+//!
+//! Limits run before the allowlist on purpose: every request of an agent spends its rate
+//! budget, refused ones too, so a flood of refused requests is throttled like any other (and
+//! cannot write audit lines at line rate).
 //!
 //! # Layout
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`outcome`] | the refusal vocabulary: `Reason`, `Decision`, `Deny` |
+//! | [`outcome`] | the refusal vocabulary (`Reason`, `Decision`, `Deny`) and the one verdict (`Mode::verdict`, `Outcome`) |
 //! | [`config`] | read and validate the TOML file into domain values |
 //! | [`target`] | step: parse and normalise the request target |
 //! | [`identity`] | step: match the client to an agent |

@@ -1,7 +1,12 @@
-//! The one refusal vocabulary: [`Reason`], [`Decision`] and [`Deny`].
+//! The one refusal vocabulary: [`Reason`], [`Decision`], [`Deny`]; and the one verdict:
+//! [`Mode::verdict`] and the [`Outcome`] it builds.
 //!
-//! Every pipeline step reports a refusal as a [`Deny`] value; only `proxy::respond` turns it into a
-//! response, and only `proxy::finish` turns it into an audit line. The snake_case token of a
+//! Every pipeline step reports a refusal as a [`Deny`] value. What a refusal does is decided in
+//! one place, [`Outcome::refuse`]: under the agent's [`Mode`] it either ends the request (`deny`)
+//! or, in report mode, is recorded as `would_deny` and the request goes on. The proxy, the
+//! tunnels' SNI check, the caps passed while streaming and `chokepoint explain` all fold their
+//! refusals in through it. Only `proxy::respond` turns a refusal into a response, and only the
+//! audit guard (`proxy::ctx::Audited`) turns the [`Outcome`] into an audit line. The snake_case token of a
 //! [`Reason`] is a contract: the same string appears in the `chokepoint-reason` header, the audit
 //! line's `reason` field and (later) the metric label, so variants may be added but never renamed.
 
@@ -88,6 +93,40 @@ pub enum Decision {
     Deny,
     /// Report mode: the request would have been refused, and was let through.
     WouldDeny,
+}
+
+/// Whether refusals are enforced or only reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuse what the policy does not allow.
+    #[default]
+    Enforce,
+    /// Let allowlist and limit refusals through, audited as `would_deny` (for rolling a policy
+    /// out). Destination vetting is enforced in every mode.
+    Report,
+}
+
+/// What a refusal does under a [`Mode`]: the one report-mode rule, [`Mode::verdict`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The request or tunnel ends here, refused.
+    Refuse,
+    /// Report mode: recorded as `would_deny`, and the request goes on.
+    Report,
+}
+
+/// How a request or tunnel ended, as the audit line and the metrics record it: the decision,
+/// the reason, and the status line the client was sent (none when no response went out: a
+/// failed TLS handshake, a client that left, a head hyper gave up on without answering).
+///
+/// It starts as `allow`/`allowed` and changes only through its methods: [`Outcome::refuse`]
+/// for refusals, [`Outcome::ended`] for the ways an allowed exchange ends, [`Outcome::answered`]
+/// where a response is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    decision: Decision,
+    reason: Reason,
+    status: Option<u16>,
 }
 
 /// A refusal: the reason from the closed vocabulary plus a human detail for the response body.
@@ -251,6 +290,13 @@ impl Reason {
         )
     }
 
+    /// True for the refusals that make the decision `deny` when enforced: those the client or
+    /// its policy caused (a 4xx, a policy refusal, a reportable limit or cap). Network faults on
+    /// the way to an allowed destination are not refusals of the request.
+    pub fn is_refusal(self) -> bool {
+        self.status().is_client_error() || self.is_policy() || self.is_reportable()
+    }
+
     /// True for the allowlist's refusals (host, port, IP literal).
     pub const fn is_allowlist(self) -> bool {
         matches!(
@@ -276,6 +322,120 @@ impl Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+// === impl Mode ===
+
+impl Mode {
+    /// The token used in the audit line's `mode` field and in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
+
+    /// Parse the config value.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "enforce" => Some(Mode::Enforce),
+            "report" => Some(Mode::Report),
+            _ => None,
+        }
+    }
+
+    /// The one report-mode rule: in report mode the reportable refusals (the allowlist, the
+    /// per-agent limits and caps, the SNI check) are recorded and let through; every other
+    /// refusal (identity, parsing, destination vetting, upstream faults) ends the request in
+    /// every mode.
+    pub const fn verdict(self, reason: Reason) -> Verdict {
+        match self {
+            Mode::Report if reason.is_reportable() => Verdict::Report,
+            _ => Verdict::Refuse,
+        }
+    }
+}
+
+// === impl Outcome ===
+
+impl Outcome {
+    /// Allowed, nothing sent yet: how every request starts.
+    pub const ALLOWED: Outcome = Outcome {
+        decision: Decision::Allow,
+        reason: Reason::Allowed,
+        status: None,
+    };
+
+    /// A request refused before it could be tied to an agent or a mode (a head that did not
+    /// parse, a failed TLS handshake): the refusal under [`Mode::Enforce`].
+    pub fn refused(reason: Reason) -> Outcome {
+        let mut outcome = Outcome::ALLOWED;
+        outcome.refuse(Mode::Enforce, reason);
+        outcome
+    }
+
+    /// Fold a refusal in under `mode` and say what it does ([`Mode::verdict`]).
+    ///
+    /// - [`Verdict::Report`]: recorded as `would_deny`. The first one counts, except that an
+    ///   allowlist reason replaces a limit reason recorded before it: the allowlist is what a
+    ///   report-mode rollout evaluates, and what `propose` turns into rules.
+    /// - [`Verdict::Refuse`]: the reason is recorded. The decision becomes `deny` for the
+    ///   refusals a client or its policy caused (4xx, policy and cap refusals, also those after
+    ///   a 200 such as the SNI check); a fault on the way to an allowed destination (DNS,
+    ///   connect, upstream: 5xx) keeps the decision made so far (`allow`, or `would_deny` in
+    ///   report mode) with the fault as its reason.
+    pub fn refuse(&mut self, mode: Mode, reason: Reason) -> Verdict {
+        let verdict = mode.verdict(reason);
+        match verdict {
+            Verdict::Report => {
+                let first = self.decision == Decision::Allow;
+                let upgrade = self.decision == Decision::WouldDeny
+                    && !self.reason.is_allowlist()
+                    && reason.is_allowlist();
+                if first || upgrade {
+                    self.decision = Decision::WouldDeny;
+                    self.reason = reason;
+                }
+            }
+            Verdict::Refuse => {
+                if reason.is_refusal() {
+                    self.decision = Decision::Deny;
+                }
+                self.reason = reason;
+            }
+        }
+        verdict
+    }
+
+    /// Record how an allowed exchange ended (`idle_timeout`, `client_closed`, `shutdown`,
+    /// `upstream_error` mid-body). A reason already recorded (report mode's would-be refusal,
+    /// a cap) is kept: it is the one that matters to the operator.
+    pub fn ended(&mut self, how: Reason) {
+        if self.reason == Reason::Allowed {
+            self.reason = how;
+        }
+    }
+
+    /// Record the status line written to the client (where a response is written: the 200 of
+    /// a tunnel, a forwarded response's head, a refusal, hyper's answer to a broken head).
+    pub fn answered(&mut self, status: http::StatusCode) {
+        self.status = Some(status.as_u16());
+    }
+
+    /// Allow, deny or would_deny.
+    pub const fn decision(&self) -> Decision {
+        self.decision
+    }
+
+    /// Why it ended as it did.
+    pub const fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// The status line sent to the client, if one was.
+    pub const fn status(&self) -> Option<u16> {
+        self.status
     }
 }
 
@@ -374,6 +534,108 @@ mod tests {
         assert_eq!(after(1), Some(1));
         assert_eq!(after(2001), Some(3));
         assert_eq!(after(0), Some(1));
+    }
+
+    #[test]
+    fn one_verdict_for_every_mode_and_reason() {
+        for r in Reason::ALL {
+            assert_eq!(Mode::Enforce.verdict(r), Verdict::Refuse, "{r}");
+            let report = if r.is_reportable() {
+                Verdict::Report
+            } else {
+                Verdict::Refuse
+            };
+            assert_eq!(Mode::Report.verdict(r), report, "{r}");
+        }
+    }
+
+    #[test]
+    fn outcome_folds_refusals_as_the_audit_line_records_them() {
+        let fold = |mode, reasons: &[Reason]| {
+            let mut o = Outcome::ALLOWED;
+            for &r in reasons {
+                o.refuse(mode, r);
+            }
+            (o.decision(), o.reason())
+        };
+        use Reason::*;
+        let table: &[(&str, Mode, &[Reason], (Decision, Reason))] = &[
+            (
+                "enforced allowlist",
+                Mode::Enforce,
+                &[HostNotAllowed],
+                (Decision::Deny, HostNotAllowed),
+            ),
+            (
+                "reported allowlist",
+                Mode::Report,
+                &[HostNotAllowed],
+                (Decision::WouldDeny, HostNotAllowed),
+            ),
+            (
+                "report: first limit counts",
+                Mode::Report,
+                &[RateLimited, BodyTooLarge],
+                (Decision::WouldDeny, RateLimited),
+            ),
+            (
+                "report: allowlist replaces a limit",
+                Mode::Report,
+                &[RateLimited, PortNotAllowed],
+                (Decision::WouldDeny, PortNotAllowed),
+            ),
+            (
+                "report: vetting is enforced",
+                Mode::Report,
+                &[HostNotAllowed, DeniedAddress],
+                (Decision::Deny, DeniedAddress),
+            ),
+            (
+                "a fault keeps allow",
+                Mode::Enforce,
+                &[DnsFailed],
+                (Decision::Allow, DnsFailed),
+            ),
+            (
+                "a fault keeps would_deny",
+                Mode::Report,
+                &[HostNotAllowed, UpstreamConnectFailed],
+                (Decision::WouldDeny, UpstreamConnectFailed),
+            ),
+            (
+                "a cap after the 200 is a deny",
+                Mode::Enforce,
+                &[UploadCap],
+                (Decision::Deny, UploadCap),
+            ),
+            (
+                "SNI after the 200 is a deny",
+                Mode::Enforce,
+                &[SniMismatch],
+                (Decision::Deny, SniMismatch),
+            ),
+            (
+                "client gone is no refusal",
+                Mode::Enforce,
+                &[ClientClosed],
+                (Decision::Allow, ClientClosed),
+            ),
+        ];
+        for (name, mode, reasons, want) in table {
+            assert_eq!(fold(*mode, reasons), *want, "{name}");
+        }
+        let mut o = Outcome::ALLOWED;
+        o.refuse(Mode::Report, TooManyConcurrent);
+        o.ended(IdleTimeout);
+        assert_eq!(
+            o.reason(),
+            TooManyConcurrent,
+            "a recorded refusal outlives the end"
+        );
+        let mut o = Outcome::refused(MalformedRequest);
+        assert_eq!((o.decision(), o.status()), (Decision::Deny, None));
+        o.answered(StatusCode::BAD_REQUEST);
+        assert_eq!(o.status(), Some(400));
     }
 
     #[test]

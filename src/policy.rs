@@ -13,19 +13,9 @@ use ipnet::IpNet;
 pub use allowlist::{parse_rule, Allowlist, Miss, Pattern, Rule};
 
 use crate::limits::Limits;
+pub use crate::outcome::Mode;
 use crate::outcome::{Deny, Reason};
 use crate::target::{Kind, Target};
-
-/// Whether refusals are enforced or only reported.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Mode {
-    /// Refuse what the policy does not allow.
-    #[default]
-    Enforce,
-    /// Let allowlist and limit refusals through, audited as `would_deny` (for rolling a policy
-    /// out). Destination vetting is enforced in every mode.
-    Report,
-}
 
 /// A named policy: allowlist, limits, mode and its own address exceptions.
 #[derive(Clone, Debug)]
@@ -40,27 +30,6 @@ pub struct Policy {
     pub mode: Mode,
     /// Exceptions to the built-in deny set that hold only for this policy's agents.
     pub allow_cidrs: Vec<IpNet>,
-}
-
-// === impl Mode ===
-
-impl Mode {
-    /// The token used in the audit line's `mode` field and in the config.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Report => "report",
-        }
-    }
-
-    /// Parse the config value.
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "enforce" => Some(Mode::Enforce),
-            "report" => Some(Mode::Report),
-            _ => None,
-        }
-    }
 }
 
 // === impl Policy ===

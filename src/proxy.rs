@@ -2,7 +2,7 @@
 //! driver that runs the pipeline steps in order.
 //!
 //! Lifecycle of one request: `handle` makes a [`RequestCtx`] inside an [`Audited`] guard, runs
-//! `steps` (parse → identify → policy → limits → resolve → vet → dial), then either hands the upstream
+//! `steps` (parse → identify → limits → policy → sizes → resolve → vet → dial), then either hands the upstream
 //! socket to `tunnel` (CONNECT) or `forward` (plain HTTP), or turns the [`Deny`] into a response
 //! with `respond::render`. The audit line is written exactly once by the guard, whichever way the
 //! request ends.
@@ -233,9 +233,7 @@ async fn serve_tls(
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
-    let mut ctx = RequestCtx::new(peer, None);
-    ctx.deny(&Deny::with_detail(Reason::TlsHandshakeFailed, failure));
-    ctx.status = None;
+    let ctx = RequestCtx::rejected(peer, Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;
 }
 
@@ -346,9 +344,7 @@ async fn audit_broken_head(
     rec: Recorder,
 ) {
     tracing::info!(client = %peer, reason = reason.as_str(), "request head refused");
-    let mut ctx = RequestCtx::new(peer, None);
-    ctx.deny(&Deny::new(reason, ""));
-    ctx.status = status.map(|s| s.as_u16());
+    let ctx = RequestCtx::rejected(peer, reason, status);
     Audited::new(ctx, rec).finish().await;
 }
 
@@ -399,7 +395,7 @@ async fn handle(
     let enforce = audited.ctx().mode == Mode::Enforce;
     match admitted.upstream {
         Upstream::Tunnel(upstream) => {
-            audited.ctx_mut().status = Some(StatusCode::OK.as_u16());
+            audited.ctx_mut().outcome.answered(StatusCode::OK);
             let on_upgrade = hyper::upgrade::on(&mut req);
             let upload = Cap {
                 max: admitted.limits.max_tunnel_upload_bytes,
@@ -438,7 +434,7 @@ async fn handle(
                     request_done,
                     lease,
                 }) => {
-                    audited.ctx_mut().status = Some(response.status().as_u16());
+                    audited.ctx_mut().outcome.answered(response.status());
                     Ok(response.map(|body| {
                         Either::Right(ForwardBody::new(
                             body,
@@ -472,8 +468,8 @@ async fn steps(
     if kind == Kind::Http {
         ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
         let authority = req.uri().authority().map_or("", |a| a.as_str());
-        forward::check_host(req.headers(), &target, authority)?;
-        forward::check_framing(req.headers())?;
+        target::check_host(req.headers(), &target, authority)?;
+        target::check_framing(req.headers())?;
     }
     let agent_id = cfg.agents.identify(ctx.client, req.headers(), cert)?;
     let agent = cfg.agents.get(agent_id);
@@ -487,13 +483,13 @@ async fn steps(
     let (permit, over) = snap.gate(agent_id).admit(limits.max_concurrent);
     ctx.permit = Some(permit);
     if let Some(deny) = over {
-        report_or_refuse(ctx, deny)?;
+        ctx.judge(deny)?;
     }
     match policy.check(kind, &target) {
         Ok(rule) => ctx.rule = Some(rule.text.clone()),
-        Err(deny) => report_or_refuse(ctx, deny)?,
+        Err(deny) => ctx.judge(deny)?,
     }
-    check_sizes(req, &limits).or_else(|deny| report_or_refuse(ctx, deny))?;
+    check_sizes(req, &limits).or_else(|deny| ctx.judge(deny))?;
     let lookup = Instant::now();
     let resolved = snap.resolver.resolve(&target.host).await;
     // Failed and timed-out lookups too (every error is DNS's): they are the ones an operator
@@ -513,9 +509,7 @@ async fn steps(
             idle: cfg.timeouts.idle,
         }),
         Kind::Connect => {
-            let dialling = Instant::now();
-            let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect).await?;
-            metrics.upstream_connected(dialling.elapsed());
+            let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect, metrics).await?;
             ctx.upstream = Some(addr.addr());
             Upstream::Tunnel(upstream)
         }
@@ -531,19 +525,9 @@ async fn steps(
     })
 }
 
-/// In report mode a reportable refusal becomes `would_deny` and the request continues.
-fn report_or_refuse(ctx: &mut RequestCtx, deny: Deny) -> Result<(), Deny> {
-    if ctx.mode == Mode::Report && deny.reason.is_reportable() {
-        ctx.would_deny(&deny);
-        Ok(())
-    } else {
-        Err(deny) // `refuse` releases the permit
-    }
-}
-
 /// The agent's head and declared body size caps, checked before any upstream connection.
 fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
-    let head = head_bytes(req);
+    let head = target::head_bytes(req);
     if head > limits.max_request_header_bytes {
         return Err(Deny::with_detail(
             Reason::HeaderTooLarge,
@@ -553,7 +537,7 @@ fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
             ),
         ));
     }
-    match forward::content_length(req.headers()) {
+    match target::content_length(req.headers()) {
         Some(n) if n > limits.max_request_body_bytes => Err(Deny::with_detail(
             Reason::BodyTooLarge,
             format!(
@@ -565,32 +549,17 @@ fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
     }
 }
 
-/// Size of the request head as sent: `METHOD SP target SP HTTP/1.1 CRLF`, each header line
-/// with its `: ` and CRLF, and the final CRLF. Computed without allocating.
-fn head_bytes(req: &Request<Incoming>) -> u64 {
-    let uri = req.uri();
-    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-    let line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
-    let headers: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    (line + headers + 2) as u64
-}
-
 /// Turn a refusal into its response and write the audit line.
 async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<ProxyBody> {
     let ctx = audited.ctx_mut();
-    ctx.deny(deny);
+    // Whatever the mode: report mode's refusals were recorded by `judge` and never get here.
+    ctx.outcome.refuse(ctx.mode, deny.reason);
     ctx.permit = None;
-    if deny.reason == Reason::ClientClosed {
-        ctx.status = None; // nobody is left to read the response
-    }
     let raw = uri.to_string();
-    let resp = respond::render(audited.ctx(), deny, &raw);
+    let resp = respond::render(ctx, deny, &raw);
+    if deny.reason != Reason::ClientClosed {
+        ctx.outcome.answered(resp.status()); // else nobody is left to read it
+    }
     tracing::debug!(reason = deny.reason.as_str(), detail = %deny.detail, "refused");
     audited.finish().await;
     resp.map(Either::Left)

@@ -10,7 +10,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use http::{Method, Uri};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Uri};
 
 use crate::outcome::{Deny, Reason};
 
@@ -270,6 +271,82 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.host, self.port)
     }
+}
+
+// === Request head ===
+//
+// What the head of a plain-HTTP request must satisfy besides its target: checked with the target,
+// before any agent is identified, so that the audit line, the allowlist and the next hop all see
+// one destination and one framing.
+
+/// Refuse a request whose `Host` header names another destination than its absolute-form target
+/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up). `authority` is
+/// the request target's authority, which `target` was parsed from.
+pub fn check_host(headers: &HeaderMap, target: &Target, authority: &str) -> Result<(), Deny> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let Some(value) = hosts.next() else {
+        return Ok(());
+    };
+    if hosts.next().is_some() {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "more than one Host header",
+        ));
+    }
+    // The usual case: the same text as the target's authority parses to the same target.
+    if value.as_bytes() == authority.as_bytes() {
+        return Ok(());
+    }
+    let parsed = value
+        .to_str()
+        .ok()
+        .and_then(|v| parse_authority(v, Some(80)).ok());
+    match parsed {
+        Some(h) if h == *target => Ok(()),
+        _ => Err(Deny::new(
+            Reason::HostMismatch,
+            "Host header does not match the request target",
+        )),
+    }
+}
+
+/// Refuse transfer codings other than `chunked`: hyper removes only the chunked framing, so a
+/// `gzip, chunked` body would reach the next hop still gzip-coded but labelled as plain.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
+    let only_chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    if only_chunked {
+        Ok(())
+    } else {
+        Err(Deny::new(
+            Reason::MalformedRequest,
+            "unsupported Transfer-Encoding: only chunked is forwarded",
+        ))
+    }
+}
+
+/// Size of the request head as sent: `METHOD SP target SP HTTP/1.1 CRLF`, each header line
+/// with its `: ` and CRLF, and the final CRLF. Computed without allocating.
+pub fn head_bytes<B>(req: &http::Request<B>) -> u64 {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (line + headers + 2) as u64
+}
+
+/// The declared `Content-Length`, if present and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -5,19 +5,23 @@
 //! is dropped instead (client gone, task aborted at the end of the shutdown grace), `Drop` writes
 //! the line, so no request leaves without a trace.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use http::Method;
+use http::{Method, StatusCode};
 use time::OffsetDateTime;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::PollSender;
 
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
 use crate::limits::Permit;
 use crate::metrics::{Done, Metrics};
-use crate::outcome::{Decision, Deny, Reason};
+use crate::outcome::{Deny, Outcome, Reason, Verdict};
 use crate::policy::Mode;
 use crate::target::{Kind, Target};
 
@@ -50,12 +54,8 @@ pub struct RequestCtx {
     pub upstream: Option<SocketAddr>,
     /// The server name of a tunnel's TLS ClientHello (tunnels to `[sni] ports`).
     pub sni: Option<Box<str>>,
-    /// The status sent to the client.
-    pub status: Option<u16>,
-    /// Allow or deny.
-    pub decision: Decision,
-    /// Why it ended as it did.
-    pub reason: Reason,
+    /// Decision, reason and the status sent: changed only through [`Outcome`]'s methods.
+    pub outcome: Outcome,
     /// Bytes both ways, and the first cap passed.
     pub meter: Arc<Meter>,
     /// Enforce or report, from the agent's policy.
@@ -89,9 +89,7 @@ impl RequestCtx {
             rule: None,
             upstream: None,
             sni: None,
-            status: None,
-            decision: Decision::Allow,
-            reason: Reason::Allowed,
+            outcome: Outcome::ALLOWED,
             meter: Arc::new(Meter::default()),
             mode: Mode::Enforce,
             permit: None,
@@ -100,60 +98,36 @@ impl RequestCtx {
         }
     }
 
-    /// Record how an allowed exchange ended (`idle_timeout`, `client_closed`, …). A refusal
-    /// reason already recorded (report mode's would-be denial) is kept: it is the one that
-    /// matters to the operator, and to `propose`.
-    pub fn ended(&mut self, how: Reason) {
-        if self.reason == Reason::Allowed {
-            self.reason = how;
+    /// A request refused before it was tied to an agent (a head hyper could not parse, a
+    /// failed TLS handshake); `answered` is the status hyper sent, if it sent one.
+    pub fn rejected(client: SocketAddr, reason: Reason, answered: Option<StatusCode>) -> Self {
+        let mut ctx = RequestCtx::new(client, None);
+        ctx.outcome = Outcome::refused(reason);
+        if let Some(status) = answered {
+            ctx.outcome.answered(status);
         }
+        ctx
     }
 
-    /// Report mode: record the refusal that would have happened (the first one counts) and go on.
-    ///
-    /// An allowlist reason replaces a limit reason recorded before it: the allowlist is what a
-    /// report-mode rollout evaluates, and what `propose` turns into rules.
-    pub fn would_deny(&mut self, deny: &Deny) {
-        let first = self.decision == Decision::Allow;
-        let upgrade = self.decision == Decision::WouldDeny
-            && !self.reason.is_allowlist()
-            && deny.reason.is_allowlist();
-        if first || upgrade {
-            self.decision = Decision::WouldDeny;
-            self.reason = deny.reason;
+    /// Fold a refusal in under the policy's mode ([`Outcome::refuse`], the one report-mode
+    /// rule): `Ok` when report mode records it and lets the request go on, else the refusal,
+    /// for the caller to end the request with.
+    pub fn judge(&mut self, deny: Deny) -> Result<(), Deny> {
+        match self.outcome.refuse(self.mode, deny.reason) {
+            Verdict::Report => Ok(()),
+            Verdict::Refuse => Err(deny),
         }
     }
 
     /// Fold a cap passed while streaming (or a client failure) into the outcome.
     fn apply_cut(&mut self) {
         match self.meter.cut_reason() {
-            Some(Reason::ClientClosed) if self.reason == Reason::Allowed => {
-                self.reason = Reason::ClientClosed;
-            }
-            Some(Reason::ClientClosed) | None => {}
-            // Report mode: the first would-be refusal is the one recorded.
-            Some(r) if self.mode == Mode::Report && self.decision == Decision::Allow => {
-                self.decision = Decision::WouldDeny;
-                self.reason = r;
-            }
-            Some(_) if self.mode == Mode::Report => {}
-            Some(r) => {
-                self.decision = Decision::Deny;
-                self.reason = r;
+            None => {}
+            Some(Reason::ClientClosed) => self.outcome.ended(Reason::ClientClosed),
+            Some(cap) => {
+                self.outcome.refuse(self.mode, cap);
             }
         }
-    }
-
-    /// Record a refusal. The decision is `deny` for refusals the client caused (4xx); a fault on
-    /// the way to an allowed destination (DNS, connect, upstream: 5xx) keeps the decision made so
-    /// far (`allow`, or `would_deny` in report mode) with the fault as its reason.
-    pub fn deny(&mut self, deny: &Deny) {
-        // A policy refusal inside a tunnel (SNI) comes after the 200 and is still a deny.
-        if deny.reason.status().is_client_error() || deny.reason.is_policy() {
-            self.decision = Decision::Deny;
-        }
-        self.reason = deny.reason;
-        self.status = Some(deny.reason.status().as_u16());
     }
 
     /// Render the audit line.
@@ -196,13 +170,13 @@ impl RequestCtx {
             host: self.target.as_ref().map(|t| &t.host),
             port: self.target.as_ref().map(|t| t.port),
             path: self.path.as_deref().map(audit::truncate_path),
-            decision: self.decision.as_str(),
-            reason: self.reason.as_str(),
+            decision: self.outcome.decision().as_str(),
+            reason: self.outcome.reason().as_str(),
             rule: self.rule.as_deref(),
             mode: self.mode.as_str(),
             upstream: self.upstream,
             sni: self.sni.as_deref(),
-            status: self.status,
+            status: self.outcome.status(),
             bytes_up: self.meter.up(),
             bytes_down: self.meter.down(),
             duration_ms: self.start.elapsed().as_millis() as u64,
@@ -259,43 +233,22 @@ impl Audited {
             .unwrap_or_else(|| unreachable!("context taken before finish"))
     }
 
-    /// Write the line, waiting for queue space (backpressure). The context stays in the guard
-    /// until a slot is reserved, so if this future is dropped while waiting, `Drop` still writes it.
-    pub async fn finish(mut self) {
-        let sink = self.rec.sink.clone();
-        // Only a reservation that had to wait counts as audit wait (the writer fell behind).
-        let permit = match sink.try_reserve() {
-            Ok(p) => Ok(p),
-            Err(_) => {
-                let waiting = std::time::Instant::now();
-                let p = sink.reserve().await;
-                self.rec.metrics.audit_waited(waiting.elapsed());
-                p
-            }
-        };
-        if let Some(line) = self.take_line(None) {
-            match permit {
-                Ok(p) => p.send(line),
-                Err(_) => audit::fallback(&line),
-            }
+    /// End the request: the future that writes its line, waiting for queue space
+    /// (backpressure). The context stays in the guard until a slot is reserved, so if the
+    /// future is dropped while waiting, `Drop` still writes it. Bodies poll it inside
+    /// `poll_frame`; everything else awaits it.
+    pub fn finish(self) -> Finish {
+        Finish {
+            audited: Some(self),
+            slot: None,
+            waiting: None,
         }
     }
 
-    /// Finish now and hand the line to the caller, which queues it (a body that reserved a
-    /// queue slot inside `poll_frame`).
-    pub fn into_line(mut self) -> Option<String> {
-        self.take_line(None)
-    }
-
-    /// A poll-based handle on the audit queue.
-    pub fn poll_sender(&self) -> tokio_util::sync::PollSender<String> {
-        self.rec.sink.poll_sender()
-    }
-
-    /// Write the line from a synchronous context (a body's `poll` or `Drop`). With a free queue
-    /// slot it is queued at once; otherwise the whole guard, and with it the agent's concurrency
-    /// permit, moves to a task that waits for a slot, so pending lines are bounded by the agents'
-    /// `max_concurrent` and an agent whose lines cannot be written is held back.
+    /// End the request from a synchronous context (a body's `Drop`). With a free queue slot
+    /// the line is queued at once; otherwise the whole guard, and with it the agent's
+    /// concurrency permit, moves to a task that waits for a slot, so pending lines are bounded
+    /// by the agents' `max_concurrent` and an agent whose lines cannot be written is held back.
     pub fn finish_now(mut self) {
         let sink = self.rec.sink.clone();
         match sink.try_reserve() {
@@ -316,19 +269,6 @@ impl Audited {
         };
     }
 
-    /// Finish once `upload_done` completes (the request body has been sent), in a task.
-    pub fn finish_after(self, upload_done: tokio::sync::oneshot::Receiver<()>) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    let _ = upload_done.await;
-                    self.finish().await;
-                });
-            }
-            Err(_) => self.finish_now(),
-        }
-    }
-
     fn finish_sync(&mut self, cancelled: Option<Reason>) {
         if let Some(line) = self.take_line(cancelled) {
             self.rec.sink.send_now(line);
@@ -342,7 +282,7 @@ impl Audited {
         let mut ctx = self.ctx.take()?;
         ctx.apply_cut();
         if let Some(reason) = cancelled {
-            ctx.ended(reason);
+            ctx.outcome.ended(reason);
         }
         record(&ctx, &self.rec.metrics);
         Some(ctx.audit_line())
@@ -363,20 +303,95 @@ impl Drop for Audited {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// [`Audited::finish`]: queues the line once the audit queue has room.
+    #[derive(Debug)]
+    #[must_use = "the line is written when the future completes (or, dropped, by the guard)"]
+    pub struct Finish {
+        audited: Option<Audited>,
+        // Made only when the queue was full at the first poll (a `PollSender` allocates).
+        slot: Option<PollSender<String>>,
+        waiting: Option<Instant>,
+    }
+}
+
+// === impl Finish ===
+
+impl Finish {
+    /// The guard, if the line has not been written yet (a body dropped while its line waited:
+    /// it is finished another way).
+    pub fn into_inner(self) -> Option<Audited> {
+        self.audited
+    }
+}
+
+impl Future for Finish {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Some(audited) = this.audited.as_mut() else {
+            return Poll::Ready(());
+        };
+        if this.slot.is_none() {
+            let sink = audited.rec.sink.clone();
+            match sink.try_reserve() {
+                Ok(permit) => {
+                    if let Some(line) = audited.take_line(None) {
+                        permit.send(line);
+                    }
+                    *this.audited = None;
+                    return Poll::Ready(());
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                    *this.slot = Some(sink.poll_sender());
+                    *this.waiting = Some(Instant::now());
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => {
+                    audited.finish_sync(None);
+                    *this.audited = None;
+                    return Poll::Ready(());
+                }
+            };
+        }
+        let Some(slot) = this.slot.as_mut() else {
+            return Poll::Ready(());
+        };
+        let reserved = ready!(slot.poll_reserve(cx));
+        // Only a reservation that had to wait counts as audit wait (the writer fell behind).
+        if let Some(since) = this.waiting.take() {
+            audited.rec.metrics.audit_waited(since.elapsed());
+        }
+        if let Some(line) = audited.take_line(None) {
+            match reserved {
+                Ok(()) => {
+                    if let Err(e) = slot.send_item(line) {
+                        // Closed between the reservation and the send: nothing else to try.
+                        tracing::error!(error = %e, "audit queue closed with a slot reserved");
+                    }
+                }
+                Err(_) => audit::fallback(&line),
+            }
+        }
+        *this.audited = None;
+        Poll::Ready(())
+    }
+}
+
 fn record(ctx: &RequestCtx, metrics: &Metrics) {
     metrics.request_done(&Done {
         agent: ctx.agent.as_deref(),
         kind: ctx.kind.map_or("reject", |k| k.as_str()),
-        decision: ctx.decision.as_str(),
-        reason: ctx.reason.as_str(),
+        decision: ctx.outcome.decision().as_str(),
+        reason: ctx.outcome.reason().as_str(),
         bytes_up: ctx.meter.up(),
         bytes_down: ctx.meter.down(),
         elapsed: ctx.start.elapsed(),
     });
     tracing::debug!(
         request_id = %ctx.request_id,
-        decision = ctx.decision.as_str(),
-        reason = ctx.reason.as_str(),
+        decision = ctx.outcome.decision().as_str(),
+        reason = ctx.outcome.reason().as_str(),
         "request done"
     );
 }

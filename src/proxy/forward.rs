@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
@@ -26,9 +26,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
-use tokio_util::sync::PollSender;
 
-use super::ctx::{Audited, RequestCtx};
+use super::ctx::{Audited, Finish, RequestCtx};
 use super::pool::{Conn, Key, Lease};
 use super::Shared;
 use crate::connect;
@@ -131,55 +130,6 @@ pub struct Caps {
     pub response: Cap,
 }
 
-/// Refuse a request whose `Host` header names another destination than its absolute-form target
-/// (two parsers, two answers: the classic smuggling and cache-poisoning set-up). `authority` is
-/// the request target's authority, which `target` was parsed from.
-pub fn check_host(headers: &HeaderMap, target: &Target, authority: &str) -> Result<(), Deny> {
-    let mut hosts = headers.get_all(HOST).iter();
-    let Some(value) = hosts.next() else {
-        return Ok(());
-    };
-    if hosts.next().is_some() {
-        return Err(Deny::new(
-            Reason::MalformedRequest,
-            "more than one Host header",
-        ));
-    }
-    // The usual case: the same text as the target's authority parses to the same target.
-    if value.as_bytes() == authority.as_bytes() {
-        return Ok(());
-    }
-    let parsed = value
-        .to_str()
-        .ok()
-        .and_then(|v| target::parse_authority(v, Some(80)).ok());
-    match parsed {
-        Some(h) if h == *target => Ok(()),
-        _ => Err(Deny::new(
-            Reason::HostMismatch,
-            "Host header does not match the request target",
-        )),
-    }
-}
-
-/// Refuse transfer codings other than `chunked`: hyper removes only the chunked framing, so a
-/// `gzip, chunked` body would reach the next hop still gzip-coded but labelled as plain.
-pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
-    let only_chunked = headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-    if only_chunked {
-        Ok(())
-    } else {
-        Err(Deny::new(
-            Reason::MalformedRequest,
-            "unsupported Transfer-Encoding: only chunked is forwarded",
-        ))
-    }
-}
-
 /// Send the request to one of `route`'s vetted addresses, on an idle pooled connection for this
 /// agent, target and address if there is one, else on a new one; returns the response head with
 /// its streaming body. Records the address used in `ctx.upstream`.
@@ -240,7 +190,7 @@ pub async fn send(
                 .map_err(|e| exchange_error(&meter, caps, &e))?
         }
     };
-    if check_framing(resp.headers()).is_err() {
+    if target::check_framing(resp.headers()).is_err() {
         return Err(Deny::new(
             Reason::UpstreamError,
             "upstream used a transfer coding other than chunked",
@@ -249,7 +199,7 @@ pub async fn send(
     // HEAD answers and 1xx/204/304 carry no body, whatever Content-Length says.
     let bodiless =
         is_head || resp.status().is_informational() || matches!(resp.status().as_u16(), 204 | 304);
-    if let Some(len) = content_length(resp.headers()).filter(|_| !bodiless) {
+    if let Some(len) = target::content_length(resp.headers()).filter(|_| !bodiless) {
         if len > caps.response.max {
             let deny = Deny::with_detail(
                 Reason::ResponseCap,
@@ -297,9 +247,8 @@ async fn acquire(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
 
 /// Dial one of `route`'s vetted addresses and start an HTTP/1.1 connection on it.
 async fn fresh(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
-    let dialling = Instant::now();
-    let (stream, peer) = connect::dial(&route.vetted, route.connect_timeout).await?;
-    shared.metrics.upstream_connected(dialling.elapsed());
+    let (stream, peer) =
+        connect::dial(&route.vetted, route.connect_timeout, &shared.metrics).await?;
     // The socket gets its own activity meter: the idle bound covers waiting for the response
     // head too, which the body meter never sees.
     let activity = Arc::new(Meter::default());
@@ -387,7 +336,9 @@ fn keeps_alive(resp: &Response<Incoming>) -> bool {
 /// the client gone); anything else is the upstream.
 fn exchange_error(meter: &Meter, caps: Caps, e: &hyper::Error) -> Deny {
     match meter.cut_reason() {
-        Some(Reason::BodyTooLarge) => Deny::with_detail(
+        // Report mode records a body over its cap without cutting it: then the failure is the
+        // upstream's, and the cap is folded in as `would_deny` when the line is written.
+        Some(Reason::BodyTooLarge) if caps.request.enforce => Deny::with_detail(
             Reason::BodyTooLarge,
             format!(
                 "request body passed the agent's max_request_body_bytes ({}); the upstream request was aborted",
@@ -401,11 +352,6 @@ fn exchange_error(meter: &Meter, caps: Caps, e: &hyper::Error) -> Deny {
         Some(Reason::ClientClosed) => Deny::new(Reason::ClientClosed, "client body ended early"),
         _ => upstream_error("request", e),
     }
-}
-
-/// The declared `Content-Length`, if present and valid.
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 #[cold]
@@ -487,15 +433,25 @@ pin_project! {
         inner: MeteredBody<Incoming>,
         audited: Option<Audited>,
         request_done: Option<oneshot::Receiver<()>>,
-        audit_slot: Option<PollSender<String>>,
+        // Set once the upstream body has ended: the line on its way into the audit queue.
+        finishing: Option<Finish>,
+        ended: bool,
         lease: Option<Lease>,
     }
 
     impl PinnedDrop for ForwardBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            let Some(audited) = this.audited.take() else { return };
-            if !this.inner.is_end_stream() {
+            let audited = match (this.audited.take(), this.finishing.take()) {
+                (Some(a), _) => a,
+                // The line was waiting for a queue slot: finished below, without waiting here.
+                (None, Some(f)) => match f.into_inner() {
+                    Some(a) => a,
+                    None => return,
+                },
+                (None, None) => return,
+            };
+            if !*this.ended && !this.inner.is_end_stream() {
                 drop(audited); // the client went away mid-body: written as client_closed
                 return;
             }
@@ -506,8 +462,13 @@ pin_project! {
             let uploading = upload
                 .as_mut()
                 .is_some_and(|rx| rx.try_recv() == Err(oneshot::error::TryRecvError::Empty));
-            match upload {
-                Some(rx) if uploading => audited.finish_after(rx),
+            match (upload, tokio::runtime::Handle::try_current()) {
+                (Some(rx), Ok(rt)) if uploading => {
+                    rt.spawn(async move {
+                        let _ = rx.await;
+                        audited.finish().await;
+                    });
+                }
                 _ => {
                     release(this.lease, &audited);
                     audited.finish_now();
@@ -532,7 +493,7 @@ fn release(lease: &mut Option<Lease>, audited: &Audited) {
 fn finish_at_end(
     audited: &mut Option<Audited>,
     request_done: &mut Option<oneshot::Receiver<()>>,
-    audit_slot: &mut Option<PollSender<String>>,
+    finishing: &mut Option<Finish>,
     lease: &mut Option<Lease>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
@@ -541,22 +502,13 @@ fn finish_at_end(
         let _ = ready!(Pin::new(rx).poll(cx));
         *request_done = None;
     }
-    if let Some(a) = audited.as_ref() {
-        release(lease, a);
+    if let Some(a) = audited.take() {
+        release(lease, &a);
+        *finishing = Some(a.finish());
     }
-    if let Some(slot) = audit_slot.as_mut() {
-        if ready!(slot.poll_reserve(cx)).is_err() {
-            // The writer is gone: the guard's fallback logs the line instead.
-            *audit_slot = None;
-            if let Some(a) = audited.take() {
-                a.finish_now();
-            }
-            return Poll::Ready(None);
-        }
-        if let Some(line) = audited.take().and_then(Audited::into_line) {
-            let _ = slot.send_item(line);
-        }
-        *audit_slot = None;
+    if let Some(f) = finishing.as_mut() {
+        ready!(Pin::new(f).poll(cx));
+        *finishing = None;
     }
     Poll::Ready(None)
 }
@@ -578,7 +530,8 @@ impl ForwardBody {
             inner: MeteredBody::new(body, meter, Direction::Down).with_cap(cap),
             audited: Some(audited),
             request_done: Some(request_done),
-            audit_slot: None,
+            finishing: None,
+            ended: false,
             lease: Some(lease),
         }
     }
@@ -593,12 +546,12 @@ impl Body for ForwardBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        if this.audited.is_some() && this.audit_slot.is_some() {
+        if *this.ended {
             // The body has ended; finishing the audit line is all that is left.
             return finish_at_end(
                 this.audited,
                 this.request_done,
-                this.audit_slot,
+                this.finishing,
                 this.lease,
                 cx,
             );
@@ -606,12 +559,12 @@ impl Body for ForwardBody {
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             None => {
-                if let Some(a) = this.audited.as_ref() {
-                    *this.audit_slot = Some(a.poll_sender());
+                if this.audited.is_some() {
+                    *this.ended = true;
                     return finish_at_end(
                         this.audited,
                         this.request_done,
-                        this.audit_slot,
+                        this.finishing,
                         this.lease,
                         cx,
                     );
@@ -622,7 +575,7 @@ impl Body for ForwardBody {
                     tracing::debug!(error = %e, "response body ended early");
                     // A cap passed is folded in by the guard; anything else is the upstream.
                     if a.ctx().meter.cut_reason().is_none() {
-                        a.ctx_mut().ended(Reason::UpstreamError);
+                        a.ctx_mut().outcome.ended(Reason::UpstreamError);
                     }
                     a.finish_now();
                 }
@@ -635,7 +588,7 @@ impl Body for ForwardBody {
     fn is_end_stream(&self) -> bool {
         // Not at the end while the audit line is pending: hyper stops polling a body that says
         // it has ended, and the end is where the line waits for the upload and a queue slot.
-        self.inner.is_end_stream() && self.audited.is_none()
+        self.inner.is_end_stream() && self.audited.is_none() && self.finishing.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -683,45 +636,5 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
-    }
-
-    #[test]
-    fn only_chunked_transfer_coding_passes() {
-        let te = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(TRANSFER_ENCODING, HeaderValue::from_static(v));
-            check_framing(&h).is_ok()
-        };
-        assert!(te("chunked"));
-        assert!(te("Chunked"));
-        assert!(!te("gzip, chunked"));
-        assert!(!te("chunked, identity"));
-        assert!(check_framing(&HeaderMap::new()).is_ok());
-    }
-
-    #[test]
-    fn host_must_agree() {
-        let t = target::parse_authority("example.com", Some(80)).unwrap();
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(HOST, HeaderValue::from_static(v));
-            check_host(&h, &t, "example.com")
-        };
-        assert!(with("example.com").is_ok());
-        assert!(with("EXAMPLE.com:80").is_ok());
-        assert!(with("example.com.").is_ok());
-        assert_eq!(with("evil.test").unwrap_err().reason, Reason::HostMismatch);
-        assert_eq!(
-            with("example.com:8080").unwrap_err().reason,
-            Reason::HostMismatch
-        );
-        assert!(check_host(&HeaderMap::new(), &t, "example.com").is_ok());
-        let mut two = HeaderMap::new();
-        two.append(HOST, HeaderValue::from_static("example.com"));
-        two.append(HOST, HeaderValue::from_static("example.com"));
-        assert_eq!(
-            check_host(&two, &t, "example.com").unwrap_err().reason,
-            Reason::MalformedRequest
-        );
     }
 }

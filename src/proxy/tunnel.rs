@@ -38,7 +38,6 @@ use super::hello;
 use super::ServerIo;
 use crate::io::{copy_bidirectional, Cap, CapReached, Direction, Meter, Metered};
 use crate::outcome::{Deny, Reason};
-use crate::policy::Mode;
 use crate::sni;
 use crate::target::Host;
 
@@ -72,12 +71,12 @@ pub async fn run(
         Ok(Ok(u)) => u,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "client left before the tunnel started");
-            audited.ctx_mut().ended(Reason::ClientClosed);
+            audited.ctx_mut().outcome.ended(Reason::ClientClosed);
             return audited.finish().await;
         }
         Err(_) => {
             tracing::debug!("client did not take the 200 in time");
-            audited.ctx_mut().ended(Reason::IdleTimeout);
+            audited.ctx_mut().outcome.ended(Reason::IdleTimeout);
             return audited.finish().await;
         }
     };
@@ -89,7 +88,7 @@ pub async fn run(
         let first = tokio::select! {
             r = hello::read(&mut io, &prefix, check.within) => r,
             () = abort.cancelled() => {
-                audited.ctx_mut().ended(Reason::Shutdown);
+                audited.ctx_mut().outcome.ended(Reason::Shutdown);
                 return audited.finish().await;
             }
         };
@@ -117,7 +116,7 @@ pub async fn run(
         () = meter.idle_for(idle) => Reason::IdleTimeout,
         () = abort.cancelled() => Reason::Shutdown,
     };
-    audited.ctx_mut().ended(reason);
+    audited.ctx_mut().outcome.ended(reason);
     audited.finish().await;
 }
 
@@ -136,16 +135,16 @@ fn judge(audited: &mut Audited, hello: Result<sni::ClientHello, Deny>, check: &S
         return true;
     };
     if deny.reason == Reason::ClientClosed {
-        ctx.ended(Reason::ClientClosed);
+        ctx.outcome.ended(Reason::ClientClosed);
         return false;
     }
-    if ctx.mode == Mode::Report && deny.reason.is_reportable() {
-        ctx.would_deny(&deny);
-        return true;
+    match ctx.judge(deny) {
+        Ok(()) => true,
+        Err(deny) => {
+            tracing::info!(reason = deny.reason.as_str(), detail = %deny.detail, "tunnel refused by the SNI check");
+            false
+        }
     }
-    tracing::info!(reason = deny.reason.as_str(), detail = %deny.detail, "tunnel refused by the SNI check");
-    ctx.deny(&deny);
-    false
 }
 /// The client's side of a tunnel, once hyper has let go of it.
 #[derive(Debug)]

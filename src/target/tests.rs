@@ -1,4 +1,5 @@
 use super::*;
+use http::HeaderValue;
 use proptest::prelude::*;
 
 fn name(s: &str) -> Host {
@@ -145,4 +146,44 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn only_chunked_transfer_coding_passes() {
+    let te = |v: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static(v));
+        check_framing(&h).is_ok()
+    };
+    assert!(te("chunked"));
+    assert!(te("Chunked"));
+    assert!(!te("gzip, chunked"));
+    assert!(!te("chunked, identity"));
+    assert!(check_framing(&HeaderMap::new()).is_ok());
+}
+
+#[test]
+fn host_must_agree() {
+    let t = parse_authority("example.com", Some(80)).unwrap();
+    let with = |v: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static(v));
+        check_host(&h, &t, "example.com")
+    };
+    assert!(with("example.com").is_ok());
+    assert!(with("EXAMPLE.com:80").is_ok());
+    assert!(with("example.com.").is_ok());
+    assert_eq!(with("evil.test").unwrap_err().reason, Reason::HostMismatch);
+    assert_eq!(
+        with("example.com:8080").unwrap_err().reason,
+        Reason::HostMismatch
+    );
+    assert!(check_host(&HeaderMap::new(), &t, "example.com").is_ok());
+    let mut two = HeaderMap::new();
+    two.append(HOST, HeaderValue::from_static("example.com"));
+    two.append(HOST, HeaderValue::from_static("example.com"));
+    assert_eq!(
+        check_host(&two, &t, "example.com").unwrap_err().reason,
+        Reason::MalformedRequest
+    );
 }
