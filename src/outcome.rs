@@ -559,7 +559,8 @@ mod tests {
             (o.decision(), o.reason())
         };
         use Reason::*;
-        let table: &[(&str, Mode, &[Reason], (Decision, Reason))] = &[
+        type Case<'a> = (&'a str, Mode, &'a [Reason], (Decision, Reason));
+        let table: &[Case<'_>] = &[
             (
                 "enforced allowlist",
                 Mode::Enforce,
