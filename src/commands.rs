@@ -126,8 +126,7 @@ pub fn summary(config: &Config) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{}: ok", config.source.display());
     let _ = writeln!(s, "listen: {}", config.listen);
-    if let (Some(at), Some(tls)) = (config.tls_listen, &config.tls) {
-        let t = tls.settings();
+    if let (Some(at), Some(t)) = (config.tls_listen, &config.tls) {
         let clients = match (&t.client_ca, t.require_client_cert) {
             (Some(ca), true) => format!("client certificate required ({})", ca.display()),
             (Some(ca), false) => format!("client certificate optional ({})", ca.display()),
@@ -153,8 +152,8 @@ pub fn summary(config: &Config) -> String {
             let cidrs: Vec<String> = a.source_cidrs.iter().map(ToString::to_string).collect();
             by.push(format!("source {}", cidrs.join(", ")));
         }
-        if let Some(t) = &a.token {
-            by.push(format!("token {}", t.path().display()));
+        if let Some(t) = &a.token_file {
+            by.push(format!("token {}", t.display()));
         }
         if let Some(c) = &a.cert {
             let fields = [("spiffe_id", &c.spiffe_id), ("cert_subject", &c.subject)];

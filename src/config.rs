@@ -11,7 +11,6 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ConfigError, ConfigIssue};
@@ -20,7 +19,7 @@ use crate::identity::{Agent, Agents};
 use crate::limits::Limits;
 use crate::policy::{Mode, Policy};
 use crate::resolve::DnsConfig;
-use crate::tls::TlsFiles;
+use crate::tls::TlsSettings;
 use crate::vet::Vetter;
 use raw::RawConfig;
 use validate::Validator;
@@ -78,8 +77,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The HTTPS proxy listener address (`server.tls_listen`), if any. Takes effect at start.
     pub tls_listen: Option<SocketAddr>,
-    /// The HTTPS listener's certificate, key and client CA (re-read as the files rotate).
-    pub tls: Option<Arc<TlsFiles>>,
+    /// The HTTPS listener's certificate, key and client CA files (checked at load; the reload
+    /// snapshot holds the live store that re-reads them as they rotate).
+    pub tls: Option<TlsSettings>,
     /// The `[sni]` section: which tunnels must carry a ClientHello for the CONNECT host.
     pub sni: SniPolicy,
     /// Timeouts.
@@ -192,13 +192,7 @@ impl Config {
 /// Default for `server.max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
-/// A stable hash of config file content.
-pub fn fingerprint(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
+pub use crate::fingerprint::fingerprint;
 
 #[cfg(test)]
 mod tests;

@@ -125,9 +125,11 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
                 ExplainError::NoAgent(name.clone(), names.join(", "))
             }),
         Who::Client(ip) => {
-            // Exactly the gateway's matching, for a client that sends no credentials.
+            // Exactly the gateway's matching, for a client that sends no credentials (so no
+            // token is ever compared: none are loaded).
             let client = SocketAddr::new(*ip, 0);
-            match agents.identify(client, &http::HeaderMap::new(), None) {
+            let no_tokens = crate::identity::Tokens::default();
+            match agents.identify(&no_tokens, client, &http::HeaderMap::new(), None) {
                 Ok(id) => Ok((id, format!("by source address {ip}, without credentials"))),
                 Err(d) => Err(ExplainError::Unmatched(format!(
                     "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token or certificate agents",

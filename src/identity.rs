@@ -47,6 +47,13 @@ pub struct Token {
 /// kubelet swaps Secret files atomically, so a file that stays gone means the key was removed.
 pub const REVOKE_AFTER_MISSES: u32 = 3;
 
+/// The live proxy tokens of an agent table, aligned with it: the self-refreshing store that
+/// the reload snapshot holds (the config names only the files).
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_agent: Vec<Option<Arc<Token>>>,
+}
+
 /// One `[[agents]]` entry, validated.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -54,8 +61,9 @@ pub struct Agent {
     pub name: Arc<str>,
     /// Source address classes (pod CIDRs) that identify this agent; empty = any address.
     pub source_cidrs: Vec<IpNet>,
-    /// The token the agent must present, if any.
-    pub token: Option<Arc<Token>>,
+    /// The file holding the token the agent must present, if it is identified by one. The
+    /// token itself lives in the reload snapshot's [`Tokens`].
+    pub token_file: Option<PathBuf>,
     /// What the agent's client certificate must say, if it is identified by one.
     pub cert: Option<CertId>,
     /// Index of the agent's policy in the config's policy table.
@@ -195,12 +203,52 @@ fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
     Ok(trimmed.to_vec())
 }
 
+// === impl Tokens ===
+
+impl Tokens {
+    /// The tokens of `agents`. A token file that `prev` already watches keeps its store (its
+    /// current token and its count of missing reads: a reload neither re-reads it nor resets
+    /// the grace before revocation); a new one is read now, and starts revoked if it cannot
+    /// be (validation has warned about it).
+    pub fn load(agents: &Agents, prev: Option<&Tokens>) -> Tokens {
+        let watched: Vec<&Arc<Token>> = prev
+            .map(|p| p.by_agent.iter().flatten().collect())
+            .unwrap_or_default();
+        let by_agent = agents
+            .iter()
+            .map(|a| {
+                let path = a.token_file.as_deref()?;
+                if let Some(t) = watched.iter().find(|t| t.path() == path) {
+                    return Some(Arc::clone(t));
+                }
+                Some(Arc::new(
+                    Token::load(path).unwrap_or_else(|_| Token::revoked(path)),
+                ))
+            })
+            .collect();
+        Tokens { by_agent }
+    }
+
+    /// The token of an agent, if it has one.
+    pub fn get(&self, agent: AgentId) -> Option<&Token> {
+        self.by_agent.get(agent.0)?.as_deref()
+    }
+
+    /// Every token, with the name of its agent.
+    pub fn iter<'a>(&'a self, agents: &'a Agents) -> impl Iterator<Item = (&'a str, &'a Token)> {
+        agents
+            .iter()
+            .zip(&self.by_agent)
+            .filter_map(|(a, t)| Some((&*a.name, t.as_deref()?)))
+    }
+}
+
 // === impl Agents ===
 
 impl Agents {
     /// Build from validated agents, in config order.
     pub fn new(agents: Vec<Agent>) -> Self {
-        let any_token = agents.iter().any(|a| a.token.is_some());
+        let any_token = agents.iter().any(|a| a.token_file.is_some());
         let any_cert = agents.iter().any(|a| a.cert.is_some());
         Agents {
             agents,
@@ -241,8 +289,11 @@ impl Agents {
     /// `Proxy-Authorization` holds (its client may send credentials meant for another proxy).
     /// Malformed credentials count as no usable credentials; they are the refusal only when no
     /// agent matches at all. Likewise a certificate only matters to certificate agents.
+    /// `tokens` are the live tokens of this table; an agent whose token is missing from them
+    /// matches no credentials.
     pub fn identify(
         &self,
+        tokens: &Tokens,
         client: SocketAddr,
         headers: &HeaderMap,
         cert: Option<&PeerCert>,
@@ -262,12 +313,15 @@ impl Agents {
                     continue;
                 }
             }
-            let Some(token) = &a.token else {
+            if a.token_file.is_none() {
                 return Ok(AgentId(i));
-            };
+            }
             match usable {
                 Some(c) if c.user() == a.name.as_bytes() => {
-                    return if token.matches(c.secret()) {
+                    let matched = tokens
+                        .get(AgentId(i))
+                        .is_some_and(|t| t.matches(c.secret()));
+                    return if matched {
                         Ok(AgentId(i))
                     } else {
                         Err(Deny::new(

@@ -32,7 +32,8 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`outcome`] | the refusal vocabulary (`Reason`, `Decision`, `Deny`) and the one verdict (`Mode::verdict`, `Outcome`) |
-//! | [`config`] | read and validate the TOML file into domain values |
+//! | [`config`] | read and validate the TOML file into plain settings and compiled matchers |
+//! | [`fingerprint`] | the file-content hash the watchers compare |
 //! | [`target`] | step: parse and normalise the request target |
 //! | [`identity`] | step: match the client to an agent |
 //! | [`policy`] | step: the agent's allowlist, mode |
@@ -57,6 +58,7 @@ pub mod commands;
 pub mod config;
 pub mod connect;
 pub mod explain;
+pub mod fingerprint;
 pub mod identity;
 pub mod io;
 pub mod limits;
@@ -93,9 +95,9 @@ pub enum RunError {
     /// The listener's address could not be read.
     #[error("reading the listener address")]
     Listener(#[source] std::io::Error),
-    /// The resolver could not be set up.
+    /// The live parts of the config (resolver, TLS files) could not be set up.
     #[error(transparent)]
-    Resolver(#[from] resolve::ResolverError),
+    Snapshot(#[from] reload::ReloadError),
     /// The metrics registry could not be set up.
     #[error("setting up metrics")]
     Metrics(#[source] prometheus::Error),

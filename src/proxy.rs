@@ -203,7 +203,7 @@ async fn serve_tls(
     slot: Arc<OwnedSemaphorePermit>,
 ) {
     let snap = shared.live.load();
-    let Some(tls) = snap.config.tls.clone() else {
+    let Some(tls) = snap.tls.clone() else {
         tracing::warn!(client = %peer, "server.tls_listen was removed from the config; restart to close the listener");
         return;
     };
@@ -471,7 +471,9 @@ async fn steps(
         target::check_host(req.headers(), &target, authority)?;
         target::check_framing(req.headers())?;
     }
-    let agent_id = cfg.agents.identify(ctx.client, req.headers(), cert)?;
+    let agent_id = cfg
+        .agents
+        .identify(&snap.tokens, ctx.client, req.headers(), cert)?;
     let agent = cfg.agents.get(agent_id);
     let policy = cfg.policy_of(agent);
     ctx.agent = Some(agent.name.clone());

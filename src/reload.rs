@@ -3,9 +3,11 @@
 //!
 //! Each request loads the current snapshot once and keeps it to the end, so an open tunnel keeps
 //! the config it started with while new requests see the new one. A snapshot bundles what must
-//! change together: the validated [`Config`], the per-agent limit [`Gate`]s (carried over by agent
-//! name, so a reload neither resets rate budgets nor forgets open requests), and the resolver
-//! (rebuilt only when `[dns]` changed).
+//! change together: the validated [`Config`] (plain settings and paths), the per-agent limit
+//! [`Gate`]s (carried over by agent name, so a reload neither resets rate budgets nor forgets
+//! open requests), the resolver (rebuilt only when `[dns]` changed), and the live stores that
+//! re-read files as they change: the proxy [`Tokens`] (carried over by file) and the HTTPS
+//! listener's [`TlsFiles`] (carried over while its settings stay the same).
 //!
 //! Watching: every [`POLL`] the file is read again (through symlinks, so the `..data` swap
 //! Kubernetes does for ConfigMap volumes is seen like any edit) and compared with what was last
@@ -22,10 +24,11 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError};
-use crate::identity::AgentId;
+use crate::identity::{AgentId, Tokens};
 use crate::limits::Gate;
 use crate::metrics::Metrics;
 use crate::resolve::{Resolver, ResolverError};
+use crate::tls::{TlsError, TlsFiles};
 
 /// How often the config file and token files are checked for changes.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -39,6 +42,10 @@ pub struct Snapshot {
     pub gates: Vec<Arc<Gate>>,
     /// The resolver for `config.dns`.
     pub resolver: Arc<Resolver>,
+    /// The live proxy tokens of `config.agents`.
+    pub tokens: Tokens,
+    /// The HTTPS listener's live certificate, key and client CA (`config.tls`).
+    pub tls: Option<Arc<TlsFiles>>,
 }
 
 /// Why a reload did not apply.
@@ -50,6 +57,9 @@ pub enum ReloadError {
     /// The new `[dns]` section could not be turned into a resolver.
     #[error(transparent)]
     Resolver(#[from] ResolverError),
+    /// The TLS files changed between validation and use, and no longer build a TLS config.
+    #[error("server.tls_cert / tls_key / client_ca: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The live snapshot and where it comes from.
@@ -70,7 +80,7 @@ impl Snapshot {
         config: Config,
         own: &[SocketAddr],
         prev: Option<&Snapshot>,
-    ) -> Result<Snapshot, ResolverError> {
+    ) -> Result<Snapshot, ReloadError> {
         let mut config = config;
         config.vetter = config.vetter.clone().with_own(own.to_vec());
         let resolver = match prev {
@@ -109,10 +119,18 @@ impl Snapshot {
             };
             gates.push(gate);
         }
+        let tokens = Tokens::load(&config.agents, prev.map(|p| &p.tokens));
+        let tls = match (&config.tls, prev) {
+            (None, _) => None,
+            (Some(settings), Some(p)) if p.config.tls.as_ref() == Some(settings) => p.tls.clone(),
+            (Some(settings), _) => Some(Arc::new(TlsFiles::load(settings.clone())?)),
+        };
         Ok(Snapshot {
             config,
             gates,
             resolver,
+            tokens,
+            tls,
         })
     }
 
@@ -130,11 +148,11 @@ impl Live {
         config: Config,
         own: Vec<SocketAddr>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, ResolverError> {
+    ) -> Result<Self, ReloadError> {
         let path = config.source.clone();
         let snapshot = Snapshot::build(config, &own, None)?;
         log_warnings(&snapshot.config);
-        if let Some(tls) = &snapshot.config.tls {
+        if let Some(tls) = &snapshot.tls {
             metrics.tls_cert_loaded(tls.not_after());
         }
         Ok(Live {
@@ -172,7 +190,7 @@ impl Live {
             .filter(|name| !next.config.agents.iter().any(|a| &*a.name == *name))
             .collect();
         self.metrics.forget_agents(gone.into_iter());
-        if let Some(tls) = &next.config.tls {
+        if let Some(tls) = &next.tls {
             self.metrics.tls_cert_loaded(tls.not_after());
         }
         self.current.store(Arc::new(next));
@@ -182,13 +200,12 @@ impl Live {
     /// Re-read every token file of the current config.
     fn refresh_tokens(&self) {
         let snap = self.current.load();
-        for agent in snap.config.agents.iter() {
-            let Some(token) = &agent.token else { continue };
+        for (agent, token) in snap.tokens.iter(&snap.config.agents) {
             match token.refresh() {
-                Ok(true) => tracing::info!(agent = %agent.name, "proxy token rotated"),
+                Ok(true) => tracing::info!(agent, "proxy token rotated"),
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(agent = %agent.name, error = %e, "token file unreadable; keeping the previous token")
+                    tracing::warn!(agent, error = %e, "token file unreadable; keeping the previous token")
                 }
             }
         }
@@ -197,7 +214,7 @@ impl Live {
     /// Re-read the HTTPS listener's certificate, key and client CA files of the current config.
     fn refresh_tls(&self) {
         let snap = self.current.load();
-        let Some(tls) = &snap.config.tls else { return };
+        let Some(tls) = &snap.tls else { return };
         match tls.refresh() {
             Ok(true) => {
                 self.metrics.tls_cert_loaded(tls.not_after());

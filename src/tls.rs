@@ -127,7 +127,7 @@ impl TlsFiles {
     pub fn refresh(&self) -> Result<bool, TlsError> {
         let (fp, built) = match read_all(&self.settings) {
             Ok(contents) => {
-                let fp = crate::config::fingerprint(&contents.concat());
+                let fp = crate::fingerprint::fingerprint(&contents.concat());
                 if fp == self.fingerprint.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
@@ -136,7 +136,10 @@ impl TlsFiles {
                 (fp, built)
             }
             // A file gone (a Secret key removed): keep serving with what was loaded.
-            Err(e) => (crate::config::fingerprint(e.to_string().as_bytes()), Err(e)),
+            Err(e) => (
+                crate::fingerprint::fingerprint(e.to_string().as_bytes()),
+                Err(e),
+            ),
         };
         match built {
             Ok((config, not_after)) => {
@@ -181,7 +184,7 @@ fn read_all(s: &TlsSettings) -> Result<Vec<Vec<u8>>, TlsError> {
 
 fn build(s: &TlsSettings) -> Result<(ServerConfig, u64, i64), TlsError> {
     let contents = read_all(s)?;
-    let fp = crate::config::fingerprint(&contents.concat());
+    let fp = crate::fingerprint::fingerprint(&contents.concat());
     Ok((config_from(s, &contents)?, fp, expiry(&contents[0])))
 }
 

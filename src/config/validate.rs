@@ -111,9 +111,7 @@ impl Validator<'_> {
             .zip(&raw.agents)
             .find(|(a, _)| a.cert.is_some())
         {
-            let needs_ca = tls
-                .as_ref()
-                .map_or(true, |t| t.settings().client_ca.is_none());
+            let needs_ca = tls.as_ref().map_or(true, |t| t.client_ca.is_none());
             if needs_ca {
                 self.issue(
                     &at.name,
@@ -531,13 +529,15 @@ impl Validator<'_> {
     }
 
     /// The HTTPS listener: `tls_listen` with its `tls_cert` and `tls_key`, and the optional
-    /// client certificate settings. The files are read now: a bad file fails the load.
+    /// client certificate settings. The files are read now, to check them: a bad file fails the
+    /// load. The config keeps only the settings; the live store that re-reads the files is the
+    /// reload snapshot's.
     fn tls(
         &mut self,
         s: &raw::RawServer,
         listen: SocketAddr,
         admin: Option<SocketAddr>,
-    ) -> (Option<SocketAddr>, Option<Arc<TlsFiles>>) {
+    ) -> (Option<SocketAddr>, Option<TlsSettings>) {
         let Some(raw_listen) = &s.tls_listen else {
             let stray = [
                 ("server.tls_cert", s.tls_cert.as_ref()),
@@ -594,7 +594,7 @@ impl Validator<'_> {
             require_client_cert,
         };
         match TlsFiles::load(settings.clone()) {
-            Ok(files) => (Some(addr), Some(Arc::new(files))),
+            Ok(_) => (Some(addr), Some(settings)),
             Err(e) => {
                 let at = match &e {
                     TlsError::Read { path, .. }
@@ -671,10 +671,10 @@ impl Validator<'_> {
             }
             None => Vec::new(),
         };
-        let token = a
+        let token_file = a
             .token_file
             .as_ref()
-            .and_then(|f| self.token(f, &format!("{key}.token_file")));
+            .map(|f| self.token(f, &format!("{key}.token_file")));
         let cert = self.cert_id(a, key);
         if a.source_cidrs.is_none() && a.token_file.is_none() && cert.is_none() {
             self.issue(
@@ -703,7 +703,7 @@ impl Validator<'_> {
         Agent {
             name: Arc::from(a.name.get_ref().as_str()),
             source_cidrs,
-            token,
+            token_file,
             cert,
             policy,
         }
@@ -743,11 +743,12 @@ impl Validator<'_> {
         })
     }
 
-    /// Read a token file (relative paths are relative to the config file's directory).
-    fn token(&mut self, file: &Str, key: &str) -> Option<Arc<Token>> {
+    /// Check a token file (relative paths are relative to the config file's directory) and
+    /// return its path: the reload snapshot reads and watches it.
+    fn token(&mut self, file: &Str, key: &str) -> PathBuf {
         let path = self.relative(file);
         match Token::load(&path) {
-            Ok(t) => Some(Arc::new(t)),
+            Ok(_) => path,
             // A missing or empty file is a revoked (or not yet mounted) token, not a broken
             // config: the agent cannot authenticate until the file appears; everyone else is
             // served. Loud, but not fatal.
@@ -757,7 +758,7 @@ impl Validator<'_> {
                     key,
                     format!("{e}; the agent cannot authenticate until the file holds a token"),
                 );
-                Some(Arc::new(Token::revoked(&path)))
+                path
             }
         }
     }
@@ -765,11 +766,11 @@ impl Validator<'_> {
     /// An address-only agent whose every range an earlier address-only agent already covers can
     /// never be chosen (first match wins).
     fn warn_shadowed(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
-        if agent.token.is_some() || agent.cert.is_some() || agent.source_cidrs.is_empty() {
+        if agent.token_file.is_some() || agent.cert.is_some() || agent.source_cidrs.is_empty() {
             return;
         }
         let shadow = earlier.iter().find(|e| {
-            e.token.is_none()
+            e.token_file.is_none()
                 && e.cert.is_none()
                 && agent
                     .source_cidrs

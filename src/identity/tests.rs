@@ -1,14 +1,41 @@
 use super::*;
 use http::HeaderValue;
 
-fn agent(name: &str, cidrs: &[&str], token: Option<Arc<Token>>) -> Agent {
+fn agent(name: &str, cidrs: &[&str], token_file: Option<PathBuf>) -> Agent {
     Agent {
         name: name.into(),
         source_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-        token,
+        token_file,
         cert: None,
         policy: 0,
     }
+}
+
+/// An agent table with its live tokens, as the reload snapshot holds them.
+struct Table {
+    agents: Agents,
+    tokens: Tokens,
+}
+
+impl Table {
+    fn identify(
+        &self,
+        client: SocketAddr,
+        headers: &HeaderMap,
+        cert: Option<&PeerCert>,
+    ) -> Result<AgentId, Deny> {
+        self.agents.identify(&self.tokens, client, headers, cert)
+    }
+
+    fn get(&self, id: AgentId) -> &Agent {
+        self.agents.get(id)
+    }
+}
+
+fn table(agents: Vec<Agent>) -> Table {
+    let agents = Agents::new(agents);
+    let tokens = Tokens::load(&agents, None);
+    Table { agents, tokens }
 }
 
 fn cert_agent(name: &str, spiffe_id: Option<&str>, subject: Option<&str>) -> Agent {
@@ -32,7 +59,7 @@ const CODER: &str = "spiffe://cluster.local/ns/agents/sa/coder";
 
 #[test]
 fn certificate_agents_match_on_uri_san_or_common_name() {
-    let agents = Agents::new(vec![
+    let agents = table(vec![
         cert_agent("by-id", Some(CODER), None),
         cert_agent("by-cn", None, Some("mailer")),
         cert_agent("both", Some("spiffe://x/y"), Some("z")),
@@ -61,7 +88,7 @@ fn certificate_agents_match_on_uri_san_or_common_name() {
 
 #[test]
 fn no_certificate_where_agents_need_one_is_407() {
-    let agents = Agents::new(vec![cert_agent("by-id", Some(CODER), None)]);
+    let agents = table(vec![cert_agent("by-id", Some(CODER), None)]);
     let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let e = agents
         .identify(client, &HeaderMap::new(), None)
@@ -77,7 +104,7 @@ fn no_certificate_where_agents_need_one_is_407() {
 #[test]
 fn certificate_and_token_agents_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
-    let agents = Agents::new(vec![
+    let agents = table(vec![
         cert_agent("by-id", Some(CODER), None),
         agent("tok", &[], Some(token(&dir, "t", "s3cret"))),
         agent("lan", &["127.0.0.0/8"], None),
@@ -111,10 +138,10 @@ fn certificate_and_token_agents_side_by_side() {
     );
 }
 
-fn token(dir: &tempfile::TempDir, name: &str, secret: &str) -> Arc<Token> {
+fn token(dir: &tempfile::TempDir, name: &str, secret: &str) -> PathBuf {
     let path = dir.path().join(name);
     std::fs::write(&path, secret).unwrap();
-    Arc::new(Token::load(&path).unwrap())
+    path
 }
 
 fn basic(user: &str, pass: &str) -> HeaderMap {
@@ -129,7 +156,7 @@ fn basic(user: &str, pass: &str) -> HeaderMap {
 
 #[test]
 fn first_address_match_wins() {
-    let agents = Agents::new(vec![
+    let agents = table(vec![
         agent("narrow", &["127.0.0.10/32"], None),
         agent("wide", &["127.0.0.0/8", "::1/128"], None),
     ]);
@@ -156,7 +183,7 @@ fn first_address_match_wins() {
 #[test]
 fn tokens_identify_and_refuse() {
     let dir = tempfile::tempdir().unwrap();
-    let agents = Agents::new(vec![
+    let agents = table(vec![
         agent("coder", &[], Some(token(&dir, "coder", "s3cret\n"))),
         agent(
             "pinned",
@@ -200,14 +227,14 @@ fn tokens_identify_and_refuse() {
         Ok("fallback")
     );
     // A token containing ':' survives (split at the first colon only).
-    let colon = Agents::new(vec![agent("c", &[], Some(token(&dir, "c", "a:b")))]);
+    let colon = table(vec![agent("c", &[], Some(token(&dir, "c", "a:b")))]);
     assert!(colon.identify(client, &basic("c", "a:b"), None).is_ok());
 }
 
 #[test]
 fn malformed_credentials_refuse_only_where_a_token_is_needed() {
     let dir = tempfile::tempdir().unwrap();
-    let agents = Agents::new(vec![
+    let agents = table(vec![
         agent("coder", &[], Some(token(&dir, "coder", "s3cret"))),
         agent("local", &["127.0.0.10/32"], None),
     ]);
@@ -237,7 +264,7 @@ fn malformed_credentials_refuse_only_where_a_token_is_needed() {
 
 #[test]
 fn without_token_agents_credentials_never_turn_403_into_407() {
-    let agents = Agents::new(vec![agent("a", &["127.0.0.10/32"], None)]);
+    let agents = table(vec![agent("a", &["127.0.0.10/32"], None)]);
     let stranger = "127.0.0.12:1".parse().unwrap();
     assert_eq!(
         agents
@@ -257,7 +284,7 @@ fn without_token_agents_credentials_never_turn_403_into_407() {
 #[test]
 fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
     let dir = tempfile::tempdir().unwrap();
-    let t = token(&dir, "t", "one");
+    let t = Token::load(&token(&dir, "t", "one")).unwrap();
     assert!(t.matches(b"one"));
     assert!(!t.refresh().unwrap());
     std::fs::write(t.path(), "two").unwrap();
@@ -291,7 +318,7 @@ fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
 #[test]
 fn an_empty_presented_token_never_matches() {
     let dir = tempfile::tempdir().unwrap();
-    let agents = Agents::new(vec![agent(
+    let agents = table(vec![agent(
         "coder",
         &[],
         Some(token(&dir, "coder", "s3cret")),
@@ -313,4 +340,40 @@ fn a_huge_token_file_is_refused_without_reading_it_all() {
     )
     .unwrap();
     assert!(Token::load(&path).unwrap().matches(b"tok"));
+}
+
+#[test]
+fn a_reload_keeps_the_token_store_of_a_file_it_still_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = token(&dir, "t", "one");
+    let first = table(vec![agent("coder", &[], Some(path.clone()))]);
+    // The file goes missing: one miss counted, the token still serves.
+    std::fs::remove_file(&path).unwrap();
+    let t = first.tokens.get(AgentId(0)).unwrap();
+    assert!(t.refresh().is_err());
+    // A reload (the agent renamed and moved, the file the same) keeps that store: the grace
+    // before revocation goes on counting instead of starting revoked.
+    let agents = Agents::new(vec![
+        agent("other", &["127.0.0.0/8"], None),
+        agent("coder-2", &[], Some(path.clone())),
+    ]);
+    let tokens = Tokens::load(&agents, Some(&first.tokens));
+    let kept = tokens.get(AgentId(1)).unwrap();
+    assert!(std::ptr::eq(kept, t), "same store");
+    assert!(kept.matches(b"one"));
+    assert!(tokens.get(AgentId(0)).is_none());
+    // Without a previous store the missing file starts revoked.
+    assert!(Tokens::load(&agents, None)
+        .get(AgentId(1))
+        .unwrap()
+        .is_revoked());
+}
+
+#[test]
+fn an_agent_whose_token_is_not_loaded_matches_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = Agents::new(vec![agent("coder", &[], Some(token(&dir, "c", "s3cret")))]);
+    let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let r = agents.identify(&Tokens::default(), client, &basic("coder", "s3cret"), None);
+    assert_eq!(r.unwrap_err().reason, Reason::AuthFailed);
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{
     HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
@@ -28,7 +27,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 
 use super::ctx::{Audited, Finish, RequestCtx};
-use super::pool::{Conn, Key, Lease};
+use super::pool::{Conn, Key, Lease, UpBody};
 use super::Shared;
 use crate::connect;
 use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody, Watched};
@@ -53,46 +52,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     TRANSFER_ENCODING,
     UPGRADE,
 ];
-
-pin_project! {
-    /// The request body as sent upstream: the client's, counted and capped (or an empty one for
-    /// a bodiless request sent again); when hyper is done with it (sent, or failed), dropping it
-    /// signals `done`.
-    pub struct UpBody {
-        #[pin]
-        inner: Either<MeteredBody<Incoming>, Empty<Bytes>>,
-        done: oneshot::Sender<()>,
-    }
-}
-
-// === impl UpBody ===
-
-impl UpBody {
-    fn new(inner: Either<MeteredBody<Incoming>, Empty<Bytes>>) -> (UpBody, oneshot::Receiver<()>) {
-        let (done, request_done) = oneshot::channel();
-        (UpBody { inner, done }, request_done)
-    }
-}
-
-impl Body for UpBody {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// The response head, a signal that completes once the request body has been sent, and the
 /// connection (to go back to the pool when the exchange ends cleanly).

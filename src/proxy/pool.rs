@@ -24,13 +24,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use parking_lot::Mutex;
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::UpBody;
-use crate::io::Meter;
+use crate::io::{BoxError, Meter, MeteredBody};
 use crate::target::Target;
 use crate::vet::VettedAddr;
 
@@ -98,6 +106,50 @@ struct Inner {
 pub struct Pool {
     inner: Mutex<Inner>,
     hasher: foldhash::fast::RandomState,
+}
+
+pin_project! {
+    /// The request body as sent upstream: the client's, counted and capped (or an empty one for
+    /// a bodiless request sent again); when hyper is done with it (sent, or failed), dropping it
+    /// signals `done`.
+    pub struct UpBody {
+        #[pin]
+        inner: Either<MeteredBody<Incoming>, Empty<Bytes>>,
+        done: oneshot::Sender<()>,
+    }
+}
+
+// === impl UpBody ===
+
+impl UpBody {
+    /// Wrap a body; the receiver completes (with an error: the sender is dropped) once hyper
+    /// is done with it.
+    pub fn new(
+        inner: Either<MeteredBody<Incoming>, Empty<Bytes>>,
+    ) -> (UpBody, oneshot::Receiver<()>) {
+        let (done, request_done) = oneshot::channel();
+        (UpBody { inner, done }, request_done)
+    }
+}
+
+impl Body for UpBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 // === impl Key ===
