@@ -5,8 +5,11 @@
 //! or error text, so the number of series is bounded by the config. A client that matched no
 //! agent is counted under `agent="unknown"`.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::outcome::{Decision, Reason};
+use crate::target::Kind;
 use prometheus::{
     Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -53,6 +56,13 @@ const REQUEST_BUCKETS: [f64; 16] = [
 /// The agent label of a client that matched no agent.
 pub const UNKNOWN_AGENT: &str = "unknown";
 
+/// The `kind` label values, indexed by [`kind_index`].
+const KINDS: [&str; 3] = ["connect", "http", "reject"];
+/// The `decision` label values, indexed by [`decision_index`].
+const DECISIONS: [Decision; 3] = [Decision::Allow, Decision::Deny, Decision::WouldDeny];
+/// One cached `chokepoint_requests_total` child per kind, decision and reason.
+const OUTCOMES: usize = KINDS.len() * DECISIONS.len() * Reason::ALL.len();
+
 /// Every metric family of the gateway.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -60,7 +70,6 @@ pub struct Metrics {
     requests: IntCounterVec,
     bytes: IntCounterVec,
     active_tunnels: IntGaugeVec,
-    duration: HistogramVec,
     connect: Histogram,
     dns: Histogram,
     reloads: IntCounterVec,
@@ -68,19 +77,37 @@ pub struct Metrics {
     audit_wait: Counter,
     audit_lines: IntCounter,
     tls_expiry: IntGaugeVec,
+    /// `chokepoint_request_duration_seconds` per kind, resolved once.
+    durations: [Histogram; 3],
+    /// The handles of clients that matched no agent (`agent="unknown"`).
+    unknown: Arc<AgentMetrics>,
+}
+
+/// The per-agent series of one agent, each child looked up in its family at most once (on
+/// first use, so a series appears only once it has something to say) and then kept: the
+/// request path increments handles instead of hashing label strings. The reload snapshot
+/// holds one set per agent, carried over by name.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    agent: Arc<str>,
+    requests: IntCounterVec,
+    bytes: IntCounterVec,
+    active_tunnels: IntGaugeVec,
+    outcomes: Box<[OnceLock<IntCounter>]>,
+    bytes_up: OnceLock<IntCounter>,
+    bytes_down: OnceLock<IntCounter>,
+    tunnels: OnceLock<IntGauge>,
 }
 
 /// One finished request or tunnel, as the metrics see it.
 #[derive(Clone, Copy, Debug)]
-pub struct Done<'a> {
-    /// The agent, or `None` if unidentified.
-    pub agent: Option<&'a str>,
-    /// `connect`, `http` or `reject`.
-    pub kind: &'static str,
-    /// `allow`, `deny` or `would_deny`.
-    pub decision: &'static str,
-    /// The reason token.
-    pub reason: &'static str,
+pub struct Done {
+    /// Tunnel or plain HTTP; `None` for a request refused before its target was known.
+    pub kind: Option<Kind>,
+    /// Allow, deny or would_deny.
+    pub decision: Decision,
+    /// Why it ended as it did.
+    pub reason: Reason,
     /// Bytes client→upstream.
     pub bytes_up: u64,
     /// Bytes upstream→client.
@@ -183,12 +210,18 @@ impl Metrics {
         for result in ["ok", "error"] {
             reloads.with_label_values(&[result]);
         }
+        let durations = KINDS.map(|k| duration.with_label_values(&[k]));
+        let unknown = Arc::new(AgentMetrics::new(
+            UNKNOWN_AGENT.into(),
+            &requests,
+            &bytes,
+            &active_tunnels,
+        ));
         Ok(Metrics {
             registry,
             requests,
             bytes,
             active_tunnels,
-            duration,
             connect,
             dns,
             reloads,
@@ -196,35 +229,28 @@ impl Metrics {
             audit_wait,
             audit_lines,
             tls_expiry,
+            durations,
+            unknown,
         })
     }
 
-    /// Record a finished request or tunnel.
-    pub fn request_done(&self, d: &Done<'_>) {
-        let agent = d.agent.unwrap_or(UNKNOWN_AGENT);
-        self.requests
-            .with_label_values(&[agent, d.kind, d.decision, d.reason])
-            .inc();
-        if d.bytes_up > 0 {
-            self.bytes
-                .with_label_values(&[agent, "up"])
-                .inc_by(d.bytes_up);
-        }
-        if d.bytes_down > 0 {
-            self.bytes
-                .with_label_values(&[agent, "down"])
-                .inc_by(d.bytes_down);
-        }
-        self.duration
-            .with_label_values(&[d.kind])
-            .observe(d.elapsed.as_secs_f64());
+    /// The handle set of an agent (built once per agent, when a config is loaded).
+    pub fn agent(&self, name: Arc<str>) -> AgentMetrics {
+        AgentMetrics::new(name, &self.requests, &self.bytes, &self.active_tunnels)
     }
 
-    /// A tunnel of `agent` opened; the gauge goes down when the guard is dropped.
-    pub fn tunnel_opened(&self, agent: &str) -> TunnelGuard {
-        let g = self.active_tunnels.with_label_values(&[agent]);
-        g.inc();
-        TunnelGuard(g)
+    /// Record a finished request or tunnel of `agent` (`None`: a client that matched no
+    /// agent).
+    pub fn request_done(&self, agent: Option<&AgentMetrics>, d: &Done) {
+        let agent = agent.unwrap_or(&self.unknown);
+        agent.outcome(d.kind, d.decision, d.reason).inc();
+        if d.bytes_up > 0 {
+            agent.bytes(Direction::Up).inc_by(d.bytes_up);
+        }
+        if d.bytes_down > 0 {
+            agent.bytes(Direction::Down).inc_by(d.bytes_down);
+        }
+        self.durations[kind_index(d.kind)].observe(d.elapsed.as_secs_f64());
     }
 
     /// A successful dial took `d`.
@@ -266,21 +292,12 @@ impl Metrics {
         }
     }
 
-    /// Forget the per-agent series of agents no longer in the config (not while a tunnel of
-    /// theirs is still open: its gauge must still count down).
-    pub fn forget_agents<'a>(&self, gone: impl Iterator<Item = &'a str>) {
+    /// Delete the series of agents no longer in the config (their handle sets, dropped from
+    /// the snapshot). A tunnel of theirs still open keeps its gauge (it must still count
+    /// down); the rest goes.
+    pub fn forget_agents<'a>(&self, gone: impl Iterator<Item = &'a AgentMetrics>) {
         for agent in gone {
-            let open = self
-                .active_tunnels
-                .get_metric_with_label_values(&[agent])
-                .map_or(0, |g| g.get());
-            if open != 0 {
-                continue;
-            }
-            let _ = self.active_tunnels.remove_label_values(&[agent]);
-            for dir in ["up", "down"] {
-                let _ = self.bytes.remove_label_values(&[agent, dir]);
-            }
+            agent.forget();
         }
     }
 
@@ -290,6 +307,127 @@ impl Metrics {
         // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+/// Which way payload bytes went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
+}
+
+fn kind_index(kind: Option<Kind>) -> usize {
+    match kind {
+        Some(Kind::Connect) => 0,
+        Some(Kind::Http) => 1,
+        None => 2,
+    }
+}
+
+fn decision_index(decision: Decision) -> usize {
+    match decision {
+        Decision::Allow => 0,
+        Decision::Deny => 1,
+        Decision::WouldDeny => 2,
+    }
+}
+
+// === impl AgentMetrics ===
+
+impl AgentMetrics {
+    fn new(
+        agent: Arc<str>,
+        requests: &IntCounterVec,
+        bytes: &IntCounterVec,
+        active_tunnels: &IntGaugeVec,
+    ) -> Self {
+        AgentMetrics {
+            agent,
+            requests: requests.clone(),
+            bytes: bytes.clone(),
+            active_tunnels: active_tunnels.clone(),
+            outcomes: (0..OUTCOMES).map(|_| OnceLock::new()).collect(),
+            bytes_up: OnceLock::new(),
+            bytes_down: OnceLock::new(),
+            tunnels: OnceLock::new(),
+        }
+    }
+
+    /// The agent this set counts for.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// `chokepoint_requests_total{agent,kind,decision,reason}` for this agent.
+    fn outcome(&self, kind: Option<Kind>, decision: Decision, reason: Reason) -> &IntCounter {
+        let k = kind_index(kind);
+        let d = decision_index(decision);
+        let i = (k * DECISIONS.len() + d) * Reason::ALL.len() + usize::from(reason.code());
+        let fresh = || {
+            self.requests.with_label_values(&[
+                &*self.agent,
+                KINDS[k],
+                decision.as_str(),
+                reason.as_str(),
+            ])
+        };
+        match self.outcomes.get(i) {
+            Some(cell) => cell.get_or_init(fresh),
+            // Unreachable: every index is in range by construction.
+            None => self.outcomes[0].get_or_init(fresh),
+        }
+    }
+
+    /// `chokepoint_bytes_total{agent,direction}` for this agent.
+    fn bytes(&self, direction: Direction) -> &IntCounter {
+        let (cell, label) = match direction {
+            Direction::Up => (&self.bytes_up, "up"),
+            Direction::Down => (&self.bytes_down, "down"),
+        };
+        cell.get_or_init(|| self.bytes.with_label_values(&[&*self.agent, label]))
+    }
+
+    /// A tunnel of this agent opened; `chokepoint_active_tunnels` goes down when the guard is
+    /// dropped.
+    pub fn tunnel_opened(&self) -> TunnelGuard {
+        let g = self
+            .tunnels
+            .get_or_init(|| self.active_tunnels.with_label_values(&[&*self.agent]))
+            .clone();
+        g.inc();
+        TunnelGuard(g)
+    }
+
+    /// Delete every series this set created (the gauge only when no tunnel is open).
+    fn forget(&self) {
+        let agent = &*self.agent;
+        for (i, cell) in self.outcomes.iter().enumerate() {
+            if cell.get().is_none() {
+                continue;
+            }
+            let r = i % Reason::ALL.len();
+            let kd = i / Reason::ALL.len();
+            let (k, d) = (kd / DECISIONS.len(), kd % DECISIONS.len());
+            if let Some(reason) = u8::try_from(r).ok().and_then(Reason::from_code) {
+                let _ = self.requests.remove_label_values(&[
+                    agent,
+                    KINDS[k],
+                    DECISIONS[d].as_str(),
+                    reason.as_str(),
+                ]);
+            }
+        }
+        for (cell, dir) in [(&self.bytes_up, "up"), (&self.bytes_down, "down")] {
+            if cell.get().is_some() {
+                let _ = self.bytes.remove_label_values(&[agent, dir]);
+            }
+        }
+        if self.tunnels.get().is_some_and(|g| g.get() == 0) {
+            let _ = self.active_tunnels.remove_label_values(&[agent]);
+        }
     }
 }
 
@@ -308,25 +446,30 @@ mod tests {
     #[test]
     fn families_render_with_bounded_labels() {
         let m = Metrics::new().unwrap();
-        m.request_done(&Done {
-            agent: Some("coder"),
-            kind: "connect",
-            decision: "allow",
-            reason: "allowed",
-            bytes_up: 10,
-            bytes_down: 20,
-            elapsed: Duration::from_millis(3),
-        });
-        m.request_done(&Done {
-            agent: None,
-            kind: "reject",
-            decision: "deny",
-            reason: "unknown_agent",
-            bytes_up: 0,
-            bytes_down: 0,
-            elapsed: Duration::ZERO,
-        });
-        let guard = m.tunnel_opened("coder");
+        let coder = m.agent("coder".into());
+        m.request_done(
+            Some(&coder),
+            &Done {
+                kind: Some(Kind::Connect),
+                decision: Decision::Allow,
+                reason: Reason::Allowed,
+                bytes_up: 10,
+                bytes_down: 20,
+                elapsed: Duration::from_millis(3),
+            },
+        );
+        m.request_done(
+            None,
+            &Done {
+                kind: None,
+                decision: Decision::Deny,
+                reason: Reason::UnknownAgent,
+                bytes_up: 0,
+                bytes_down: 0,
+                elapsed: Duration::ZERO,
+            },
+        );
+        let guard = coder.tunnel_opened();
         m.reloaded(false);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
@@ -342,11 +485,36 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }
+        m.forget_agents([&coder].into_iter());
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"chokepoint_active_tunnels{agent="coder"} 1"#),
+            "an open tunnel keeps its gauge"
+        );
+        assert!(!text.contains(r#"agent="coder",decision"#), "{text}");
+        assert!(!text.contains(r#"chokepoint_bytes_total{agent="coder""#));
         drop(guard);
+        m.forget_agents([&coder].into_iter());
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains(r#"chokepoint_active_tunnels{agent="coder"} 0"#));
-        m.forget_agents(["coder"].into_iter());
+        assert!(!text.contains(r#"agent="coder""#), "{text}");
+    }
+
+    #[test]
+    fn every_outcome_has_its_own_handle() {
+        let m = Metrics::new().unwrap();
+        let a = m.agent("a".into());
+        for kind in [Some(Kind::Connect), Some(Kind::Http), None] {
+            for decision in DECISIONS {
+                for reason in Reason::ALL {
+                    a.outcome(kind, decision, reason).inc();
+                }
+            }
+        }
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(!text.contains(r#"chokepoint_active_tunnels{agent="coder"}"#));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("chokepoint_requests_total{") && l.ends_with(" 1"))
+            .count();
+        assert_eq!(series, OUTCOMES, "one series per kind, decision and reason");
     }
 }

@@ -477,6 +477,7 @@ async fn steps(
     let agent = cfg.agents.get(agent_id);
     let policy = cfg.policy_of(agent);
     ctx.agent = Some(agent.name.clone());
+    ctx.agent_metrics = Some(snap.agent_metrics(agent_id).clone());
     ctx.policy = Some(policy.name.clone());
     ctx.mode = policy.mode;
     // Limits first: every request of an agent spends its budget, so a flood of refused requests

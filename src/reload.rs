@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigError};
 use crate::identity::{AgentId, Tokens};
 use crate::limits::Gate;
-use crate::metrics::Metrics;
+use crate::metrics::{AgentMetrics, Metrics};
 use crate::resolve::{Resolver, ResolverError};
 use crate::tls::{TlsError, TlsFiles};
 
@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub tokens: Tokens,
     /// The HTTPS listener's live certificate, key and client CA (`config.tls`).
     pub tls: Option<Arc<TlsFiles>>,
+    /// Metric handles per agent, aligned with `config.agents`; carried over by name.
+    agent_metrics: Vec<Arc<AgentMetrics>>,
 }
 
 /// Why a reload did not apply.
@@ -75,11 +77,13 @@ pub struct Live {
 // === impl Snapshot ===
 
 impl Snapshot {
-    /// Build a snapshot, reusing gates and the resolver of `prev` where nothing changed.
+    /// Build a snapshot, reusing gates, metric handles, token and TLS stores and the resolver
+    /// of `prev` where nothing changed.
     pub fn build(
         config: Config,
         own: &[SocketAddr],
         prev: Option<&Snapshot>,
+        metrics: &Metrics,
     ) -> Result<Snapshot, ReloadError> {
         let mut config = config;
         config.vetter = config.vetter.clone().with_own(own.to_vec());
@@ -119,6 +123,15 @@ impl Snapshot {
             };
             gates.push(gate);
         }
+        let agent_metrics = config
+            .agents
+            .iter()
+            .map(|a| {
+                prev.and_then(|p| p.agent_metrics.iter().find(|m| m.agent() == &*a.name))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(metrics.agent(a.name.clone())))
+            })
+            .collect();
         let tokens = Tokens::load(&config.agents, prev.map(|p| &p.tokens));
         let tls = match (&config.tls, prev) {
             (None, _) => None,
@@ -131,7 +144,13 @@ impl Snapshot {
             resolver,
             tokens,
             tls,
+            agent_metrics,
         })
+    }
+
+    /// The metric handles of an agent.
+    pub fn agent_metrics(&self, agent: AgentId) -> &Arc<AgentMetrics> {
+        &self.agent_metrics[agent.0]
     }
 
     /// The limit gate of an agent.
@@ -150,7 +169,7 @@ impl Live {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ReloadError> {
         let path = config.source.clone();
-        let snapshot = Snapshot::build(config, &own, None)?;
+        let snapshot = Snapshot::build(config, &own, None, &metrics)?;
         log_warnings(&snapshot.config);
         if let Some(tls) = &snapshot.tls {
             metrics.tls_cert_loaded(tls.not_after());
@@ -180,16 +199,13 @@ impl Live {
             );
         }
         let prev = self.current.load();
-        let next = Snapshot::build(config, &self.own, Some(&prev))?;
+        let next = Snapshot::build(config, &self.own, Some(&prev), &self.metrics)?;
         log_warnings(&next.config);
-        let gone: Vec<&str> = prev
-            .config
-            .agents
+        let gone = prev
+            .agent_metrics
             .iter()
-            .map(|a| &*a.name)
-            .filter(|name| !next.config.agents.iter().any(|a| &*a.name == *name))
-            .collect();
-        self.metrics.forget_agents(gone.into_iter());
+            .filter(|m| !next.config.agents.iter().any(|a| &*a.name == m.agent()));
+        self.metrics.forget_agents(gone.map(|m| &**m));
         if let Some(tls) = &next.tls {
             self.metrics.tls_cert_loaded(tls.not_after());
         }

@@ -20,7 +20,7 @@ use tokio_util::sync::PollSender;
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
 use crate::limits::Permit;
-use crate::metrics::{Done, Metrics};
+use crate::metrics::{AgentMetrics, Done, Metrics};
 use crate::outcome::{Deny, Outcome, Reason, Verdict};
 use crate::policy::Mode;
 use crate::target::{Kind, Target};
@@ -46,6 +46,8 @@ pub struct RequestCtx {
     pub path: Option<Box<str>>,
     /// The identified agent.
     pub agent: Option<Arc<str>>,
+    /// The agent's metric handles (from the snapshot), once identified.
+    pub agent_metrics: Option<Arc<AgentMetrics>>,
     /// The agent's policy.
     pub policy: Option<Arc<str>>,
     /// The rule that admitted the target.
@@ -85,6 +87,7 @@ impl RequestCtx {
             target: None,
             path: None,
             agent: None,
+            agent_metrics: None,
             policy: None,
             rule: None,
             upstream: None,
@@ -379,15 +382,17 @@ impl Future for Finish {
 }
 
 fn record(ctx: &RequestCtx, metrics: &Metrics) {
-    metrics.request_done(&Done {
-        agent: ctx.agent.as_deref(),
-        kind: ctx.kind.map_or("reject", |k| k.as_str()),
-        decision: ctx.outcome.decision().as_str(),
-        reason: ctx.outcome.reason().as_str(),
-        bytes_up: ctx.meter.up(),
-        bytes_down: ctx.meter.down(),
-        elapsed: ctx.start.elapsed(),
-    });
+    metrics.request_done(
+        ctx.agent_metrics.as_deref(),
+        &Done {
+            kind: ctx.kind,
+            decision: ctx.outcome.decision(),
+            reason: ctx.outcome.reason(),
+            bytes_up: ctx.meter.up(),
+            bytes_down: ctx.meter.down(),
+            elapsed: ctx.start.elapsed(),
+        },
+    );
     tracing::debug!(
         request_id = %ctx.request_id,
         decision = ctx.outcome.decision().as_str(),

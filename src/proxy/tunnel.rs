@@ -81,8 +81,11 @@ pub async fn run(
         }
     };
     let meter = audited.ctx().meter.clone();
-    let agent = audited.ctx().agent.clone();
-    let _open = agent.map(|a| audited.metrics().tunnel_opened(&a));
+    let _open = audited
+        .ctx()
+        .agent_metrics
+        .as_ref()
+        .map(|m| m.tunnel_opened());
     let Client { mut io, mut prefix } = Client::take(upgraded);
     if let Some(check) = sni {
         let first = tokio::select! {
