@@ -201,4 +201,6 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
+mod doc_tests;
+#[cfg(test)]
 mod tests;
