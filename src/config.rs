@@ -195,4 +195,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub use crate::fingerprint::fingerprint;
 
 #[cfg(test)]
+mod doc_tests;
+#[cfg(test)]
 mod tests;
