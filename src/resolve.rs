@@ -20,12 +20,28 @@ use crate::target::Host;
 use crate::vet::MAX_ADDRS;
 
 /// The `[dns]` section, validated.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsConfig {
     /// Nameservers to ask; `None` uses the system resolver configuration (/etc/resolv.conf).
     pub nameservers: Option<Vec<SocketAddr>>,
     /// Static answers by normalised name, checked before DNS.
     pub hosts: HashMap<Box<str>, Vec<IpAddr>>,
+    /// Longest an answer is cached, whatever TTL it carries (`dns.max_ttl`): a hostile or
+    /// broken nameserver's 0xFFFFFFFF would otherwise pin an address for 136 years.
+    pub max_ttl: Duration,
+}
+
+/// Default for `dns.max_ttl`, as caching resolvers cap answers.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: None,
+            hosts: HashMap::new(),
+            max_ttl: DEFAULT_MAX_TTL,
+        }
+    }
 }
 
 /// A resolver's answer.
@@ -91,6 +107,7 @@ impl Resolver {
         // The gateway's answers are only as fresh as DNS says; a long negative cache would hide
         // a record the operator just added.
         opts.negative_max_ttl = Some(Duration::from_secs(30));
+        opts.positive_max_ttl = Some(cfg.max_ttl);
         Ok(Resolver {
             hosts: cfg.hosts.clone(),
             dns: builder.build(),
@@ -161,5 +178,87 @@ fn dns_refusal(e: &hickory_resolver::ResolveError) -> Deny {
         },
         ProtoErrorKind::Timeout => Deny::new(Reason::DnsTimeout, "DNS lookup timed out"),
         _ => Deny::with_detail(Reason::DnsFailed, format!("DNS lookup failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A UDP nameserver on loopback that answers the n-th A query with 127.0.0.(n + 1), TTL
+    /// 0xFFFFFFFF, and counts the queries. It ends with the test's runtime.
+    async fn greedy_nameserver() -> (SocketAddr, Arc<AtomicUsize>) {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            // Bounded: a test asks a handful of times.
+            for _ in 0..64 {
+                let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = query.queries().first().cloned() else {
+                    continue;
+                };
+                let mut resp = Message::new();
+                resp.set_id(query.id())
+                    .set_message_type(MessageType::Response)
+                    .set_op_code(OpCode::Query)
+                    .set_recursion_available(true)
+                    .add_query(q.clone());
+                if q.query_type() == RecordType::A {
+                    let nth = count.fetch_add(1, Ordering::SeqCst);
+                    let ip = Ipv4Addr::new(127, 0, 0, 1 + nth as u8);
+                    resp.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        u32::MAX,
+                        RData::A(A(ip)),
+                    ));
+                }
+                let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+            }
+        });
+        (addr, asked)
+    }
+
+    #[tokio::test]
+    async fn a_huge_ttl_is_cached_for_max_ttl_only() {
+        let (ns, asked) = greedy_nameserver().await;
+        let cfg = DnsConfig {
+            nameservers: Some(vec![ns]),
+            hosts: HashMap::new(),
+            max_ttl: Duration::from_millis(600),
+        };
+        let resolver = Resolver::new(&cfg, Duration::from_secs(5)).unwrap();
+        let host = Host::Name("huge-ttl.test".into());
+        let first = resolver.resolve(&host).await.unwrap().addrs;
+        assert_eq!(first, [IpAddr::from([127, 0, 0, 1])]);
+        let a_queries = asked.load(Ordering::SeqCst);
+        assert_eq!(
+            resolver.resolve(&host).await.unwrap().addrs,
+            first,
+            "cached"
+        );
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            a_queries,
+            "served from the cache"
+        );
+        // Past max_ttl the answer is asked for again, though its TTL said 136 years.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let again = resolver.resolve(&host).await.unwrap().addrs;
+        assert!(asked.load(Ordering::SeqCst) > a_queries, "asked again");
+        assert_ne!(again, first);
     }
 }

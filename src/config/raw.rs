@@ -65,6 +65,7 @@ pub(crate) struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDns {
     pub(crate) nameservers: Option<Vec<Str>>,
+    pub(crate) max_ttl: Option<Str>,
     #[serde(default)]
     pub(crate) hosts: BTreeMap<Str, Vec<Str>>,
 }

@@ -386,7 +386,17 @@ impl Validator<'_> {
                 );
             }
         }
-        DnsConfig { nameservers, hosts }
+        let max_ttl = self.duration(
+            raw.max_ttl.as_ref(),
+            "dns.max_ttl",
+            crate::resolve::DEFAULT_MAX_TTL,
+            Duration::from_secs(86_400),
+        );
+        DnsConfig {
+            nameservers,
+            hosts,
+            max_ttl,
+        }
     }
 
     fn cidrs(&mut self, list: &[Str], key: &str) -> Vec<IpNet> {
