@@ -209,6 +209,8 @@ async fn serve_tls(
     };
     let bound = snap.config.timeouts.request_header;
     drop(snap);
+    // Made now, so a refused handshake's line says how long it took.
+    let ctx = RequestCtx::new(peer, None);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
     let handshake = tokio::select! {
         r = tokio::time::timeout(bound, acceptor.accept(stream)) => r,
@@ -233,7 +235,7 @@ async fn serve_tls(
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
-    let ctx = RequestCtx::rejected(peer, Reason::TlsHandshakeFailed, None);
+    let ctx = ctx.reject(Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;
 }
 

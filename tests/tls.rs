@@ -508,6 +508,16 @@ fn a_required_client_certificate_is_enforced_at_the_handshake() {
         (a.agent.as_deref(), a.reason.as_str()),
         (Some("local"), "allowed")
     );
+
+    // A handshake that fails after half a second is audited with how long it took (the
+    // duration counts from the connection, not from the failure).
+    let mut slow = TcpStream::connect(proxy.https.unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let a = proxy.audit();
+    assert_eq!(a.reason, "tls_handshake_failed");
+    assert!(a.duration_ms >= 400, "duration_ms {}", a.duration_ms);
 }
 
 /// The subject CN of the certificate the HTTPS listener serves now.

@@ -102,14 +102,19 @@ impl RequestCtx {
     }
 
     /// A request refused before it was tied to an agent (a head hyper could not parse, a
-    /// failed TLS handshake); `answered` is the status hyper sent, if it sent one.
+    /// failed TLS handshake), arrived now; `answered` is the status hyper sent, if any.
     pub fn rejected(client: SocketAddr, reason: Reason, answered: Option<StatusCode>) -> Self {
-        let mut ctx = RequestCtx::new(client, None);
-        ctx.outcome = Outcome::refused(reason);
+        RequestCtx::new(client, None).reject(reason, answered)
+    }
+
+    /// This context (made when the connection arrived, so its duration counts from then),
+    /// refused before it was tied to an agent.
+    pub fn reject(mut self, reason: Reason, answered: Option<StatusCode>) -> Self {
+        self.outcome = Outcome::refused(reason);
         if let Some(status) = answered {
-            ctx.outcome.answered(status);
+            self.outcome.answered(status);
         }
-        ctx
+        self
     }
 
     /// Fold a refusal in under the policy's mode ([`Outcome::refuse`], the one report-mode
