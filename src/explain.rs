@@ -129,7 +129,7 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
             // token is ever compared: none are loaded).
             let client = SocketAddr::new(*ip, 0);
             let no_tokens = crate::identity::Tokens::default();
-            match agents.identify(&no_tokens, client, &http::HeaderMap::new(), None) {
+            match agents.identify(&no_tokens, client, &http::HeaderMap::new(), None, 0) {
                 Ok(id) => Ok((id, format!("by source address {ip}, without credentials"))),
                 Err(d) => Err(ExplainError::Unmatched(format!(
                     "{ip} without credentials: the gateway would refuse it ({}: {}); use --agent NAME for token or certificate agents",

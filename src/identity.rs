@@ -22,6 +22,7 @@ use base64::Engine;
 use http::header::PROXY_AUTHORIZATION;
 use http::HeaderMap;
 use ipnet::IpNet;
+use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 
 use crate::outcome::{Deny, Reason};
@@ -41,6 +42,9 @@ pub struct Token {
     secret: ArcSwap<Vec<u8>>,
     /// Consecutive refreshes that found the file missing, unreadable or empty.
     misses: AtomicU32,
+    /// A new token read once: applied when the next read finds the same bytes (a writer that
+    /// truncates and then writes must not make a half-written token live).
+    pending: Mutex<Option<Vec<u8>>>,
 }
 
 /// After this many consecutive missing or empty reads (one a second) the token is revoked: the
@@ -80,12 +84,18 @@ pub struct CertId {
 }
 
 /// What a verified client certificate says about who the client is (from `tls`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerCert {
     /// The URI subject alternative names (SPIFFE IDs).
     pub uris: Vec<String>,
     /// The subject's common name, if any.
     pub common_name: Option<String>,
+    /// Why the certificate cannot name one identity (two URI SANs, two subject CNs), if so.
+    /// Such a certificate never identifies a certificate agent.
+    pub ambiguous: Option<&'static str>,
+    /// The validity of the presented chain, in Unix seconds: the latest `notBefore` and the
+    /// earliest `notAfter` of its certificates. An identity from it holds only in between.
+    pub valid: std::ops::RangeInclusive<i64>,
 }
 
 /// The ordered agent table.
@@ -126,6 +136,7 @@ impl Token {
             path: path.to_owned(),
             secret: ArcSwap::from_pointee(secret),
             misses: AtomicU32::new(0),
+            pending: Mutex::new(None),
         })
     }
 
@@ -137,6 +148,7 @@ impl Token {
             path: path.to_owned(),
             secret: ArcSwap::from_pointee(Vec::new()),
             misses: AtomicU32::new(REVOKE_AFTER_MISSES),
+            pending: Mutex::new(None),
         }
     }
 
@@ -145,10 +157,11 @@ impl Token {
         &self.path
     }
 
-    /// Re-read the file; returns true if the token changed. A missing, unreadable or empty file
-    /// keeps the old token for a moment and revokes it after [`REVOKE_AFTER_MISSES`] reads in a
-    /// row; the error is returned for logging.
-    pub fn refresh(&self) -> Result<bool, TokenError> {
+    /// Re-read the file; returns true if the token changed. A new token is applied once two
+    /// reads in a row find it (`at_once`, for SIGHUP: on the first). A missing, unreadable or
+    /// empty file keeps the old token for a moment and revokes it after
+    /// [`REVOKE_AFTER_MISSES`] reads in a row; the error is returned for logging.
+    pub fn refresh(&self, at_once: bool) -> Result<bool, TokenError> {
         let fresh = match read_token(&self.path) {
             Ok(t) => t,
             Err(e) => {
@@ -161,9 +174,16 @@ impl Token {
             }
         };
         self.misses.store(0, Ordering::Relaxed);
+        let mut pending = self.pending.lock();
         if **self.secret.load() == fresh {
+            *pending = None;
             return Ok(false);
         }
+        if !at_once && pending.as_ref() != Some(&fresh) {
+            *pending = Some(fresh);
+            return Ok(false);
+        }
+        *pending = None;
         self.secret.store(Arc::new(fresh));
         Ok(true)
     }
@@ -290,13 +310,17 @@ impl Agents {
     /// Malformed credentials count as no usable credentials; they are the refusal only when no
     /// agent matches at all. Likewise a certificate only matters to certificate agents.
     /// `tokens` are the live tokens of this table; an agent whose token is missing from them
-    /// matches no credentials.
+    /// matches no credentials. `now` (Unix seconds) is checked against the certificate's
+    /// validity when a certificate agent is chosen: an identity ends at `notAfter`, on every
+    /// request of a kept-alive connection too, not only at the handshake. A certificate that
+    /// names two identities identifies no certificate agent.
     pub fn identify(
         &self,
         tokens: &Tokens,
         client: SocketAddr,
         headers: &HeaderMap,
         cert: Option<&PeerCert>,
+        now: i64,
     ) -> Result<AgentId, Deny> {
         let ip = client.ip().to_canonical();
         let creds = credentials(headers);
@@ -309,8 +333,23 @@ impl Agents {
                 continue;
             }
             if let Some(want) = &a.cert {
-                if !cert.is_some_and(|c| want.matches(c)) {
+                let Some(c) = cert else { continue };
+                if let Some(why) = c.ambiguous {
+                    return Err(Deny::with_detail(
+                        Reason::AuthFailed,
+                        format!(
+                            "the client certificate is ambiguous ({why}); it identifies no agent"
+                        ),
+                    ));
+                }
+                if !want.matches(c) {
                     continue;
+                }
+                if !c.valid.contains(&now) {
+                    return Err(Deny::new(
+                        Reason::ClientCertExpired,
+                        "the client certificate is outside its validity; present a current one",
+                    ));
                 }
             }
             if a.token_file.is_none() {

@@ -38,6 +38,9 @@ pub enum Reason {
     AuthRequired,
     /// The credentials sent do not match any agent.
     AuthFailed,
+    /// The client certificate that identified the agent is past its validity (a certificate of
+    /// its chain expired after the handshake, or is not yet valid).
+    ClientCertExpired,
     /// The agent is over its request rate (`requests_per_second`, `burst`).
     RateLimited,
     /// The agent has `max_concurrent` requests and tunnels open already.
@@ -145,7 +148,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -178,6 +181,7 @@ impl Reason {
         Reason::SniMissing,
         Reason::NotTls,
         Reason::TlsHandshakeFailed,
+        Reason::ClientCertExpired,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -215,6 +219,7 @@ impl Reason {
             Reason::SniMissing => "sni_missing",
             Reason::NotTls => "not_tls",
             Reason::TlsHandshakeFailed => "tls_handshake_failed",
+            Reason::ClientCertExpired => "client_cert_expired",
         }
     }
 
@@ -229,7 +234,9 @@ impl Reason {
             | Reason::SniMismatch
             | Reason::SniMissing
             | Reason::NotTls => StatusCode::OK,
-            Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Reason::AuthRequired | Reason::AuthFailed | Reason::ClientCertExpired => {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            }
             Reason::RateLimited | Reason::TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::MalformedRequest

@@ -222,8 +222,7 @@ async fn serve_tls(
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| crate::tls::peer_cert(leaf))
+                .and_then(crate::tls::peer_cert)
                 .map(Arc::new);
             return serve_conn(stream, peer, shared, slot, cert).await;
         }
@@ -237,6 +236,14 @@ async fn serve_tls(
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
     let ctx = ctx.reject(Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;
+}
+
+/// The wall clock in Unix seconds (0 before 1970: only a badly wrong clock gets there, and
+/// then no certificate is within its validity).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// True for the I/O errors of a client that closed or reset the connection.
@@ -356,6 +363,8 @@ struct Admitted {
     limits: Limits,
     /// CONNECT to a TLS port: the ClientHello check the tunnel runs first.
     sni: Option<tunnel::SniCheck>,
+    /// When the client certificate that identified the agent expires.
+    identity_ends: Option<tokio::time::Instant>,
 }
 
 /// Where an admitted request goes next.
@@ -410,6 +419,7 @@ async fn handle(
                 audited,
                 upload,
                 admitted.sni,
+                admitted.identity_ends,
                 timeouts.idle,
                 shared.abort.clone(),
             ));
@@ -473,10 +483,20 @@ async fn steps(
         target::check_host(req.headers(), &target, authority)?;
         target::check_framing(req.headers())?;
     }
+    let now = unix_now();
     let agent_id = cfg
         .agents
-        .identify(&snap.tokens, ctx.client, req.headers(), cert)?;
+        .identify(&snap.tokens, ctx.client, req.headers(), cert, now)?;
     let agent = cfg.agents.get(agent_id);
+    // An identity from a certificate ends at its notAfter (inclusive, to the second): a
+    // tunnel still open then is closed.
+    let identity_ends = match (&agent.cert, cert) {
+        (Some(_), Some(c)) => {
+            let left = u64::try_from(c.valid.end().saturating_sub(now)).unwrap_or(0);
+            Some(tokio::time::Instant::now() + Duration::from_secs(left.saturating_add(1)))
+        }
+        _ => None,
+    };
     let policy = cfg.policy_of(agent);
     ctx.agent = Some(agent.name.clone());
     ctx.agent_metrics = Some(snap.agent_metrics(agent_id).clone());
@@ -520,6 +540,7 @@ async fn steps(
         }
     };
     Ok(Admitted {
+        identity_ends,
         sni: (kind == Kind::Connect && cfg.sni.applies_to(target.port)).then(|| tunnel::SniCheck {
             host: target.host.clone(),
             require: cfg.sni.require,

@@ -11,7 +11,9 @@
 //!
 //! Watching: every [`POLL`] the file is read again (through symlinks, so the `..data` swap
 //! Kubernetes does for ConfigMap volumes is seen like any edit) and compared with what was last
-//! loaded; token files are re-read on the same tick. A file that fails to parse or validate is
+//! loaded; token files are re-read on the same tick. A changed file (or token) is applied once
+//! two polls in a row read the same bytes, so one written in place (truncated, then written) is
+//! never applied half-written; SIGHUP applies at once. A file that fails to parse or validate is
 //! reported and the running snapshot stays: a config is applied whole or not at all.
 
 use std::collections::HashMap;
@@ -189,7 +191,16 @@ impl Live {
 
     /// Read the file again and, if it is valid, swap it in.
     pub fn reload(&self) -> Result<(), ReloadError> {
-        let config = config::load(&self.path)?;
+        let src = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
+            file: self.path.clone(),
+            source,
+        })?;
+        self.apply(&src)
+    }
+
+    /// Validate `src` as the config file's content and, if it is valid, swap it in.
+    fn apply(&self, src: &str) -> Result<(), ReloadError> {
+        let config = config::parse(&self.path, src)?;
         let bound = self.own[0];
         if config.listen != bound && config.listen.port() != 0 {
             tracing::warn!(
@@ -213,11 +224,12 @@ impl Live {
         Ok(())
     }
 
-    /// Re-read every token file of the current config.
-    fn refresh_tokens(&self) {
+    /// Re-read every token file of the current config; `at_once` (SIGHUP) applies a changed
+    /// token on its first read instead of its second.
+    fn refresh_tokens(&self, at_once: bool) {
         let snap = self.current.load();
         for (agent, token) in snap.tokens.iter(&snap.config.agents) {
-            match token.refresh() {
+            match token.refresh(at_once) {
                 Ok(true) => tracing::info!(agent, "proxy token rotated"),
                 Ok(false) => {}
                 Err(e) => {
@@ -253,6 +265,9 @@ impl Live {
         // The content that last failed to load and why: it is retried every tick (a token file
         // it names may appear), but reported again only when the error changes.
         let mut failed: Option<(u64, String)> = None;
+        // A changed content seen once: applied when the next poll reads the same bytes, so a
+        // file written in place (truncate, then write) is never applied half-written.
+        let mut settling: Option<u64> = None;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -261,7 +276,7 @@ impl Live {
                 _ = tick.tick() => false,
                 Some(()) = recv(&mut hup) => true,
             };
-            self.refresh_tokens();
+            self.refresh_tokens(forced);
             self.refresh_tls();
             let now = match std::fs::read(&self.path) {
                 Ok(bytes) => bytes,
@@ -274,9 +289,22 @@ impl Live {
             let seen = config::fingerprint(&now);
             let current = self.current.load().config.fingerprint;
             if !forced && seen == current {
+                settling = None;
                 continue;
             }
-            match self.reload() {
+            // SIGHUP applies at once: the operator says the file is complete.
+            if !forced && settling != Some(seen) {
+                settling = Some(seen);
+                continue;
+            }
+            let applied = match String::from_utf8(now) {
+                Ok(src) => self.apply(&src),
+                Err(e) => Err(ReloadError::Config(ConfigError::Read {
+                    file: self.path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+                })),
+            };
+            match applied {
                 Ok(()) => {
                     failed = None;
                     self.metrics.reloaded(true);

@@ -271,17 +271,20 @@ fn pem_error(path: &Path, e: &rustls_pki_types::pem::Error) -> TlsError {
     }
 }
 
-/// The identity in a client's (already verified) leaf certificate. `None` if the DER does not
-/// parse (rustls verified it, so this does not happen for a completed handshake).
-pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let common_name = cert
+/// The identity in a client's (already verified) certificate chain, leaf first: the leaf's
+/// URI SANs and subject CN (and whether it names more than one of either), and the chain's
+/// validity. `None` if a certificate does not parse (rustls verified them, so this does not
+/// happen for a completed handshake) or the chain is empty.
+pub fn peer_cert(chain: &[CertificateDer<'_>]) -> Option<PeerCert> {
+    let (leaf, rest) = chain.split_first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let mut names = cert
         .subject()
         .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
-    let uris = match cert.subject_alternative_name() {
+        .map(|cn| cn.as_str().ok().map(str::to_owned));
+    let common_name = names.next().flatten();
+    let two_names = names.next().is_some();
+    let uris: Vec<String> = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
             .general_names
@@ -293,7 +296,27 @@ pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
             .collect(),
         _ => Vec::new(),
     };
-    Some(PeerCert { uris, common_name })
+    // An X.509-SVID carries exactly one URI SAN; a certificate with two names two agents.
+    let ambiguous = if uris.len() > 1 {
+        Some("it carries more than one URI subject alternative name")
+    } else if two_names {
+        Some("its subject has more than one common name")
+    } else {
+        None
+    };
+    let mut from = cert.validity().not_before.timestamp();
+    let mut until = cert.validity().not_after.timestamp();
+    for der in rest {
+        let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+        from = from.max(c.validity().not_before.timestamp());
+        until = until.min(c.validity().not_after.timestamp());
+    }
+    Some(PeerCert {
+        uris,
+        common_name,
+        ambiguous,
+        valid: from..=until,
+    })
 }
 
 #[cfg(test)]

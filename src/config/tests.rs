@@ -121,3 +121,48 @@ fn control_character_in_comment_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_certificate_agent_an_earlier_one_shadows_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["gateway.local".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+    let src = r#"
+[server]
+listen = "127.0.0.1:3128"
+tls_listen = "127.0.0.1:3129"
+tls_cert = "tls.crt"
+tls_key = "tls.key"
+client_ca = "ca.pem"
+
+[[agents]]
+name = "coder"
+spiffe_id = "spiffe://cluster.local/ns/a/sa/coder"
+policy = "default"
+
+[[agents]]
+name = "coder-again"
+spiffe_id = "spiffe://cluster.local/ns/a/sa/coder"
+cert_subject = "coder"
+policy = "default"
+
+[[agents]]
+name = "mailer"
+spiffe_id = "spiffe://cluster.local/ns/a/sa/mailer"
+policy = "default"
+
+[policies.default]
+allow = ["example.com"]
+"#;
+    let c = parse(&dir.path().join("c.toml"), src).unwrap();
+    let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("agent `coder-again` can never match: agent `coder` comes first"),
+        "{warnings:#?}"
+    );
+}

@@ -773,10 +773,15 @@ impl Validator<'_> {
         }
     }
 
-    /// An address-only agent whose every range an earlier address-only agent already covers can
-    /// never be chosen (first match wins).
+    /// An agent an earlier one always matches first can never be chosen (first match wins):
+    /// an address-only agent whose every range an earlier address-only agent covers, or a
+    /// certificate agent whose certificate an earlier certificate agent without a token
+    /// already accepts from the same addresses.
     fn warn_shadowed(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
-        if agent.token_file.is_some() || agent.cert.is_some() || agent.source_cidrs.is_empty() {
+        if agent.cert.is_some() {
+            return self.warn_shadowed_cert(earlier, agent, name, key);
+        }
+        if agent.token_file.is_some() || agent.source_cidrs.is_empty() {
             return;
         }
         let shadow = earlier.iter().find(|e| {
@@ -792,6 +797,36 @@ impl Validator<'_> {
                 name.span().start,
                 key,
                 format!("agent `{}` can never match: agent `{}` comes first and covers all its source_cidrs", agent.name, e.name),
+            );
+        }
+    }
+
+    fn warn_shadowed_cert(&mut self, earlier: &[Agent], agent: &Agent, name: &Str, key: &str) {
+        let Some(want) = &agent.cert else { return };
+        let implied = |theirs: &Option<String>, ours: &Option<String>| match theirs {
+            None => true,
+            Some(t) => ours.as_ref() == Some(t),
+        };
+        let covers = |e: &Agent| {
+            e.source_cidrs.is_empty()
+                || (!agent.source_cidrs.is_empty()
+                    && agent
+                        .source_cidrs
+                        .iter()
+                        .all(|n| e.source_cidrs.iter().any(|m| m.contains(n))))
+        };
+        let shadow = earlier.iter().find(|e| {
+            e.token_file.is_none()
+                && e.cert.as_ref().is_some_and(|c| {
+                    implied(&c.spiffe_id, &want.spiffe_id) && implied(&c.subject, &want.subject)
+                })
+                && covers(e)
+        });
+        if let Some(e) = shadow {
+            self.warn(
+                name.span().start,
+                key,
+                format!("agent `{}` can never match: agent `{}` comes first and accepts every certificate it accepts (same spiffe_id / cert_subject) from its addresses", agent.name, e.name),
             );
         }
     }

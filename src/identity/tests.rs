@@ -24,7 +24,8 @@ impl Table {
         headers: &HeaderMap,
         cert: Option<&PeerCert>,
     ) -> Result<AgentId, Deny> {
-        self.agents.identify(&self.tokens, client, headers, cert)
+        self.agents
+            .identify(&self.tokens, client, headers, cert, NOW)
     }
 
     fn get(&self, id: AgentId) -> &Agent {
@@ -48,10 +49,15 @@ fn cert_agent(name: &str, spiffe_id: Option<&str>, subject: Option<&str>) -> Age
     }
 }
 
+/// The clock the table is asked at (Unix seconds); certificates are valid around it.
+const NOW: i64 = 1_800_000_000;
+
 fn peer(uris: &[&str], cn: Option<&str>) -> PeerCert {
     PeerCert {
         uris: uris.iter().map(|u| u.to_string()).collect(),
         common_name: cn.map(str::to_owned),
+        ambiguous: None,
+        valid: NOW - 60..=NOW + 60,
     }
 }
 
@@ -286,21 +292,26 @@ fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
     let dir = tempfile::tempdir().unwrap();
     let t = Token::load(&token(&dir, "t", "one")).unwrap();
     assert!(t.matches(b"one"));
-    assert!(!t.refresh().unwrap());
+    assert!(!t.refresh(false).unwrap());
     std::fs::write(t.path(), "two").unwrap();
-    assert!(t.refresh().unwrap());
+    assert!(
+        !t.refresh(false).unwrap(),
+        "a new token is read twice first"
+    );
+    assert!(t.matches(b"one"));
+    assert!(t.refresh(false).unwrap());
     assert!(t.matches(b"two") && !t.matches(b"one"));
     std::fs::write(t.path(), "  \n").unwrap();
-    assert!(t.refresh().is_err());
+    assert!(t.refresh(false).is_err());
     assert!(t.matches(b"two"), "an empty file keeps the previous token");
     std::fs::remove_file(t.path()).unwrap();
-    assert!(t.refresh().is_err());
+    assert!(t.refresh(false).is_err());
     assert!(
         t.matches(b"two"),
         "a brief absence (2 misses: empty, then gone) keeps the token"
     );
     assert!(!t.is_revoked());
-    assert!(t.refresh().is_err());
+    assert!(t.refresh(false).is_err());
     assert!(
         t.is_revoked(),
         "missing or empty for {REVOKE_AFTER_MISSES} reads: revoked"
@@ -311,8 +322,25 @@ fn rotation_is_picked_up_and_bad_files_keep_the_old_token() {
         "a revoked token never matches an empty secret"
     );
     std::fs::write(t.path(), "three").unwrap();
-    assert!(t.refresh().unwrap());
+    assert!(t.refresh(true).unwrap(), "SIGHUP applies at once");
     assert!(t.matches(b"three") && !t.is_revoked());
+}
+
+#[test]
+fn a_token_written_in_two_steps_never_serves_its_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = token(&dir, "t", "old-token-value");
+    let t = Token::load(&path).unwrap();
+    // A writer truncates and writes the first 8 bytes; the poll reads them.
+    std::fs::write(&path, "new-toke").unwrap();
+    assert!(!t.refresh(false).unwrap());
+    // It writes the rest before the next poll: that poll sees other bytes than the first.
+    std::fs::write(&path, "new-token-value").unwrap();
+    assert!(!t.refresh(false).unwrap());
+    assert!(t.matches(b"old-token-value") && !t.matches(b"new-toke"));
+    // The next poll reads the same bytes again: now it applies.
+    assert!(t.refresh(false).unwrap());
+    assert!(t.matches(b"new-token-value") && !t.matches(b"new-toke"));
 }
 
 #[test]
@@ -350,7 +378,7 @@ fn a_reload_keeps_the_token_store_of_a_file_it_still_names() {
     // The file goes missing: one miss counted, the token still serves.
     std::fs::remove_file(&path).unwrap();
     let t = first.tokens.get(AgentId(0)).unwrap();
-    assert!(t.refresh().is_err());
+    assert!(t.refresh(false).is_err());
     // A reload (the agent renamed and moved, the file the same) keeps that store: the grace
     // before revocation goes on counting instead of starting revoked.
     let agents = Agents::new(vec![
@@ -374,6 +402,66 @@ fn an_agent_whose_token_is_not_loaded_matches_no_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let agents = Agents::new(vec![agent("coder", &[], Some(token(&dir, "c", "s3cret")))]);
     let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let r = agents.identify(&Tokens::default(), client, &basic("coder", "s3cret"), None);
+    let r = agents.identify(
+        &Tokens::default(),
+        client,
+        &basic("coder", "s3cret"),
+        None,
+        NOW,
+    );
     assert_eq!(r.unwrap_err().reason, Reason::AuthFailed);
+}
+
+#[test]
+fn a_certificate_identity_ends_at_not_after() {
+    let agents = Agents::new(vec![
+        cert_agent("by-id", Some(CODER), None),
+        agent("lan", &["127.0.0.0/8"], None),
+    ]);
+    let tokens = Tokens::default();
+    let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let cert = peer(&[CODER], None);
+    let at = |now| {
+        agents
+            .identify(&tokens, client, &HeaderMap::new(), Some(&cert), now)
+            .map_err(|d| d.reason)
+    };
+    assert_eq!(at(NOW), Ok(AgentId(0)));
+    assert_eq!(at(NOW + 60), Ok(AgentId(0)), "notAfter itself is inside");
+    assert_eq!(at(NOW + 61), Err(Reason::ClientCertExpired));
+    assert_eq!(
+        at(NOW - 61),
+        Err(Reason::ClientCertExpired),
+        "not yet valid"
+    );
+}
+
+#[test]
+fn a_certificate_naming_two_identities_identifies_no_certificate_agent() {
+    let agents = table(vec![
+        cert_agent("one", Some(CODER), None),
+        cert_agent(
+            "two",
+            Some("spiffe://cluster.local/ns/agents/sa/other"),
+            None,
+        ),
+    ]);
+    let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut both = peer(&[CODER, "spiffe://cluster.local/ns/agents/sa/other"], None);
+    both.ambiguous = Some("it carries more than one URI subject alternative name");
+    let e = agents
+        .identify(client, &HeaderMap::new(), Some(&both))
+        .unwrap_err();
+    assert_eq!(e.reason, Reason::AuthFailed);
+    assert!(e.detail.contains("ambiguous"), "{e}");
+    // An address agent listed first still matches: a certificate matters to certificate
+    // agents only.
+    let agents = table(vec![
+        agent("lan", &["127.0.0.0/8"], None),
+        cert_agent("one", Some(CODER), None),
+    ]);
+    assert_eq!(
+        agents.identify(client, &HeaderMap::new(), Some(&both)),
+        Ok(AgentId(0))
+    );
 }

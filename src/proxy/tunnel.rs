@@ -57,13 +57,17 @@ pub struct SniCheck {
 static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Run one tunnel to completion and write its audit line. `idle` also bounds the wait for
-/// hyper to hand over the client connection (the 200 must be written first).
+/// hyper to hand over the client connection (the 200 must be written first). A tunnel whose
+/// agent was identified by a client certificate is closed when the certificate expires
+/// (`identity_ends`), audited as `client_cert_expired`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     on_upgrade: OnUpgrade,
     upstream: TcpStream,
     mut audited: Audited,
     upload: Cap,
     sni: Option<SniCheck>,
+    identity_ends: Option<tokio::time::Instant>,
     idle: Duration,
     abort: CancellationToken,
 ) {
@@ -118,9 +122,23 @@ pub async fn run(
         }
         () = meter.idle_for(idle) => Reason::IdleTimeout,
         () = abort.cancelled() => Reason::Shutdown,
+        () = until(identity_ends) => {
+            tracing::info!("client certificate expired; tunnel closed");
+            let ctx = audited.ctx_mut();
+            ctx.outcome.refuse(ctx.mode, Reason::ClientCertExpired);
+            Reason::ClientCertExpired
+        }
     };
     audited.ctx_mut().outcome.ended(reason);
     audited.finish().await;
+}
+
+/// Completes at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Apply the SNI verdict to the tunnel's outcome: true when the tunnel goes on (allowed, or a

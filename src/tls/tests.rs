@@ -141,6 +141,10 @@ fn a_half_written_rotation_keeps_the_old_config_and_reports_once() {
     assert!(Arc::ptr_eq(&before, &files.server_config()));
 }
 
+fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
 #[test]
 fn peer_identity_reads_uri_sans_and_common_name() {
     let pki = Pki::new();
@@ -149,14 +153,81 @@ fn peer_identity_reads_uri_sans_and_common_name() {
         Some("spiffe://cluster.local/ns/agents/sa/coder"),
         Some("coder"),
     );
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-    let peer = peer_cert(&der).unwrap();
+    let peer = peer_cert(&[der(&pem)]).unwrap();
     assert_eq!(peer.uris, vec!["spiffe://cluster.local/ns/agents/sa/coder"]);
     assert_eq!(peer.common_name.as_deref(), Some("coder"));
+    assert_eq!(peer.ambiguous, None);
     let (pem, _) = pki.leaf(&["agent.local"], None, None);
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-    assert_eq!(peer_cert(&der).unwrap(), PeerCert::default());
-    assert_eq!(peer_cert(b"not der"), None);
+    let peer = peer_cert(&[der(&pem)]).unwrap();
+    assert!(peer.uris.is_empty() && peer.common_name.is_none());
+    assert_eq!(
+        peer_cert(&[CertificateDer::from(b"not der".to_vec())]),
+        None
+    );
+    assert_eq!(peer_cert(&[]), None);
+}
+
+#[test]
+fn a_chain_is_valid_only_while_every_certificate_is() {
+    let mut params = CertificateParams::new(vec!["a.local".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2026, 6, 1);
+    let key = KeyPair::generate().unwrap();
+    let leaf = params.self_signed(&key).unwrap();
+    let mut params = CertificateParams::new(vec!["b.local".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2026, 2, 1);
+    params.not_after = rcgen::date_time_ymd(2027, 1, 1);
+    let other = params.self_signed(&key).unwrap();
+    let peer = peer_cert(&[der(&leaf.pem()), der(&other.pem())]).unwrap();
+    // 2026-02-01 .. 2026-06-01, both midnight UTC.
+    assert_eq!(peer.valid, 1_769_904_000..=1_780_272_000);
+}
+
+#[test]
+fn a_certificate_naming_two_identities_is_ambiguous() {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    for u in [
+        "spiffe://cluster.local/ns/a/sa/one",
+        "spiffe://cluster.local/ns/a/sa/two",
+    ] {
+        params
+            .subject_alt_names
+            .push(SanType::URI(u.try_into().unwrap()));
+    }
+    let key = KeyPair::generate().unwrap();
+    let two_uris = params.self_signed(&key).unwrap();
+    let peer = peer_cert(&[der(&two_uris.pem())]).unwrap();
+    assert!(peer.ambiguous.unwrap().contains("URI"), "{peer:?}");
+
+    // rcgen keeps one value per attribute type: openssl writes the two common names.
+    let dir = tempfile::tempdir().unwrap();
+    let (k, c) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=coder/CN=mailer",
+            "-keyout",
+        ])
+        .arg(&k)
+        .arg("-out")
+        .arg(&c)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(ok.status.success(), "{ok:?}");
+    let peer = peer_cert(&[der(&std::fs::read_to_string(&c).unwrap())]).unwrap();
+    assert_eq!(peer.common_name.as_deref(), Some("coder"));
+    assert!(peer.ambiguous.unwrap().contains("common name"), "{peer:?}");
 }
 
 #[test]
