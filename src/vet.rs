@@ -49,12 +49,20 @@ pub enum Refusal {
     SelfLoop,
 }
 
-/// Cloud metadata endpoints: AWS/GCP/Azure/OpenStack IPv4, AWS's IPv6 one, and Azure's
-/// WireServer (a public address that every Azure VM and AKS pod can reach, serving credentials).
-const METADATA: [IpAddr; 3] = [
+/// Cloud metadata and credential endpoints: AWS/GCP/Azure/OpenStack IPv4 and AWS's IPv6
+/// metadata, Azure's WireServer (a public address that every Azure VM and AKS pod can reach,
+/// serving credentials), the ECS task-credential endpoint, EKS Pod Identity (IPv4 and IPv6),
+/// Alibaba Cloud's metadata and Oracle Cloud's (a reserved address outside link-local). Each is
+/// admitted only by an allow of exactly that address, never by a wider range.
+const METADATA: [IpAddr; 8] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
     IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
 ];
 
 const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> (Ipv4Addr, u8) {

@@ -126,6 +126,46 @@ fn metadata_needs_exact_allow() {
     assert_eq!(azure.check(ip("168.63.129.16"), 80), Err(Refusal::Metadata));
     let exact = Vetter::new(vec![], nets(&["169.254.169.254/32"]), vec![]);
     assert_eq!(exact.check(ip("169.254.169.254"), 80), Ok(()));
+    // Credential endpoints are exact-only too: a range wider than the address never admits it.
+    // (Values for the pure decision only; no traffic goes anywhere.)
+    let wide = Vetter::new(
+        vec![],
+        nets(&[
+            "169.254.0.0/16",
+            "fd00::/8",
+            "100.64.0.0/10",
+            "192.0.0.0/24",
+        ]),
+        vec![],
+    );
+    for (addr, what) in [
+        ("169.254.170.2", "ECS task credentials"),
+        ("169.254.170.23", "EKS Pod Identity"),
+        ("fd00:ec2::23", "EKS Pod Identity, IPv6"),
+        ("100.100.100.200", "Alibaba Cloud metadata"),
+        ("192.0.0.192", "Oracle Cloud metadata"),
+    ] {
+        assert_eq!(wide.check(ip(addr), 80), Err(Refusal::Metadata), "{what}");
+        let exact = Vetter::new(
+            vec![],
+            nets(&[&format!(
+                "{}/{}",
+                addr,
+                if addr.contains(':') { 128 } else { 32 }
+            )]),
+            vec![],
+        );
+        assert_eq!(
+            exact.check(ip(addr), 80),
+            Ok(()),
+            "{what}: an exact allow admits it"
+        );
+    }
+    assert_eq!(
+        wide.check(ip("169.254.170.3"), 80),
+        Ok(()),
+        "its neighbour is not special"
+    );
 }
 
 #[test]
