@@ -328,6 +328,10 @@ impl Agents {
             Ok(Some(c)) => Some(c),
             _ => None,
         };
+        // The first refusal by an agent the client addressed (its token agent's name with the
+        // wrong token, its certificate agent with an expired or ambiguous certificate): the
+        // answer unless a later agent matches the client without credentials.
+        let mut refused: Option<Deny> = None;
         for (i, a) in self.agents.iter().enumerate() {
             if !a.source_cidrs.is_empty() && !a.source_cidrs.iter().any(|n| n.contains(&ip)) {
                 continue;
@@ -335,21 +339,23 @@ impl Agents {
             if let Some(want) = &a.cert {
                 let Some(c) = cert else { continue };
                 if let Some(why) = c.ambiguous {
-                    return Err(Deny::with_detail(
-                        Reason::AuthFailed,
-                        format!(
-                            "the client certificate is ambiguous ({why}); it identifies no agent"
-                        ),
-                    ));
+                    refused.get_or_insert_with(|| {
+                        Deny::with_detail(
+                            Reason::AuthFailed,
+                            format!("the client certificate is ambiguous ({why}); it identifies no agent"),
+                        )
+                    });
+                    continue;
                 }
                 if !want.matches(c) {
                     continue;
                 }
                 if !c.valid.contains(&now) {
-                    return Err(Deny::new(
+                    refused.get_or_insert(Deny::new(
                         Reason::ClientCertExpired,
                         "the client certificate is outside its validity; present a current one",
                     ));
+                    continue;
                 }
             }
             if a.token_file.is_none() {
@@ -360,17 +366,19 @@ impl Agents {
                     let matched = tokens
                         .get(AgentId(i))
                         .is_some_and(|t| t.matches(c.secret()));
-                    return if matched {
-                        Ok(AgentId(i))
-                    } else {
-                        Err(Deny::new(
-                            Reason::AuthFailed,
-                            "wrong proxy token for this agent",
-                        ))
-                    };
+                    if matched {
+                        return Ok(AgentId(i));
+                    }
+                    refused.get_or_insert(Deny::new(
+                        Reason::AuthFailed,
+                        "wrong proxy token for this agent",
+                    ));
                 }
                 _ => continue,
             }
+        }
+        if let Some(deny) = refused {
+            return Err(deny);
         }
         if self.any_cert {
             if let Some(deny) = self.cert_refusal(cert, &creds) {

@@ -414,10 +414,7 @@ fn an_agent_whose_token_is_not_loaded_matches_no_credentials() {
 
 #[test]
 fn a_certificate_identity_ends_at_not_after() {
-    let agents = Agents::new(vec![
-        cert_agent("by-id", Some(CODER), None),
-        agent("lan", &["127.0.0.0/8"], None),
-    ]);
+    let agents = Agents::new(vec![cert_agent("by-id", Some(CODER), None)]);
     let tokens = Tokens::default();
     let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let cert = peer(&[CODER], None);
