@@ -490,9 +490,36 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// Raise this process's soft open-file limit to at least `n` (up to the hard limit), so a test
+/// that opens thousands of sockets does not depend on the shell's `ulimit -n`. The gateway a
+/// test starts afterwards inherits the limit. Fails if the hard limit is below `n`.
+pub fn raise_fd_limit(n: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let n = n as u64;
+    let now = getrlimit(Resource::Nofile);
+    if now.current.map_or(true, |c| c >= n) {
+        return;
+    }
+    assert!(
+        now.maximum.map_or(true, |m| m >= n),
+        "the hard open-file limit {:?} is below the {n} this test needs",
+        now.maximum
+    );
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(n),
+            maximum: now.maximum,
+        },
+    )
+    .expect("raise the open-file limit");
+}
+
 /// Open file descriptors of process `pid`.
 pub fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Read one HTTP response head (up to the blank line) from `s`.
