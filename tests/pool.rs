@@ -242,16 +242,16 @@ fn sequential_requests_of_one_agent_to_one_host_share_one_upstream_connection() 
 fn no_reuse_across_agents_or_hosts() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
-    let cfg = config(
-        "\"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"]",
-        &[format!("a.test:{port}"), format!("b.test:{port}")],
-        "",
-    )
-    .replace(
-        "source_cidrs = [\"127.0.0.0/8\"]\npolicy = \"test\"",
-        "source_cidrs = [\"127.0.0.10/32\"]\npolicy = \"test\"\n\n\
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["a.test"])
+        .hosts_to_loopback(&["b.test"])
+        .allow(format!("a.test:{port}"))
+        .allow(format!("b.test:{port}"))
+        .replace(
+            "source_cidrs = [\"127.0.0.0/8\"]\npolicy = \"test\"",
+            "source_cidrs = [\"127.0.0.10/32\"]\npolicy = \"test\"\n\n\
          [[agents]]\nname = \"other\"\nsource_cidrs = [\"127.0.0.20/32\"]\npolicy = \"test\"",
-    );
+        );
     let proxy = Proxy::start(&cfg);
     // (client address, host) → which upstream connection answers.
     let via = |from: &str, host: &str| {
@@ -468,15 +468,13 @@ fn an_upstream_closing_an_idle_pooled_connection_does_not_fail_the_next_request(
 fn shutdown_does_not_wait_for_idle_pooled_connections() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
-    let cfg = config(
-        "\"a.test\" = [\"127.0.0.1\"]",
-        &[format!("a.test:{port}")],
-        "",
-    )
-    // A grace longer than any wait of this test: exiting within the wait means the idle
-    // connection did not hold the drain up.
-    .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"120s\"")
-    .replace("idle = \"30s\"", "idle = \"120s\"");
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["a.test"])
+        .allow(format!("a.test:{port}"))
+        // A grace longer than any wait of this test: exiting within the wait means the idle
+        // connection did not hold the drain up.
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"120s\"")
+        .replace("idle = \"30s\"", "idle = \"120s\"");
     let mut proxy = Proxy::start(&cfg);
     assert_eq!(get(&proxy, "a.test", port, "/").1, "conn 1");
     assert_eq!(proxy.audit().reason, "allowed");
