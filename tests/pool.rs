@@ -244,7 +244,9 @@ fn no_reuse_across_agents_or_hosts() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
     let cfg = base(&["a.test", "b.test"], port)
-        .edit_agent(TESTER, |a| a.source_cidrs = Some(vec!["127.0.0.10/32".into()]))
+        .edit_agent(TESTER, |a| {
+            a.source_cidrs = Some(vec!["127.0.0.10/32".into()])
+        })
         .agent(Agent::cidrs("other", &["127.0.0.20/32"], TEST_POLICY));
     let proxy = Proxy::of(&cfg);
     // (client address, host) → which upstream connection answers.
