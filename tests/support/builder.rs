@@ -392,6 +392,11 @@ impl ConfigBuilder {
         self.policy(TEST_POLICY, |p| p.allow.push(rule))
     }
 
+    /// Add every rule of `rules` to the allow list of policy `test`.
+    pub fn allow_all(self, rules: &[String]) -> ConfigBuilder {
+        rules.iter().fold(self, |c, r| c.allow(r.clone()))
+    }
+
     /// Change the limits of policy `test`.
     pub fn test_limits(self, f: impl FnOnce(&mut Limits)) -> ConfigBuilder {
         self.policy(TEST_POLICY, |p| f(p.limits()))
