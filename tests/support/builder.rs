@@ -119,6 +119,19 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An agent with no way to be recognised yet: set `source_cidrs`, `token_file`,
+    /// `spiffe_id` or `cert_subject`.
+    pub fn new(name: &str, policy: &str) -> Agent {
+        Agent {
+            name: name.into(),
+            source_cidrs: None,
+            token_file: None,
+            spiffe_id: None,
+            cert_subject: None,
+            policy: policy.into(),
+        }
+    }
+
     /// An agent known by its source addresses.
     pub fn cidrs(name: &str, cidrs: &[&str], policy: &str) -> Agent {
         Agent {
