@@ -588,7 +588,7 @@ fn token_and_source_address_must_both_hold() {
     let proxy = Proxy::of(
         &loopback_hosts(&["origin.test"])
             .agent(
-                Agent::token("pinned", &token_path, "pinned-apis").from_cidrs(&["127.0.0.20/32"]),
+                Agent::token("pinned", &token_path, "pinned-apis").with_cidrs(&["127.0.0.20/32"]),
             )
             .policy("pinned-apis", |p| {
                 p.allow = vec![format!("origin.test:{port}")]

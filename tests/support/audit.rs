@@ -3,7 +3,7 @@
 //! messages that show the expectation and every line seen.
 
 use std::fmt;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -222,10 +222,7 @@ impl AuditLog {
 
     /// The next line, waiting up to `within`.
     pub fn next_within(&self, within: Duration) -> Option<Audit> {
-        match self.rx.recv_timeout(within) {
-            Ok(a) => Some(a),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_timeout(within).ok()
     }
 
     /// The next line; fails if none comes within [`WAIT`].

@@ -158,7 +158,7 @@ impl Agent {
     }
 
     /// Also require the client to come from `cidrs`.
-    pub fn from_cidrs(mut self, cidrs: &[&str]) -> Agent {
+    pub fn with_cidrs(mut self, cidrs: &[&str]) -> Agent {
         self.source_cidrs = Some(cidrs.iter().map(|c| c.to_string()).collect());
         self
     }
@@ -320,7 +320,7 @@ impl ConfigBuilder {
     }
 
     /// `dns.nameservers`: just `addr`.
-    pub fn nameserver(mut self, addr: impl ToString) -> ConfigBuilder {
+    pub fn nameserver(mut self, addr: std::net::SocketAddr) -> ConfigBuilder {
         self.dns.nameservers = Some(vec![addr.to_string()]);
         self
     }

@@ -136,11 +136,13 @@ impl Proxy {
     }
 
     /// The next audit line, which must match `m`.
+    #[allow(clippy::needless_pass_by_value)] // `proxy.expect_audit(AuditMatch::of(…))` reads best
     pub fn expect_audit(&self, m: AuditMatch) -> Audit {
         self.audits.expect(&m)
     }
 
     /// The first audit line matching `m`, skipping others (listed if none matches).
+    #[allow(clippy::needless_pass_by_value)]
     pub fn find_audit(&self, m: AuditMatch) -> Audit {
         self.audits.find(&m)
     }
@@ -538,50 +540,6 @@ pub fn read_head(s: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
-}
-
-/// The standard test config: proxy on 127.0.0.1:0, one agent for all of loopback, static hosts,
-/// 127.0.0.1 excepted from the built-in loopback deny so local origins are reachable, and
-/// 127.0.0.64/26 explicitly denied as the "internal network". `policy` is the allow list body.
-pub fn config(hosts: &str, allow: &[String], extra: &str) -> String {
-    config_with_server("", hosts, allow, extra)
-}
-
-/// [`config`] with more `[server]` keys (`server` is inserted into that table).
-pub fn config_with_server(server: &str, hosts: &str, allow: &[String], extra: &str) -> String {
-    let allow: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{server}
-
-[timeouts]
-request_header = "2s"
-connect = "2s"
-dns = "2s"
-idle = "30s"
-shutdown_grace = "10s"
-
-[dns]
-nameservers = ["127.0.0.1:9"]
-hosts = {{ {hosts} }}
-
-[destinations]
-allow_cidrs = ["127.0.0.1/32"]
-deny_cidrs = ["127.0.0.64/26"]
-
-[[agents]]
-name = "tester"
-source_cidrs = ["127.0.0.0/8"]
-policy = "test"
-
-[policies.test]
-allow = [{allow}]
-{extra}
-"#,
-        allow = allow.join(", ")
-    )
 }
 
 impl Origin {
