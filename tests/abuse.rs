@@ -3,13 +3,12 @@
 //! Resource bounds that hold under abuse, through the real binary on loopback: the connection
 //! cap across both listeners, header count and line length, slowloris heads and quiet keep-alive
 //! connections, a client that never reads its response, tunnels that hold their agent's permits
-//! while handshaking or dialling, no state keyed by what unknown clients send, and the memory
-//! of 5,000 stalled connections. Each case checks the refusal or cut, its audit line where one
-//! is written, and that the gateway still serves a normal request afterwards.
+//! while handshaking or dialling, no state keyed by what unknown clients send, and 5,000 stalled
+//! connections. Each case checks the refusal or cut, its audit line where one is written, and
+//! that the gateway still serves a normal request afterwards. Every address is in 127.0.0.0/8.
 //!
-//! Memory figures are read from /proc/PID/status of the gateway: `VmRSS` now, and `VmHWM` (the
-//! peak) after resetting it through /proc/PID/clear_refs, so a peak between two samples is not
-//! missed. Kernel socket buffers are not part of either. Every address is in 127.0.0.0/8.
+//! No case is timed and none measures memory: how soon a cut comes and what the gateway's RSS
+//! does meanwhile are measured by the benchmarks.
 
 mod support;
 
@@ -19,132 +18,20 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use socket2::{Domain, Socket, Type};
 use support::*;
 
-/// `"name" = ["127.0.0.1"], …` for `[dns] hosts`.
-fn hosts_to_loopback(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 // === the gateway process: memory and descriptors ===
 
-/// A `/proc/PID/status` figure of the gateway (`VmRSS`, `VmHWM`), in KiB.
-fn mem_kib(proxy: &Proxy, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.split(':').next() == Some(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Reset the gateway's peak RSS (`VmHWM`) to its current RSS.
-fn reset_peak(proxy: &Proxy) {
-    std::fs::write(format!("/proc/{}/clear_refs", proxy.pid()), "5").unwrap();
-}
-
 /// Open file descriptors of the gateway.
-fn open_fds(proxy: &Proxy) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
-        .unwrap()
-        .count()
-}
-
-/// Wait, polling, until `cond` holds; fails after `within`. Returns how long it took.
-fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
+fn gateway_fds(proxy: &Proxy) -> usize {
+    open_fds(proxy.pid())
 }
 
 // === client side ===
-
-/// A client connection from `src` (bind before connect), with a read timeout.
-fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
-    sock.connect_timeout(&dst.into(), WAIT).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s
-}
-
-/// Read a response head, tolerating a close or reset (possibly before any byte): returns what
-/// arrived. Fails if the peer neither answers nor closes within the read timeout.
-fn read_head_lenient(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            Ok(_) => break,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("no response and no close within the wait; got {head:?}")
-            }
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// One response with a Content-Length body.
-fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let head = read_head(s);
-    assert!(head.ends_with("\r\n\r\n"), "incomplete head: {head:?}");
-    let len: usize = head_header(&head, "content-length")
-        .unwrap_or_else(|| panic!("no content-length in {head}"))
-        .parse()
-        .unwrap();
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).unwrap();
-    (head, body)
-}
-
-/// Read until the peer closes or resets; returns the bytes read. Fails if it does neither
-/// within the read timeout.
-fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("still open after the wait ({} bytes read)", out.len())
-            }
-            Err(_) => return out,
-        }
-    }
-}
-
-/// True once the peer has closed (or reset) `s`; never blocks.
-fn is_closed(s: &TcpStream) -> bool {
-    s.set_nonblocking(true).unwrap();
-    let mut buf = [0u8; 1024];
-    let closed = loop {
-        match (&*s).read(&mut buf) {
-            Ok(0) => break true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
-            Err(_) => break true,
-        }
-    };
-    s.set_nonblocking(false).unwrap();
-    closed
-}
 
 /// A normal request still works: `GET http://origin.test:PORT/after` is answered by the
 /// origin and audited as allowed.
@@ -161,27 +48,17 @@ fn still_serves(proxy: &Proxy, origin: &Origin) {
     let (head, body) = read_response(&mut s);
     assert_eq!(status_of(&head), 200, "{head}");
     assert!(body.starts_with(b"GET /after HTTP/1.1\n"), "{body:?}");
-    let a = proxy.audit();
-    assert_eq!(
-        (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
-        ("http", "allow", "allowed"),
-        "{a:?}"
-    );
-    assert_eq!(a.path.as_deref(), Some("/after"));
+    proxy.expect_audit(AuditMatch::of("http", "allow", "allowed").path(Some("/after")));
 }
 
-/// An origin on 127.0.0.1 allowed as `origin.test:PORT`, and the proxy on the standard test
-/// config with `server` keys, `extra` in the policy and `tweak` applied to the text.
-fn setup(server: &str, extra: &str, tweak: impl Fn(String) -> String) -> (Origin, Proxy) {
+/// An origin on 127.0.0.1, and the standard test config allowing it as `origin.test:PORT`.
+fn origin_and_config() -> (Origin, ConfigBuilder) {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let cfg = config_with_server(
-        server,
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        extra,
-    );
-    (origin, Proxy::start(&tweak(cfg)))
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["origin.test"])
+        .allow(format!("origin.test:{port}"));
+    (origin, cfg)
 }
 
 // === 1. the connection cap covers the HTTPS listener ===
@@ -194,31 +71,27 @@ fn https_listener_connections_count_against_max_connections() {
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
-    let cfg = config_with_server(
-        "max_connections = 2\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"",
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        "",
-    )
-    // Long enough that neither held connection is cut by the head or handshake bound.
-    .replace("request_header = \"2s\"", "request_header = \"20s\"");
-    let path = dir.path().join("chokepoint.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let proxy = Proxy::start_at(dir, path);
+    let cfg = ConfigBuilder::new()
+        .max_connections(2)
+        .tls("tls.crt", "tls.key")
+        .hosts_to_loopback(&["origin.test"])
+        .allow(format!("origin.test:{port}"))
+        // Long enough that neither held connection is cut by the head or handshake bound.
+        .request_header(Duration::from_secs(20));
+    let proxy = Proxy::of_in(dir, &cfg);
     let https = proxy.https.expect("the HTTPS listener is up");
 
     // Slot 1: a client of the HTTPS listener that has not started its handshake; slot 2: a
     // plain client that has sent nothing. Both are accepted (two more descriptors).
-    let fds = open_fds(&proxy);
+    let fds = gateway_fds(&proxy);
     let tls_client = TcpStream::connect(https).unwrap();
     let plain = raw(&proxy);
     wait_until(WAIT, "both connections accepted", || {
-        open_fds(&proxy) >= fds + 2
+        gateway_fds(&proxy) >= fds + 2
     });
 
     // A third, on either listener, is closed at once without an answer.
     for (listener, addr) in [("plain", proxy.addr), ("https", https)] {
-        let started = Instant::now();
         let mut third = TcpStream::connect(addr).unwrap();
         third.set_read_timeout(Some(WAIT)).unwrap();
         let _ = third.write_all(b"GET http://origin.test/ HTTP/1.1\r\n\r\n");
@@ -226,10 +99,6 @@ fn https_listener_connections_count_against_max_connections() {
         assert!(
             got.is_empty(),
             "{listener}: the third connection got an answer"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{listener}: not closed at once"
         );
         proxy.wait_log("connection limit reached");
     }
@@ -239,7 +108,7 @@ fn https_listener_connections_count_against_max_connections() {
     // The HTTPS client leaves (mid-handshake: not audited); its slot serves a plain request.
     drop(tls_client);
     wait_until(WAIT, "the HTTPS slot is released", || {
-        open_fds(&proxy) <= fds + 1
+        gateway_fds(&proxy) <= fds + 1
     });
     still_serves(&proxy, &origin);
     drop(plain);
@@ -255,18 +124,15 @@ fn header_count_and_line_length_are_bounded_and_audited() {
     // `tester` (127.0.0.1) may send 4 KiB heads. `wide` (127.0.0.2) may send the most any
     // config allows, 256 KiB, which sizes every connection's read buffer (256 + 8 KiB): a URI
     // can then pass hyper's own URI limit (65,534 bytes) before the buffer fills.
-    let cfg = config(
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        "limits = { max_request_header_bytes = 4096 }\n\n\
-         [policies.wide]\nallow = []\nlimits = { max_request_header_bytes = 262144 }\n",
-    )
-    .replace(
-        "[[agents]]\nname = \"tester\"\nsource_cidrs = [\"127.0.0.0/8\"]",
-        "[[agents]]\nname = \"wide\"\nsource_cidrs = [\"127.0.0.2/32\"]\npolicy = \"wide\"\n\n\
-         [[agents]]\nname = \"tester\"\nsource_cidrs = [\"127.0.0.0/8\"]",
-    );
-    let proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["origin.test"])
+        .allow(format!("origin.test:{port}"))
+        .test_limits(|l| l.max_request_header_bytes = Some(4096))
+        .agent_first(Agent::cidrs("wide", &["127.0.0.2/32"], "wide"))
+        .policy("wide", |p| {
+            p.limits().max_request_header_bytes = Some(262_144)
+        });
+    let proxy = Proxy::of(&cfg);
     let target = format!("http://origin.test:{port}");
     let host = format!("Host: origin.test:{port}\r\n");
 
@@ -385,8 +251,9 @@ fn header_count_and_line_length_are_bounded_and_audited() {
 
 #[test]
 fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
-    let (origin, proxy) = setup("", "", |c| c);
-    let bound = Duration::from_secs(2); // timeouts.request_header of the test config
+    let bound = Duration::from_secs(2);
+    let (origin, cfg) = origin_and_config();
+    let proxy = Proxy::of(&cfg.request_header(bound));
     let port = origin.addr.port();
     let head = format!(
         "GET http://origin.test:{port}/slow HTTP/1.1\r\nHost: origin.test:{port}\r\nX-Slow: {}\r\n\r\n",
@@ -399,7 +266,6 @@ fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
     // per-read timeout.
     let stop = Arc::new(AtomicBool::new(false));
     let (mut w, stop_w) = (s.try_clone().unwrap(), stop.clone());
-    let started = Instant::now();
     let writer = thread::spawn(move || {
         for b in head.bytes() {
             if stop_w.load(Ordering::SeqCst) || w.write_all(&[b]).is_err() {
@@ -409,7 +275,6 @@ fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
         }
     });
     let answer = read_until_closed(&mut s);
-    let cut = started.elapsed();
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
     let answer = String::from_utf8_lossy(&answer);
@@ -417,30 +282,22 @@ fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
-    // The bound counts from the first read of the head, not from each byte.
-    assert!(
-        cut >= bound - Duration::from_millis(100),
-        "cut early: {cut:?}"
+    // Cut, though every byte came well inside any per-read bound: the bound counts from the
+    // first read of the head (the whole head would have taken four times the bound).
+    proxy.expect_audit(
+        AuditMatch::of("reject", "deny", "header_timeout")
+            .method(None)
+            .and(format!("client == {client}"), move |a| a.client == client),
     );
-    assert!(
-        cut < bound + Duration::from_secs(3),
-        "cut {cut:?} after the head started; the bound is {bound:?}"
-    );
-    let a = proxy.audit();
-    assert_eq!(
-        (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
-        ("reject", "deny", "header_timeout"),
-        "{a:?}"
-    );
-    assert_eq!((a.method, a.client), (None, client));
     assert_eq!(origin.settled_connections(), 0);
     still_serves(&proxy, &origin);
 }
 
 #[test]
 fn a_quiet_keep_alive_connection_is_closed_after_request_header_without_audit() {
-    let (origin, proxy) = setup("", "", |c| c);
     let bound = Duration::from_secs(2);
+    let (origin, cfg) = origin_and_config();
+    let proxy = Proxy::of(&cfg.request_header(bound));
     let port = origin.addr.port();
     let mut s = raw(&proxy);
     s.write_all(
@@ -449,7 +306,6 @@ fn a_quiet_keep_alive_connection_is_closed_after_request_header_without_audit() 
     )
     .unwrap();
     let (head, _) = read_response(&mut s);
-    let quiet_from = Instant::now();
     assert_eq!(status_of(&head), 200, "{head}");
     assert!(
         head_header(&head, "connection").is_none(),
@@ -458,16 +314,7 @@ fn a_quiet_keep_alive_connection_is_closed_after_request_header_without_audit() 
     assert_eq!(proxy.audit().reason, "allowed");
 
     let rest = read_until_closed(&mut s);
-    let closed = quiet_from.elapsed();
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    assert!(
-        closed >= bound - Duration::from_millis(100),
-        "closed early: {closed:?}"
-    );
-    assert!(
-        closed < bound + Duration::from_secs(3),
-        "closed {closed:?} after the response; the bound is {bound:?}"
-    );
     // Going quiet between requests is not a refusal: no line.
     proxy.no_audit_for(Duration::from_millis(500));
     still_serves(&proxy, &origin);
@@ -544,25 +391,17 @@ fn serve_big(mut stream: TcpStream, written: &AtomicU64, cut: &AtomicBool) {
 }
 
 #[test]
-fn a_client_that_never_reads_is_cut_after_idle_with_bounded_memory() {
+fn a_client_that_never_reads_is_cut_after_idle() {
     let big = BigOrigin::start();
     let bport = big.addr.port();
-    let (origin, proxy) = setup(
-        "",
-        "limits = { max_response_body_bytes = 2147483648 }",
-        |c| {
-            c.replace("idle = \"30s\"", "idle = \"1s\"")
-                .replace(
-                    "\"origin.test\" = [\"127.0.0.1\"]",
-                    "\"origin.test\" = [\"127.0.0.1\"], \"big.test\" = [\"127.0.0.1\"]",
-                )
-                .replace(
-                    "allow = [\"origin.test:",
-                    &format!("allow = [\"big.test:{bport}\", \"origin.test:"),
-                )
-        },
-    );
     let idle = Duration::from_secs(1);
+    let (origin, cfg) = origin_and_config();
+    let proxy = Proxy::of(
+        &cfg.idle(idle)
+            .hosts_to_loopback(&["big.test"])
+            .allow(format!("big.test:{bport}"))
+            .test_limits(|l| l.max_response_body_bytes = Some(2 << 30)),
+    );
     let get = |n: u64| {
         format!(
             "GET http://big.test:{bport}/bytes/{n} HTTP/1.1\r\nHost: big.test:{bport}\r\nConnection: close\r\n\r\n"
@@ -576,43 +415,16 @@ fn a_client_that_never_reads_is_cut_after_idle_with_bounded_memory() {
     assert!(all.len() > 8 << 20, "{}", all.len());
     let a = proxy.audit();
     assert_eq!((a.reason.as_str(), a.bytes_down), ("allowed", 8 << 20));
-    let baseline = mem_kib(&proxy, "VmRSS");
-    reset_peak(&proxy);
 
-    // 1 GiB asked for, not a byte read.
+    // 1 GiB asked for, not a byte read: the client's receive window fills, the response
+    // stalls, and `idle` cuts it.
     let mut s = raw(&proxy);
-    let asked = Instant::now();
     s.write_all(get(1 << 30).as_bytes()).unwrap();
-    let a = proxy.audit();
-    // The client's receive window fills within milliseconds of the request, so the stall
-    // starts at the request: the cut comes `idle` later.
-    let cut = asked.elapsed();
-    let peak = mem_kib(&proxy, "VmHWM");
-    eprintln!(
-        "slow reader: cut and audited {cut:?} after the request; the origin wrote {} KiB, the \
-         gateway passed {} KiB to the client socket; RSS baseline {baseline} KiB, peak {peak} KiB",
-        big.written.load(Ordering::SeqCst) >> 10,
-        a.bytes_down >> 10,
-    );
-    assert_eq!(
-        (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
-        ("http", "allow", "idle_timeout"),
-        "{a:?}"
-    );
-    assert_eq!(a.status, Some(200));
+    let a = proxy.expect_audit(AuditMatch::of("http", "allow", "idle_timeout").status(200));
     assert!(a.bytes_down < 1 << 30, "{a:?}");
     assert!(
-        cut >= idle,
-        "cut {cut:?} after the request, before the idle bound"
-    );
-    assert!(
-        cut < idle + Duration::from_secs(3),
-        "cut {cut:?} after the request; idle is {idle:?}"
-    );
-    // Bounded buffers: the unread gigabyte is not held in the gateway.
-    assert!(
-        peak < baseline + 8 * 1024,
-        "RSS rose from {baseline} KiB to a peak of {peak} KiB with an unread response"
+        big.written.load(Ordering::SeqCst) < 1 << 30,
+        "the origin was not cut before it wrote the whole response"
     );
     // The client finds the connection closed after what was in flight; the origin was cut too.
     let buffered = read_until_closed(&mut s);
@@ -696,24 +508,22 @@ fn tunnels_hold_their_permits_while_handshaking_and_dialling() {
     let hport = hole.port();
     let origin = Origin::http();
     let oport = origin.addr.port();
-    let proxy = Proxy::start(
-        &config(
-            &hosts_to_loopback(&["echo.test", "hole.test", "origin.test"]),
-            &[
-                format!("echo.test:{port}"),
-                format!("hole.test:{hport}"),
-                format!("origin.test:{oport}"),
-            ],
-            &format!("limits = {{ max_concurrent = 2 }}\n\n[sni]\nports = [{port}]\n"),
-        )
-        // The hello bound is what is measured; long enough that the third CONNECT is judged
-        // while both still wait, even on a busy box. The dial bound is never reached: the
-        // dials are ended by closing the listener once the third has been judged.
-        .replace("request_header = \"2s\"", "request_header = \"4s\"")
-        .replace("connect = \"2s\"", "connect = \"30s\""),
+    let hello_bound = Duration::from_secs(4);
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["echo.test", "hole.test", "origin.test"])
+            .allow(format!("echo.test:{port}"))
+            .allow(format!("hole.test:{hport}"))
+            .allow(format!("origin.test:{oport}"))
+            .test_limits(|l| l.max_concurrent = Some(2))
+            .sni_ports(&[port])
+            // The hello bound is what is cut at; long enough that the third CONNECT is judged
+            // while both still wait, even on a busy box. The dial bound is never reached: the
+            // dials are ended by closing the listener once the third has been judged.
+            .request_header(hello_bound)
+            .connect(Duration::from_secs(30)),
     );
     let echo_at = format!("echo.test:{port}");
-    let hello_bound = Duration::from_secs(4); // timeouts.request_header
 
     // Two tunnels to an `[sni] ports` port whose clients never send their ClientHello.
     let mut waiting = Vec::new();
@@ -721,25 +531,20 @@ fn tunnels_hold_their_permits_while_handshaking_and_dialling() {
         let mut s = send_connect(&proxy, &echo_at);
         let head = read_head(&mut s);
         assert_eq!(status_of(&head), 200, "{head}");
-        waiting.push((s, Instant::now()));
+        waiting.push(s);
     }
     third_is_refused(&proxy, &echo_at);
     // The hello bound cuts both; nothing reached the upstream, and each is audited.
-    for (mut s, opened) in waiting {
+    for mut s in waiting {
         let got = read_until_closed(&mut s);
-        let cut = opened.elapsed();
         assert!(got.is_empty());
-        assert!(cut >= hello_bound - Duration::from_millis(100), "{cut:?}");
-        assert!(cut < hello_bound + Duration::from_secs(3), "{cut:?}");
     }
     for _ in 0..2 {
-        let a = proxy.audit();
-        assert_eq!(
-            (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
-            ("connect", "deny", "not_tls"),
-            "{a:?}"
+        proxy.expect_audit(
+            AuditMatch::of("connect", "deny", "not_tls")
+                .status(200)
+                .bytes_up(0),
         );
-        assert_eq!((a.status, a.bytes_up), (Some(200), 0));
     }
     // Their permits are back: a new tunnel is admitted (and closed by its client).
     let mut s = send_connect(&proxy, &echo_at);
@@ -845,43 +650,27 @@ fn unknown_clients_leave_no_state_behind() {
     let port = origin.addr.port();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tok.token"), "the-real-token\n").unwrap();
-    let cfg = config_with_server(
-        "admin_listen = \"127.0.0.1:0\"",
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        "\n[[agents]]\nname = \"tok\"\ntoken_file = \"tok.token\"\npolicy = \"test\"\n",
-    )
-    .replace(
-        "source_cidrs = [\"127.0.0.0/8\"]",
-        "source_cidrs = [\"127.0.0.1/32\"]",
-    );
-    let path = dir.path().join("chokepoint.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let proxy = Proxy::start_at(dir, path);
+    let cfg = ConfigBuilder::new()
+        .admin()
+        .hosts_to_loopback(&["origin.test"])
+        .allow(format!("origin.test:{port}"))
+        .edit_agent(TESTER, |a| {
+            a.source_cidrs = Some(vec!["127.0.0.1/32".into()])
+        })
+        .agent(Agent::token("tok", "tok.token", TEST_POLICY));
+    let proxy = Proxy::of_in(dir, &cfg);
 
-    // Warm-up: every kind of refusal, so each metric series and allocator arena exists.
+    // Warm-up: every kind of refusal, so each metric series exists.
     for i in 0..300 {
         unknown_client(&proxy, i);
     }
     let series = metric_series(&proxy);
-    let before = mem_kib(&proxy, "VmRSS");
-    let started = Instant::now();
+    // Each further request carries a distinct ~4 KiB token and a ~200-byte host, from one of
+    // eight addresses. (What the gateway's memory does over such a flood is benchmarked.)
     const N: usize = 2000;
     for i in 300..300 + N {
         unknown_client(&proxy, i);
     }
-    let took = started.elapsed();
-    let after = mem_kib(&proxy, "VmRSS");
-    eprintln!(
-        "{N} unknown clients in {took:?}: RSS {before} KiB -> {after} KiB ({:+} KiB)",
-        after as i64 - before as i64
-    );
-    // Each request carried a distinct ~4 KiB token and a ~200-byte host: state kept per
-    // client, host or token would add ≥ 400 KiB here.
-    assert!(
-        after < before + 400,
-        "RSS grew from {before} KiB to {after} KiB over {N} unknown clients"
-    );
     assert_eq!(
         metric_series(&proxy),
         series,
@@ -892,32 +681,25 @@ fn unknown_clients_leave_no_state_behind() {
 
 // === 7. 5,000 stalled connections ===
 
-/// 5,000 connections that each send a few bytes of a head and stall. Measured (debug build, a
-/// busy 2-core box): about 19 KiB of RSS per stalled connection while open (mostly hyper's
-/// read buffer, which grows to 16 KiB on the second read of an incomplete head, plus its
-/// connection state and the task), all 5,000 cut and audited at `request_header`, every socket
-/// released. The RSS does not drop back after the cut: heaptrack shows the heap back at its
-/// baseline, but glibc's malloc keeps the freed pages (reused by the next flood); see
-/// docs/security.md.
+/// 5,000 connections that each send a few bytes of a head and stall: all accepted, all cut and
+/// audited at `request_header`, every socket released, and the gateway still serves. (Their
+/// memory, about 19 KiB each while open, is benchmarked; see docs/security.md.)
 #[test]
-fn five_thousand_stalled_connections_cost_bounded_memory_and_are_all_cut() {
+fn five_thousand_stalled_connections_are_all_cut_and_released() {
     const N: usize = 5000;
     const BATCH: usize = 100;
     // Long enough for the gateway to accept all 5,000 before it cuts the first, even when the
-    // box is busy; the cut is measured against it.
+    // box is busy.
     let bound = Duration::from_secs(10);
-    let (origin, proxy) = setup("max_connections = 6000", "", |c| {
-        c.replace("request_header = \"2s\"", "request_header = \"10s\"")
-    });
+    raise_fd_limit(N + 1000);
+    let (origin, cfg) = origin_and_config();
+    let proxy = Proxy::of(&cfg.max_connections(6000).request_header(bound));
     // No warm-up request: its upstream connection would linger in the descriptor count.
-    let fds = open_fds(&proxy);
-    let baseline = mem_kib(&proxy, "VmRSS");
-    reset_peak(&proxy);
+    let fds = gateway_fds(&proxy);
 
     // Opened in batches the gateway accepts before the next: a burst beyond the listen backlog
     // (128, tokio's default) would have the kernel drop SYNs, and the retried connections
     // arrive a second late.
-    let started = Instant::now();
     let mut conns = Vec::with_capacity(N);
     for batch in 0..N / BATCH {
         for i in 0..BATCH {
@@ -928,53 +710,20 @@ fn five_thousand_stalled_connections_cost_bounded_memory_and_are_all_cut() {
             conns.push(s);
         }
         wait_until(bound, "a batch of connections accepted", || {
-            open_fds(&proxy) >= fds + conns.len()
+            gateway_fds(&proxy) >= fds + conns.len()
         });
     }
-    let opened = started.elapsed();
-    assert!(
-        opened < bound,
-        "accepting took {opened:?}: the first connections were cut before the last were open"
-    );
-    let open_rss = mem_kib(&proxy, "VmRSS");
 
     // The head bound cuts every one of them (the gateway holds no socket more than before),
     // each with its audit line, and each client sees its connection closed.
     wait_until(bound + WAIT, "all stalled connections cut", || {
-        open_fds(&proxy) <= fds
+        gateway_fds(&proxy) <= fds
     });
-    let all_cut = started.elapsed();
-    for i in 0..N {
-        let a = proxy.audit();
-        assert_eq!(
-            (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
-            ("reject", "deny", "header_timeout"),
-            "{i}: {a:?}"
-        );
+    for _ in 0..N {
+        proxy.expect_audit(AuditMatch::of("reject", "deny", "header_timeout"));
     }
     let still_open = conns.iter().filter(|s| !is_closed(s)).count();
     assert_eq!(still_open, 0, "connections the gateway never closed");
     drop(conns);
-    let peak = mem_kib(&proxy, "VmHWM");
-    let after = mem_kib(&proxy, "VmRSS");
-    let per_conn = peak.saturating_sub(baseline) * 1024 / N as u64;
-    eprintln!(
-        "{N} stalled connections: all open after {opened:?}, all cut after {all_cut:?}; RSS \
-         baseline {baseline} KiB, all open {open_rss} KiB, peak {peak} KiB ({per_conn} bytes per \
-         connection), after the cut {after} KiB"
-    );
-    // The first connection was accepted at the start, the last by `opened`.
-    assert!(
-        all_cut >= bound,
-        "cut after {all_cut:?}, before request_header"
-    );
-    assert!(
-        all_cut < opened + bound + Duration::from_secs(5),
-        "the last cut came {all_cut:?} after the first connection; request_header is {bound:?}"
-    );
-    assert!(
-        per_conn < 32 * 1024,
-        "{per_conn} bytes of RSS per stalled connection"
-    );
     still_serves(&proxy, &origin);
 }

@@ -10,13 +10,6 @@ use std::process::{Command, Stdio};
 
 use support::*;
 
-fn with_admin(cfg: &str) -> String {
-    cfg.replace(
-        "listen = \"127.0.0.1:0\"\n",
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
-    )
-}
-
 fn get(proxy: &Proxy, path: &str) -> (String, String) {
     let (_, out, err) = curl(&[
         "-o",
@@ -44,11 +37,12 @@ fn value(scrape: &str, series: &str) -> Option<f64> {
 fn health_ready_and_metrics_after_traffic() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&with_admin(&config(
-        "\"origin.test\" = [\"127.0.0.1\"]",
-        &[format!("origin.test:{port}")],
-        "",
-    )));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}"))
+            .admin(),
+    );
     assert_eq!(get(&proxy, "/healthz"), ("200".into(), "ok\n".into()));
     assert_eq!(get(&proxy, "/readyz").0, "200");
 
@@ -155,11 +149,12 @@ fn which(cmd: &str) -> Result<String, ()> {
 fn the_admin_port_never_proxies() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&with_admin(&config(
-        "\"origin.test\" = [\"127.0.0.1\"]",
-        &[format!("origin.test:{port}")],
-        "",
-    )));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}"))
+            .admin(),
+    );
     let admin = format!("http://{}", proxy.admin.unwrap());
     let (_, out, _) = curl(&[
         "-o",
@@ -191,11 +186,12 @@ fn the_admin_port_never_proxies() {
 fn readyz_fails_while_draining() {
     let echo = Echo::start("127.0.0.1:0");
     let port = echo.addr.port();
-    let mut proxy = Proxy::start(&with_admin(&config(
-        "\"echo.test\" = [\"127.0.0.1\"]",
-        &[format!("echo.test:{port}")],
-        "",
-    )));
+    let mut proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["echo.test"])
+            .allow(format!("echo.test:{port}"))
+            .admin(),
+    );
     let mut tunnel = raw(&proxy);
     tunnel
         .write_all(format!("CONNECT echo.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
@@ -222,33 +218,43 @@ fn a_burst_of_thousands_of_requests_leaves_exactly_one_audit_line_each() {
     const PER_CONN: usize = 400;
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&with_admin(&config(
-        "\"origin.test\" = [\"127.0.0.1\"]",
-        &[format!("origin.test:{port}")],
-        "limits = { requests_per_second = 100000, burst = 100000, max_concurrent = 1000 }",
-    )));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .admin()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}"))
+            .test_limits(|l| {
+                l.requests_per_second = Some(100_000.0);
+                l.burst = Some(100_000);
+                l.max_concurrent = Some(1000);
+            }),
+    );
     let addr = proxy.addr;
     let threads: Vec<_> = (0..CONNS)
         .map(|c| {
             std::thread::spawn(move || {
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                use std::io::{BufRead, BufReader, Read};
+                let s = std::net::TcpStream::connect(addr).unwrap();
                 s.set_read_timeout(Some(WAIT)).unwrap();
+                // Buffered: a read per response, not per byte.
+                let mut s = BufReader::new(s);
                 for i in 0..PER_CONN {
-                    s.write_all(
+                    s.get_mut().write_all(
                         format!("GET http://origin.test:{port}/c{c}/r{i} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
                             .as_bytes(),
                     )
                     .unwrap();
-                    let head = read_head(&mut s);
+                    let mut head = String::new();
+                    while !head.ends_with("\r\n\r\n") {
+                        assert!(s.read_line(&mut head).unwrap() > 0, "closed: {head}");
+                    }
                     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
+                    let len: usize = head_header(&head, "content-length")
                         .unwrap()
                         .parse()
                         .unwrap();
                     let mut body = vec![0; len];
-                    std::io::Read::read_exact(&mut s, &mut body).unwrap();
+                    s.read_exact(&mut body).unwrap();
                 }
             })
         })

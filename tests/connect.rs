@@ -11,23 +11,15 @@ use std::time::Duration;
 
 use support::*;
 
-fn hosts_to_loopback(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[test]
 fn allowed_tunnel_with_curl_is_byte_exact() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}")),
+    );
     let (code, body, err) = curl(&[
         "-p",
         "-x",
@@ -65,11 +57,11 @@ fn allowed_tunnel_with_curl_is_byte_exact() {
 fn raw_tunnel_carries_a_mebibyte_both_ways_and_counts_it() {
     let echo = Echo::start("127.0.0.1:0");
     let port = echo.addr.port();
-    let proxy = Proxy::start(&config(
-        &hosts_to_loopback(&["echo.test"]),
-        &[format!("echo.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["echo.test"])
+            .allow(format!("echo.test:{port}")),
+    );
     let mut s = raw(&proxy);
     // The request on its own; `eager_bytes_arrive_first…` sends payload in the same write.
     s.write_all(
@@ -108,11 +100,11 @@ fn raw_tunnel_carries_a_mebibyte_both_ways_and_counts_it() {
 fn host_off_the_allowlist_is_refused_and_origin_sees_nothing() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(
-        &hosts_to_loopback(&["origin.test", "evil.test"]),
-        &[format!("origin.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test", "evil.test"])
+            .allow(format!("origin.test:{port}")),
+    );
     let (code, out, _) = curl(&[
         "-p",
         "-x",
@@ -177,11 +169,11 @@ fn wildcard_edges() {
         "badwild.test",
         "wild.test.evil.test",
     ];
-    let proxy = Proxy::start(&config(
-        &hosts_to_loopback(&names),
-        &[format!("*.wild.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&names)
+            .allow(format!("*.wild.test:{port}")),
+    );
     let cases = [
         ("a.wild.test", "200", "allowed"),
         ("x.y.wild.test", "200", "allowed"),
@@ -222,11 +214,11 @@ fn ip_literals_need_a_rule_and_still_get_vetted() {
     let port = origin.addr.port();
     let internal = Origin::http_on("127.0.0.66:0");
     let iport = internal.addr.port();
-    let proxy = Proxy::start(&config(
-        "",
-        &[format!("127.0.0.1:{port}"), format!("127.0.0.66:{iport}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .allow(format!("127.0.0.1:{port}"))
+            .allow(format!("127.0.0.66:{iport}")),
+    );
     let connect = |authority: String| {
         let mut s = raw(&proxy);
         s.write_all(format!("CONNECT {authority} HTTP/1.1\r\n\r\n").as_bytes())
@@ -264,11 +256,11 @@ fn ip_literals_need_a_rule_and_still_get_vetted() {
 fn port_rules() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(
-        &hosts_to_loopback(&["api.test"]),
-        &["api.test".to_string()],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["api.test"])
+            .allow("api.test"),
+    );
     let mut s = raw(&proxy);
     s.write_all(format!("CONNECT api.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
         .unwrap();
@@ -292,16 +284,12 @@ fn tunnel_to_the_proxy_itself_is_refused() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = config(
-        &hosts_to_loopback(&["self.test"]),
-        &[format!("self.test:{free}"), format!("127.0.0.1:{free}")],
-        "",
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{free}\""),
-    );
-    let proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["self.test"])
+        .allow(format!("self.test:{free}"))
+        .allow(format!("127.0.0.1:{free}"))
+        .server(|s| s.listen = format!("127.0.0.1:{free}"));
+    let proxy = Proxy::of(&cfg);
     for target in ["self.test", "127.0.0.1"] {
         let mut s = raw(&proxy);
         s.write_all(format!("CONNECT {target}:{free} HTTP/1.1\r\n\r\n").as_bytes())
@@ -318,7 +306,7 @@ fn tunnel_to_the_proxy_itself_is_refused() {
 
 #[test]
 fn slow_request_head_is_cut_off_and_audited() {
-    let proxy = Proxy::start(&config("", &[], ""));
+    let proxy = Proxy::of(&ConfigBuilder::new());
     let mut s = raw(&proxy);
     // Part of a head, then silence: request_header is 2s in the test config.
     s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\nX-A: ")
@@ -343,13 +331,11 @@ fn slow_request_head_is_cut_off_and_audited() {
 fn idle_tunnel_is_closed_and_audited() {
     let echo = Echo::start("127.0.0.1:0");
     let port = echo.addr.port();
-    let cfg = config(
-        &hosts_to_loopback(&["echo.test"]),
-        &[format!("echo.test:{port}")],
-        "",
-    )
-    .replace("idle = \"30s\"", "idle = \"1s\"");
-    let proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["echo.test"])
+        .allow(format!("echo.test:{port}"))
+        .idle(Duration::from_secs(1));
+    let proxy = Proxy::of(&cfg);
     let mut s = raw(&proxy);
     s.write_all(format!("CONNECT echo.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
         .unwrap();
@@ -373,7 +359,7 @@ fn idle_tunnel_is_closed_and_audited() {
 
 #[test]
 fn malformed_requests_get_400_and_an_audit_line() {
-    let proxy = Proxy::start(&config("", &[], ""));
+    let proxy = Proxy::of(&ConfigBuilder::new());
     let cases: [(&[u8], &str); 5] = [
         (
             b"CONNECT user@host.test:443 HTTP/1.1\r\n\r\n",
@@ -427,12 +413,13 @@ fn scripted_origin<T: Send + 'static>(
     (port, handle)
 }
 
-fn tunnel_proxy(port: u16, extra: &str) -> Proxy {
-    Proxy::start(&config(
-        &hosts_to_loopback(&["origin.test"]),
-        &[format!("origin.test:{port}")],
-        extra,
-    ))
+fn tunnel_proxy(port: u16, limits: impl FnOnce(&mut Limits)) -> Proxy {
+    Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}"))
+            .test_limits(limits),
+    )
 }
 
 fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {
@@ -451,7 +438,7 @@ fn eager_bytes_arrive_first_and_client_half_close_is_passed_on() {
         s.write_all(b"answer after your EOF").unwrap();
         got
     });
-    let proxy = tunnel_proxy(port, "");
+    let proxy = tunnel_proxy(port, |_| {});
     let mut s = raw(&proxy);
     s.write_all(
         format!("CONNECT origin.test:{port} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\nhello, ")
@@ -480,7 +467,7 @@ fn upstream_half_close_is_passed_on() {
         s.shutdown(std::net::Shutdown::Write).unwrap();
         read_all(&mut s)
     });
-    let proxy = tunnel_proxy(port, "");
+    let proxy = tunnel_proxy(port, |_| {});
     let mut s = raw(&proxy);
     s.write_all(format!("CONNECT origin.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
         .unwrap();
@@ -502,7 +489,7 @@ fn upstream_half_close_is_passed_on() {
 #[test]
 fn spliced_upload_is_cut_at_exactly_the_cap() {
     let (port, origin) = scripted_origin(|mut s| read_all(&mut s).len());
-    let proxy = tunnel_proxy(port, "limits = { max_tunnel_upload_bytes = 100000 }");
+    let proxy = tunnel_proxy(port, |l| l.max_tunnel_upload_bytes = Some(100_000));
     let mut s = raw(&proxy);
     s.write_all(format!("CONNECT origin.test:{port} HTTP/1.1\r\n\r\n").as_bytes())
         .unwrap();

@@ -179,40 +179,12 @@ impl Drop for Dns {
     }
 }
 
-/// The test config, in the shape of `support::config`, with the proxy's nameserver pointed at
-/// `dns` and the DNS timeout `dns_timeout`.
-fn dns_config(dns: SocketAddr, dns_timeout: &str, hosts: &str, allow: &[String]) -> String {
-    let allow: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[timeouts]
-request_header = "2s"
-connect = "2s"
-dns = "{dns_timeout}"
-idle = "30s"
-shutdown_grace = "10s"
-
-[dns]
-nameservers = ["{dns}"]
-hosts = {{ {hosts} }}
-
-[destinations]
-allow_cidrs = ["127.0.0.1/32"]
-deny_cidrs = ["127.0.0.64/26"]
-
-[[agents]]
-name = "tester"
-source_cidrs = ["127.0.0.0/8"]
-policy = "test"
-
-[policies.test]
-allow = [{allow}]
-"#,
-        allow = allow.join(", ")
-    )
+/// The standard test config with the proxy's nameserver at `dns` and the DNS timeout
+/// `dns_timeout`.
+fn dns_config(dns: SocketAddr, dns_timeout: Duration) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .nameserver(dns)
+        .dns_timeout(dns_timeout)
 }
 
 /// An origin on 127.0.0.1 and another on 127.0.0.66, on the same port, so one name can point at
@@ -287,22 +259,13 @@ fn fetch(proxy: &Proxy, url: &str, tunnel: bool) -> Got {
     }
 }
 
-/// Give a connection that should not happen a moment to show up before counting.
-fn settle() {
-    thread::sleep(Duration::from_millis(200));
-}
-
 #[test]
 fn name_answered_with_allowed_address_is_reached() {
     let dns = Dns::start(|_, _, _| Reply::A(PUBLIC));
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("name.test:{port}")],
-    ));
+    let proxy =
+        Proxy::of(&dns_config(dns.addr, Duration::from_secs(2)).allow(format!("name.test:{port}")));
 
     let got = fetch(&proxy, &format!("http://name.test:{port}/x"), false);
     assert_eq!(got.exit, 0, "{got:?}");
@@ -336,12 +299,9 @@ fn name_answered_with_denied_address_is_refused_before_dialling() {
     let dns = Dns::start(|_, _, _| Reply::A(INTERNAL));
     let internal = Origin::http_on(&format!("{INTERNAL}:0"));
     let port = internal.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("internal.test:{port}")],
-    ));
+    let proxy = Proxy::of(
+        &dns_config(dns.addr, Duration::from_secs(2)).allow(format!("internal.test:{port}")),
+    );
 
     let got = fetch(
         &proxy,
@@ -363,8 +323,11 @@ fn name_answered_with_denied_address_is_refused_before_dialling() {
     assert_eq!(a.status, Some(403));
 
     assert_eq!(dns.queries("internal.test"), 1);
-    settle();
-    assert_eq!(internal.connections(), 0, "the denied address was dialled");
+    assert_eq!(
+        internal.settled_connections(),
+        0,
+        "the denied address was dialled"
+    );
 }
 
 /// First answer 127.0.0.1, every later one 127.0.0.66 (TTL 0): the request is sent to the address
@@ -373,12 +336,9 @@ fn rebind_to_internal(tunnel: bool) {
     let dns = Dns::start(|_, _, nth| Reply::A(if nth == 0 { PUBLIC } else { INTERNAL }));
     let (public, internal) = origin_pair();
     let port = public.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("rebind.test:{port}")],
-    ));
+    let proxy = Proxy::of(
+        &dns_config(dns.addr, Duration::from_secs(2)).allow(format!("rebind.test:{port}")),
+    );
     let url = format!("http://rebind.test:{port}/r");
     let event = if tunnel { "connect" } else { "http" };
 
@@ -422,9 +382,12 @@ fn rebind_to_internal(tunnel: bool) {
     assert_eq!(a.upstream, None);
     assert_eq!(a.status, Some(403));
 
-    settle();
-    assert_eq!(internal.connections(), 0, "the rebound address was dialled");
-    assert_eq!(public.connections(), 1);
+    assert_eq!(
+        internal.settled_connections(),
+        0,
+        "the rebound address was dialled"
+    );
+    assert_eq!(public.settled_connections(), 1);
 }
 
 /// First answer 127.0.0.66, every later one 127.0.0.1: the first request is refused and nothing
@@ -433,12 +396,8 @@ fn rebind_to_public(tunnel: bool) {
     let dns = Dns::start(|_, _, nth| Reply::A(if nth == 0 { INTERNAL } else { PUBLIC }));
     let (public, internal) = origin_pair();
     let port = public.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("flip.test:{port}")],
-    ));
+    let proxy =
+        Proxy::of(&dns_config(dns.addr, Duration::from_secs(2)).allow(format!("flip.test:{port}")));
     let url = format!("http://flip.test:{port}/f");
     let event = if tunnel { "connect" } else { "http" };
 
@@ -463,13 +422,16 @@ fn rebind_to_public(tunnel: bool) {
     assert_eq!(a.upstream, None);
     assert_eq!(a.status, Some(403));
 
-    settle();
     assert_eq!(
-        public.connections(),
+        public.settled_connections(),
         0,
         "a refused request dialled something"
     );
-    assert_eq!(internal.connections(), 0, "the denied address was dialled");
+    assert_eq!(
+        internal.settled_connections(),
+        0,
+        "the denied address was dialled"
+    );
 
     let got = fetch(&proxy, &url, tunnel);
     assert_eq!(got.exit, 0, "{got:?}");
@@ -484,9 +446,8 @@ fn rebind_to_public(tunnel: bool) {
     assert_eq!(a.upstream.as_deref(), Some(&*format!("127.0.0.1:{port}")));
     assert_eq!(a.status, Some(200));
 
-    settle();
-    assert_eq!(public.connections(), 1);
-    assert_eq!(internal.connections(), 0);
+    assert_eq!(public.settled_connections(), 1);
+    assert_eq!(internal.settled_connections(), 0);
 }
 
 #[test]
@@ -514,12 +475,9 @@ fn nxdomain_is_a_502_dns_failed() {
     let dns = Dns::start(|_, _, _| Reply::NxDomain);
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("missing.test:{port}")],
-    ));
+    let proxy = Proxy::of(
+        &dns_config(dns.addr, Duration::from_secs(2)).allow(format!("missing.test:{port}")),
+    );
 
     let got = fetch(&proxy, &format!("http://missing.test:{port}/"), false);
     assert_eq!(got.exit, 0, "{got:?}");
@@ -538,7 +496,7 @@ fn nxdomain_is_a_502_dns_failed() {
     assert_eq!(a.status, Some(502));
 
     assert_eq!(dns.queries_of("missing.test", RecordType::A), 1);
-    assert_eq!(origin.connections(), 0);
+    assert_eq!(origin.settled_connections(), 0);
 }
 
 #[test]
@@ -546,20 +504,13 @@ fn silent_nameserver_is_a_504_dns_timeout() {
     let dns = Dns::start(|_, _, _| Reply::Silent);
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "1s",
-        "",
-        &[format!("slow.test:{port}")],
-    ));
+    let proxy =
+        Proxy::of(&dns_config(dns.addr, Duration::from_secs(1)).allow(format!("slow.test:{port}")));
 
-    let started = Instant::now();
     let got = fetch(&proxy, &format!("http://slow.test:{port}/"), false);
-    let took = started.elapsed();
     assert_eq!(got.exit, 0, "{got:?}");
     assert_eq!(got.status, 504, "{got:?}");
     assert_eq!(got.reason_header().as_deref(), Some("dns_timeout"));
-    assert!(took < Duration::from_secs(15), "took {took:?}");
 
     let a = proxy.audit();
     assert_eq!(a.event, "http");
@@ -574,7 +525,7 @@ fn silent_nameserver_is_a_504_dns_timeout() {
         dns.queries_of("slow.test", RecordType::A) >= 1,
         "the proxy never asked"
     );
-    assert_eq!(origin.connections(), 0);
+    assert_eq!(origin.settled_connections(), 0);
 }
 
 #[test]
@@ -583,15 +534,12 @@ fn static_hosts_win_over_dns() {
     let dns = Dns::start(|_, _, _| Reply::A(INTERNAL));
     let (public, internal) = origin_pair();
     let port = public.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        r#""static.test" = ["127.0.0.1"]"#,
-        &[
-            format!("static.test:{port}"),
-            format!("dynamic.test:{port}"),
-        ],
-    ));
+    let proxy = Proxy::of(
+        &dns_config(dns.addr, Duration::from_secs(2))
+            .hosts_to_loopback(&["static.test"])
+            .allow(format!("static.test:{port}"))
+            .allow(format!("dynamic.test:{port}")),
+    );
 
     let got = fetch(&proxy, &format!("http://static.test:{port}/s"), false);
     assert_eq!(got.exit, 0, "{got:?}");
@@ -626,9 +574,8 @@ fn static_hosts_win_over_dns() {
     assert_eq!(dns.queries("dynamic.test"), 1);
     assert_eq!(dns.queries("static.test"), 0);
 
-    settle();
-    assert_eq!(public.connections(), 1);
-    assert_eq!(internal.connections(), 0);
+    assert_eq!(public.settled_connections(), 1);
+    assert_eq!(internal.settled_connections(), 0);
 }
 
 /// SERVFAIL and NODATA (NOERROR, no record) end like NXDOMAIN: 502 `dns_failed` (resolve.rs maps
@@ -643,7 +590,7 @@ fn servfail_and_nodata_are_502_with_their_own_reasons() {
     let port = origin.addr.port();
     let names = ["servfail.test", "nodata.test"];
     let allow: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
-    let proxy = Proxy::start(&dns_config(dns.addr, "2s", "", &allow));
+    let proxy = Proxy::of(&dns_config(dns.addr, Duration::from_secs(2)).allow_all(&allow));
 
     for (name, reason) in names.into_iter().zip(["dns_failed", "dns_no_addresses"]) {
         let got = fetch(&proxy, &format!("http://{name}:{port}/"), false);
@@ -661,7 +608,7 @@ fn servfail_and_nodata_are_502_with_their_own_reasons() {
         assert_eq!(a.status, Some(502));
         assert_eq!(dns.queries_of(name, RecordType::A), 1, "{name}");
     }
-    assert_eq!(origin.connections(), 0);
+    assert_eq!(origin.settled_connections(), 0);
 }
 
 /// An answer mixing a denied and an allowed address: only the allowed one is dialled, even when
@@ -671,12 +618,9 @@ fn mixed_answer_dials_only_the_allowed_address() {
     let dns = Dns::start(|_, _, _| Reply::Many(&[INTERNAL, PUBLIC]));
     let (public, internal) = origin_pair();
     let port = public.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("mixed.test:{port}")],
-    ));
+    let proxy = Proxy::of(
+        &dns_config(dns.addr, Duration::from_secs(2)).allow(format!("mixed.test:{port}")),
+    );
 
     for tunnel in [false, true] {
         let got = fetch(&proxy, &format!("http://mixed.test:{port}/m"), tunnel);
@@ -693,9 +637,8 @@ fn mixed_answer_dials_only_the_allowed_address() {
         assert_eq!(a.status, Some(200));
     }
     assert_eq!(dns.queries("mixed.test"), 2);
-    settle();
-    assert_eq!(public.connections(), 2);
-    assert_eq!(internal.connections(), 0);
+    assert_eq!(public.settled_connections(), 2);
+    assert_eq!(internal.settled_connections(), 0);
 }
 
 /// Only the first `MAX_ADDRS` (8) addresses of an answer are vetted: an allowed ninth address is
@@ -716,12 +659,8 @@ fn addresses_past_the_eighth_are_ignored() {
     let dns = Dns::start(|_, _, _| Reply::Many(&LONG));
     let (public, internal) = origin_pair();
     let port = public.addr.port();
-    let proxy = Proxy::start(&dns_config(
-        dns.addr,
-        "2s",
-        "",
-        &[format!("long.test:{port}")],
-    ));
+    let proxy =
+        Proxy::of(&dns_config(dns.addr, Duration::from_secs(2)).allow(format!("long.test:{port}")));
 
     let got = fetch(&proxy, &format!("http://long.test:{port}/"), false);
     assert_eq!(got.status, 403, "{got:?}");
@@ -733,7 +672,6 @@ fn addresses_past_the_eighth_are_ignored() {
     assert_eq!(a.upstream, None);
     assert_eq!(a.status, Some(403));
     assert_eq!(dns.queries("long.test"), 1);
-    settle();
-    assert_eq!(public.connections(), 0);
-    assert_eq!(internal.connections(), 0);
+    assert_eq!(public.settled_connections(), 0);
+    assert_eq!(internal.settled_connections(), 0);
 }

@@ -14,12 +14,11 @@ use support::*;
 fn setup(names: &[&str]) -> (Origin, Proxy, u16) {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let hosts = names
-        .iter()
-        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let proxy = Proxy::start(&config(&hosts, &[format!("origin.test:{port}")], ""));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(names)
+            .allow(format!("origin.test:{port}")),
+    );
     (origin, proxy, port)
 }
 
@@ -251,16 +250,13 @@ fn requests_that_are_not_proxy_requests() {
 fn unknown_client_address_is_refused() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let cfg = config(
-        "\"origin.test\" = [\"127.0.0.1\"]",
-        &[format!("origin.test:{port}")],
-        "",
-    )
-    .replace(
-        "source_cidrs = [\"127.0.0.0/8\"]",
-        "source_cidrs = [\"127.0.0.10/32\"]",
-    );
-    let proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["origin.test"])
+        .allow(format!("origin.test:{port}"))
+        .edit_agent(TESTER, |a| {
+            a.source_cidrs = Some(vec!["127.0.0.10/32".into()])
+        });
+    let proxy = Proxy::of(&cfg);
     let url = format!("http://origin.test:{port}/");
     let (_, out, _) = curl(&[
         "-o",
@@ -301,14 +297,12 @@ fn upstream_faults_are_502_with_the_reason() {
         .local_addr()
         .unwrap()
         .port();
-    let proxy = Proxy::start(&config(
-        "\"down.test\" = [\"127.0.0.1\"]",
-        &[
-            format!("down.test:{closed}"),
-            format!("nxdomain.test:{closed}"),
-        ],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["down.test"])
+            .allow(format!("down.test:{closed}"))
+            .allow(format!("nxdomain.test:{closed}")),
+    );
     let (_, out, _) = curl(&[
         "-i",
         "-x",
@@ -432,11 +426,11 @@ fn an_early_answer_does_not_end_the_exchange_before_the_upload() {
         }
         tx.send(seen).unwrap();
     });
-    let proxy = Proxy::start(&config(
-        "\"early.test\" = [\"127.0.0.1\"]",
-        &[format!("early.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["early.test"])
+            .allow(format!("early.test:{port}")),
+    );
     let mut s = raw(&proxy);
     s.write_all(
         format!("POST http://early.test:{port}/up HTTP/1.1\r\nHost: early.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")

@@ -93,11 +93,11 @@ fn hostile_heads(n: usize) -> Vec<Vec<u8>> {
 fn hostile_request_heads_never_crash_or_wedge_the_gateway() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let mut proxy = Proxy::start(&config(
-        "\"origin.test\" = [\"127.0.0.1\"]",
-        &[format!("origin.test:{port}")],
-        "",
-    ));
+    let mut proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}")),
+    );
     for head in hostile_heads(300) {
         let mut s = raw(&proxy);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -58,39 +58,37 @@ struct World {
 }
 
 impl World {
-    /// A gateway with an admin listener; `policy_extra` goes into the test policy's table.
-    fn start(policy_extra: &str) -> World {
+    /// A gateway with an admin listener; the test policy in `mode` (`None`: the default).
+    fn start(mode: Option<&str>) -> World {
         let origin = Origin::http();
         let evil = Origin::http();
         let internal = Origin::http_on("127.0.0.2:0");
         let denied = Origin::http_on("127.0.0.66:0");
         let (o, i, d) = (origin.addr.port(), internal.addr.port(), denied.addr.port());
-        let hosts = [
-            ("origin.test", "127.0.0.1"),
-            ("evil.test", "127.0.0.1"),
-            ("self.test", "127.0.0.1"),
-            ("internal.test", "127.0.0.2"),
-            ("denied.test", "127.0.0.66"),
-        ]
-        .map(|(name, ip)| format!("\"{name}\" = [\"{ip}\"]"))
-        .join(", ");
-        let allow = [
+        let mut cfg = ConfigBuilder::new()
+            .admin()
+            .hosts_to_loopback(&["origin.test", "evil.test", "self.test"])
+            .host("internal.test", &["127.0.0.2"])
+            .host("denied.test", &["127.0.0.66"]);
+        for rule in [
             format!("origin.test:{o}"),
             format!("internal.test:{i}"),
             format!("127.0.0.2:{i}"),
             format!("[::ffff:127.0.0.2]:{i}"),
             format!("denied.test:{d}"),
             format!("127.0.0.66:{d}"),
-        ];
+        ] {
+            cfg = cfg.allow(rule);
+        }
         // Every refused request spends rate budget; these tests send many on purpose.
-        let extra =
-            format!("limits = {{ requests_per_second = 1000, burst = 1000 }}\n{policy_extra}");
-        let cfg = config(&hosts, &allow, &extra).replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
-        );
+        let cfg = cfg.policy(TEST_POLICY, |p| {
+            p.mode = mode.map(String::from);
+            let l = p.limits();
+            l.requests_per_second = Some(1000.0);
+            l.burst = Some(1000);
+        });
         World {
-            proxy: Proxy::start(&cfg),
+            proxy: Proxy::of(&cfg),
             origin,
             evil,
             internal,
@@ -186,7 +184,7 @@ fn assert_refused(head: &str, proxy: &Proxy, by: By, case: &str) -> Audit {
 
 #[test]
 fn ambiguous_framing_is_refused_before_any_upstream() {
-    let w = World::start("");
+    let w = World::start(None);
     w.refused(&[
         // Two Content-Lengths that disagree: which one frames the body is the whole attack.
         ("{post}{host}Content-Length: 0\r\nContent-Length: 47\r\n\r\nGET http://evil.test:{e}/ HTTP/1.1\r\nHost: x\r\n\r\n", By::Parser),
@@ -245,7 +243,7 @@ enum After {
 
 #[test]
 fn framing_the_parser_accepts_reaches_the_origin_as_one_clean_request() {
-    let w = World::start("");
+    let w = World::start(None);
     let smuggled =
         w.fill("GET http://evil.test:{e}/smuggled HTTP/1.1\r\nHost: evil.test:{e}\r\n\r\n");
     let chunked = format!("5\r\nhello\r\n0\r\n\r\n{smuggled}");
@@ -405,7 +403,7 @@ const NEXT: &str = "GET http://origin.test:{o}/next HTTP/1.1\r\nHost: origin.tes
 
 #[test]
 fn host_header_and_request_form_disagreements() {
-    let w = World::start("");
+    let w = World::start(None);
     w.refused(&[
         // The Host header names another destination than the absolute-form target.
         ("{get}Host: evil.test:{e}\r\n\r\n", HOST_MISMATCH),
@@ -462,7 +460,7 @@ fn host_header_and_request_form_disagreements() {
 
 #[test]
 fn userinfo_percent_encoding_zone_ids_and_trailing_dots() {
-    let w = World::start("");
+    let w = World::start(None);
     w.refused(&[
         // Userinfo: `allowed@evil` reads as either host depending on the parser.
         ("CONNECT u:p@origin.test:{o} HTTP/1.1\r\n\r\n", MALFORMED),
@@ -525,7 +523,7 @@ fn userinfo_percent_encoding_zone_ids_and_trailing_dots() {
 
 #[test]
 fn every_spelling_of_a_denied_address_is_refused() {
-    let w = World::start("");
+    let w = World::start(None);
     // 127.0.0.2 as inet_aton, a URL parser or a resolver might read it: never interpreted.
     let non_canonical = [
         "2130706434",
@@ -624,21 +622,16 @@ fn embedded_ipv4_inside_a_private_netns() {
         .iter()
         .map(|(name, addr)| (*name, *addr, Origin::http_on(&format!("[{addr}]:0"))))
         .collect();
-    let hosts = origins
-        .iter()
-        .map(|(name, addr, _)| format!("\"{name}\" = [\"{addr}\"]"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let allow: Vec<String> = origins
-        .iter()
-        .flat_map(|(name, addr, o)| {
-            let port = o.addr.port();
-            [format!("[{addr}]:{port}"), format!("{name}:{port}")]
-        })
-        .collect();
-    let cfg = config(&hosts, &allow, "");
+    let mut cfg = ConfigBuilder::new();
+    for (name, addr, o) in &origins {
+        let port = o.addr.port();
+        cfg = cfg
+            .host(name, &[addr])
+            .allow(format!("[{addr}]:{port}"))
+            .allow(format!("{name}:{port}"));
+    }
 
-    let proxy = Proxy::start(&cfg);
+    let proxy = Proxy::of(&cfg);
     for (name, addr, origin) in &origins {
         let port = origin.addr.port();
         for request in [
@@ -659,10 +652,7 @@ fn embedded_ipv4_inside_a_private_netns() {
     // The control: with 127.0.0.2 excepted, the forms whose IPv6 address is not reserved itself
     // get through, so the origins were reachable and the refusals above were vetting's.
     // `::127.0.0.2` stays refused: it lies in the reserved ::/8.
-    let proxy = Proxy::start(&cfg.replace(
-        "allow_cidrs = [\"127.0.0.1/32\"]",
-        "allow_cidrs = [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
-    ));
+    let proxy = Proxy::of(&cfg.dest_allow("127.0.0.2/32"));
     for (name, addr, origin) in &origins {
         let mut s = raw(&proxy);
         let port = origin.addr.port();
@@ -682,7 +672,7 @@ fn embedded_ipv4_inside_a_private_netns() {
 fn tunnels_to_the_gateways_own_listeners_are_refused() {
     // Report mode lets allowlist refusals through (as would_deny), so what refuses these is
     // vetting alone, which is enforced in every mode.
-    let w = World::start("mode = \"report\"");
+    let w = World::start(Some("report"));
     w.refused(&[
         ("CONNECT 127.0.0.1:{p} HTTP/1.1\r\n\r\n", DENIED_ADDRESS),
         ("CONNECT 127.0.0.1:{a} HTTP/1.1\r\n\r\n", DENIED_ADDRESS),
@@ -718,7 +708,7 @@ fn tunnels_to_the_gateways_own_listeners_are_refused() {
 
 #[test]
 fn upgrade_requests_to_disallowed_hosts_are_refused() {
-    let w = World::start("");
+    let w = World::start(None);
     const WS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     let cases: Vec<(String, By)> = vec![
         (format!("GET http://evil.test:{{e}}/ws HTTP/1.1\r\nHost: evil.test:{{e}}\r\n{WS}"), NOT_ALLOWED),
@@ -756,7 +746,7 @@ fn upgrade_requests_to_disallowed_hosts_are_refused() {
 
 #[test]
 fn pipelined_requests_are_judged_one_by_one() {
-    let w = World::start("");
+    let w = World::start(None);
     // Three requests in one write: the first is served, the later ones refused, each audited.
     let (mut conn, head) = w.send(
         w.fill(concat!(
@@ -833,7 +823,7 @@ fn a_body_that_breaks_its_chunked_framing_is_a_400() {
     // The head is fine, so the request is forwarded; the body then breaks its framing mid-way.
     // The upstream request is aborted (the origin never sees a complete request) and the client
     // is told its request was malformed, not that it went away.
-    let w = World::start("");
+    let w = World::start(None);
     let request = w.fill("{post}{host}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n");
     let (_conn, head) = w.send(request.as_bytes());
     assert_eq!(status_of(&head), 400, "{head}");

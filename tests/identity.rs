@@ -12,53 +12,16 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use support::*;
 
-/// A full config: the standard timeouts and resolver, `hosts` as static names, `dest_allow` as
-/// `[destinations] allow_cidrs`, then `rest` (the `[[agents]]` and `[policies.*]` tables).
-fn identity_config(hosts: &str, dest_allow: &str, rest: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[timeouts]
-request_header = "2s"
-connect = "2s"
-dns = "2s"
-idle = "30s"
-shutdown_grace = "10s"
-
-[dns]
-nameservers = ["127.0.0.1:9"]
-hosts = {{ {hosts} }}
-
-[destinations]
-allow_cidrs = [{dest_allow}]
-
-{rest}
-"#
-    )
-}
-
-/// `"name" = ["ip"]` entries for `[dns] hosts`.
-fn hosts(entries: &[(&str, &str)]) -> String {
-    entries
-        .iter()
-        .map(|(n, ip)| format!("\"{n}\" = [\"{ip}\"]"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A TOML basic string holding `p` (absolute temp paths need no escaping beyond quotes).
-fn toml_path(p: &Path) -> String {
-    let s = p.to_str().unwrap();
-    assert!(!s.contains('"') && !s.contains('\\'), "{s}");
-    format!("\"{s}\"")
+/// The standard listener, bounds and resolver with `hosts` on 127.0.0.1 and 127.0.0.1 excepted
+/// from the loopback deny; no agents or policies yet.
+fn loopback_hosts(hosts: &[&str]) -> ConfigBuilder {
+    ConfigBuilder::bare()
+        .hosts_to_loopback(hosts)
+        .dest_allow("127.0.0.1/32")
 }
 
 /// Write a token file the way a Secret update lands: a temp file in the same directory, renamed
@@ -108,12 +71,7 @@ impl Resp {
 }
 
 fn header_in(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
+    head_header(head, name).map(String::from)
 }
 
 /// A plain-HTTP GET through the proxy from source address `from`, with extra curl arguments.
@@ -165,25 +123,6 @@ fn raw_connect(proxy: &Proxy, authority: &str, auth: Option<&str>) -> (TcpStream
     (s, head)
 }
 
-fn status_of(head: &str) -> u16 {
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"))
-}
-
-/// Read one response (head and content-length body) from an open socket.
-fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let head = read_head(s);
-    let len: usize = header_in(&head, "content-length")
-        .unwrap_or_else(|| panic!("no content-length in {head:?}"))
-        .parse()
-        .unwrap();
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).unwrap();
-    (head, body)
-}
-
 /// The fields every audit line of a decided request must have.
 #[track_caller]
 fn check_audit(
@@ -193,19 +132,20 @@ fn check_audit(
     outcome: (&str, &str),
     status: u16,
 ) {
-    assert_eq!(a.v, 1, "{a:?}");
-    assert_eq!((a.agent.as_deref(), a.policy.as_deref()), who, "{a:?}");
-    assert!(
-        a.client.starts_with(&format!("{client_ip}:")),
-        "client {} is not from {client_ip}: {a:?}",
-        a.client
-    );
-    assert_eq!((a.decision.as_str(), a.reason.as_str()), outcome, "{a:?}");
-    assert_eq!(a.status, Some(status), "{a:?}");
-    assert_eq!(a.mode, "enforce", "{a:?}");
+    let mut m = AuditMatch::any()
+        .and("v == 1", |a| a.v == 1)
+        .agent(who.0)
+        .policy(who.1)
+        .client_ip(client_ip)
+        .decision(outcome.0)
+        .reason(outcome.1)
+        .status(status)
+        .mode("enforce");
     if outcome.0 == "deny" {
-        assert_eq!(a.upstream, None, "a refusal has no upstream: {a:?}");
+        // A refusal has no upstream.
+        m = m.upstream(None);
     }
+    m.assert(a);
 }
 
 /// A refusal response: status, reason header, and (for 407) the challenge.
@@ -244,37 +184,23 @@ fn assert_never_logged(proxy: &Proxy, audits: &[Audit], secrets: &[&str]) {
     }
 }
 
-/// Two agents told apart by source address: alpha on 127.0.0.10, beta on 127.0.0.11.
-const TWO_AGENTS: &str = r#"
-[[agents]]
-name = "alpha"
-source_cidrs = ["127.0.0.10/32"]
-policy = "alpha-apis"
-
-[[agents]]
-name = "beta"
-source_cidrs = ["127.0.0.11/32"]
-policy = "beta-apis"
-"#;
+/// Two agents told apart by source address: alpha on 127.0.0.10 (policy `alpha-apis`), beta on
+/// 127.0.0.11 (`beta-apis`).
+fn two_agents(c: ConfigBuilder) -> ConfigBuilder {
+    c.agent(Agent::cidrs("alpha", &["127.0.0.10/32"], "alpha-apis"))
+        .agent(Agent::cidrs("beta", &["127.0.0.11/32"], "beta-apis"))
+}
 
 #[test]
 fn agents_by_source_address_each_get_their_own_allowlist() {
     let origin_a = Origin::http();
     let origin_b = Origin::http();
     let (pa, pb) = (origin_a.addr.port(), origin_b.addr.port());
-    let proxy = Proxy::start(&identity_config(
-        &hosts(&[("a.test", "127.0.0.1"), ("b.test", "127.0.0.1")]),
-        "\"127.0.0.1/32\"",
-        &format!(
-            "{TWO_AGENTS}
-[policies.alpha-apis]
-allow = [\"a.test:{pa}\"]
-
-[policies.beta-apis]
-allow = [\"b.test:{pb}\"]
-"
-        ),
-    ));
+    let proxy = Proxy::of(
+        &two_agents(loopback_hosts(&["a.test", "b.test"]))
+            .policy("alpha-apis", |p| p.allow = vec![format!("a.test:{pa}")])
+            .policy("beta-apis", |p| p.allow = vec![format!("b.test:{pb}")]),
+    );
     let alpha = (Some("alpha"), Some("alpha-apis"));
     let beta = (Some("beta"), Some("beta-apis"));
     let url_a = format!("http://a.test:{pa}/from-alpha");
@@ -406,23 +332,10 @@ allow = [\"b.test:{pb}\"]
 const TOKEN: &str = "tok-7Qx2vLp9-correct-horse-battery";
 
 /// One token-only agent `coder` whose policy allows the origin on `port`.
-fn coder_config(token_path: &Path, port: u16) -> String {
-    identity_config(
-        &hosts(&[("origin.test", "127.0.0.1")]),
-        "\"127.0.0.1/32\"",
-        &format!(
-            "
-[[agents]]
-name = \"coder\"
-token_file = {}
-policy = \"coding\"
-
-[policies.coding]
-allow = [\"origin.test:{port}\"]
-",
-            toml_path(token_path)
-        ),
-    )
+fn coder_config(token_path: &Path, port: u16) -> ConfigBuilder {
+    loopback_hosts(&["origin.test"])
+        .agent(Agent::token("coder", token_path, "coding"))
+        .policy("coding", |p| p.allow = vec![format!("origin.test:{port}")])
 }
 
 /// A token-only agent `coder` (token in a temp dir) allowed `origin.test:PORT`.
@@ -433,7 +346,7 @@ fn token_setup(token: &str) -> (Origin, Proxy, tempfile::TempDir, PathBuf) {
     let token_path = dir.path().join("coder.token");
     // Surrounding whitespace is not part of the token.
     std::fs::write(&token_path, format!("  {token}\n\n")).unwrap();
-    let proxy = Proxy::start(&coder_config(&token_path, port));
+    let proxy = Proxy::of(&coder_config(&token_path, port));
     (origin, proxy, dir, token_path)
 }
 
@@ -636,26 +549,19 @@ fn rotated_token_file_takes_effect_without_restart() {
         "temp file left behind"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
+    wait_until(WAIT, "the rotated token accepted", || {
         let r = get(&proxy, "127.0.0.1", &url, &["--proxy-user", &new]);
         let a = proxy.audit();
-        if r.status == 200 {
+        let accepted = r.status == 200;
+        if accepted {
             check_audit(&a, coder, "127.0.0.1", ("allow", "allowed"), 200);
-            audits.push(a);
-            break;
+        } else {
+            check_refusal(&r, 407, "auth_failed");
+            check_audit(&a, (None, None), "127.0.0.1", ("deny", "auth_failed"), 407);
         }
-        check_refusal(&r, 407, "auth_failed");
-        check_audit(&a, (None, None), "127.0.0.1", ("deny", "auth_failed"), 407);
         audits.push(a);
-        assert!(
-            attempts < 50 && Instant::now() < deadline,
-            "the rotated token was not accepted within 10 s ({attempts} attempts)"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+        accepted
+    });
 
     // From then on the old token is refused, and the new one keeps working.
     let r = get(&proxy, "127.0.0.1", &url, &["--proxy-user", &old]);
@@ -679,23 +585,15 @@ fn token_and_source_address_must_both_hold() {
     let dir = tempfile::tempdir().unwrap();
     let token_path = dir.path().join("pinned.token");
     std::fs::write(&token_path, TOKEN).unwrap();
-    let proxy = Proxy::start(&identity_config(
-        &hosts(&[("origin.test", "127.0.0.1")]),
-        "\"127.0.0.1/32\"",
-        &format!(
-            "
-[[agents]]
-name = \"pinned\"
-source_cidrs = [\"127.0.0.20/32\"]
-token_file = {}
-policy = \"pinned-apis\"
-
-[policies.pinned-apis]
-allow = [\"origin.test:{port}\"]
-",
-            toml_path(&token_path)
-        ),
-    ));
+    let proxy = Proxy::of(
+        &loopback_hosts(&["origin.test"])
+            .agent(
+                Agent::token("pinned", &token_path, "pinned-apis").with_cidrs(&["127.0.0.20/32"]),
+            )
+            .policy("pinned-apis", |p| {
+                p.allow = vec![format!("origin.test:{port}")]
+            }),
+    );
     let url = format!("http://origin.test:{port}/pinned");
     let good = format!("pinned:{TOKEN}");
     let mut audits = Vec::new();
@@ -760,20 +658,16 @@ allow = [\"origin.test:{port}\"]
 fn policy_allow_cidrs_open_an_internal_address_for_that_policy_only() {
     let registry = Origin::http_on("127.0.0.9:0");
     let port = registry.addr.port();
-    let proxy = Proxy::start(&identity_config(
-        &hosts(&[("registry.test", "127.0.0.9")]),
-        "",
-        &format!(
-            "{TWO_AGENTS}
-[policies.alpha-apis]
-allow = [\"registry.test:{port}\"]
-allow_cidrs = [\"127.0.0.9/32\"]
-
-[policies.beta-apis]
-allow = [\"registry.test:{port}\"]
-"
-        ),
-    ));
+    let proxy = Proxy::of(
+        &two_agents(ConfigBuilder::bare().host("registry.test", &["127.0.0.9"]))
+            .policy("alpha-apis", |p| {
+                p.allow = vec![format!("registry.test:{port}")];
+                p.allow_cidrs = vec!["127.0.0.9/32".into()];
+            })
+            .policy("beta-apis", |p| {
+                p.allow = vec![format!("registry.test:{port}")]
+            }),
+    );
     let url = format!("http://registry.test:{port}/v2/");
     let alpha = (Some("alpha"), Some("alpha-apis"));
     let beta = (Some("beta"), Some("beta-apis"));
@@ -829,7 +723,7 @@ fn a_token_file_absent_at_start_is_revoked_until_it_appears() {
     // Restart with the file gone: the gateway starts (a warning, not a broken config)...
     std::fs::remove_file(&token_path).unwrap();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&coder_config(&token_path, port));
+    let proxy = Proxy::of(&coder_config(&token_path, port));
     let url = format!("http://origin.test:{port}/late");
     let creds = format!("coder:{TOKEN_LATER}");
     // ...the agent cannot authenticate, not even with an empty token...
@@ -847,18 +741,12 @@ fn a_token_file_absent_at_start_is_revoked_until_it_appears() {
     proxy.audit();
     // ...until the Secret is mounted.
     write_token(&token_path, TOKEN_LATER);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(WAIT, "the token picked up", || {
         let r = get(&proxy, "127.0.0.1", &url, &["--proxy-user", &creds]);
         let a = proxy.audit();
         if r.status == 200 {
             assert_eq!(a.agent.as_deref(), Some("coder"));
-            break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the token was not picked up: {r:?}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+        r.status == 200
+    });
 }

@@ -182,16 +182,17 @@ fn replace(path: &Path, content: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// The standard test config with `hosts` on 127.0.0.1 and `a.test`, `b.test` allowed on
+/// `origin_port`.
+fn base(hosts: &[&str], origin_port: u16) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .hosts_to_loopback(hosts)
+        .allow(format!("a.test:{origin_port}"))
+        .allow(format!("b.test:{origin_port}"))
+}
+
 fn start(hosts: &[&str], origin_port: u16) -> Proxy {
-    let hosts: Vec<String> = hosts
-        .iter()
-        .map(|h| format!("\"{h}\" = [\"127.0.0.1\"]"))
-        .collect();
-    let rules: Vec<String> = ["a.test", "b.test"]
-        .iter()
-        .map(|h| format!("{h}:{origin_port}"))
-        .collect();
-    Proxy::start(&config(&hosts.join(", "), &rules, ""))
+    Proxy::of(&base(hosts, origin_port))
 }
 
 #[test]
@@ -242,17 +243,12 @@ fn sequential_requests_of_one_agent_to_one_host_share_one_upstream_connection() 
 fn no_reuse_across_agents_or_hosts() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
-    let cfg = config(
-        "\"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"]",
-        &[format!("a.test:{port}"), format!("b.test:{port}")],
-        "",
-    )
-    .replace(
-        "source_cidrs = [\"127.0.0.0/8\"]\npolicy = \"test\"",
-        "source_cidrs = [\"127.0.0.10/32\"]\npolicy = \"test\"\n\n\
-         [[agents]]\nname = \"other\"\nsource_cidrs = [\"127.0.0.20/32\"]\npolicy = \"test\"",
-    );
-    let proxy = Proxy::start(&cfg);
+    let cfg = base(&["a.test", "b.test"], port)
+        .edit_agent(TESTER, |a| {
+            a.source_cidrs = Some(vec!["127.0.0.10/32".into()])
+        })
+        .agent(Agent::cidrs("other", &["127.0.0.20/32"], TEST_POLICY));
+    let proxy = Proxy::of(&cfg);
     // (client address, host) → which upstream connection answers.
     let via = |from: &str, host: &str| {
         let (_, out, err) = curl(&[
@@ -299,21 +295,15 @@ fn no_reuse_across_agents_or_hosts() {
 fn a_rule_removed_by_reload_refuses_the_next_request_despite_an_idle_connection() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
-    let hosts = "\"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"]";
-    let proxy = Proxy::start(&config(
-        hosts,
-        &[format!("a.test:{port}"), format!("b.test:{port}")],
-        "",
-    ));
+    let cfg = base(&["a.test", "b.test"], port);
+    let proxy = Proxy::of(&cfg);
     let (status, _) = get(&proxy, "a.test", port, "/first");
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     origin.hit();
     assert_eq!(proxy.audit().reason, "allowed");
 
-    replace(
-        &proxy.config_path,
-        &config(hosts, &[format!("b.test:{port}")], ""),
-    );
+    let without_a = cfg.policy(TEST_POLICY, |p| p.allow = vec![format!("b.test:{port}")]);
+    replace(&proxy.config_path, &without_a.to_toml());
     proxy.wait_log("config reloaded");
     let (status, _) = get(&proxy, "a.test", port, "/second");
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
@@ -342,15 +332,11 @@ fn a_name_moved_by_reload_goes_to_its_new_address_despite_an_idle_connection() {
         .expect("a port free on both 127.0.0.1 and 127.0.0.2");
     let port = old.addr.port();
     let cfg = |to: &str| {
-        config(
-            &format!("\"a.test\" = [\"{to}\"]"),
-            &[format!("a.test:{port}")],
-            "",
-        )
-        .replace(
-            "allow_cidrs = [\"127.0.0.1/32\"]",
-            "allow_cidrs = [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
-        )
+        ConfigBuilder::new()
+            .host("a.test", &[to])
+            .allow(format!("a.test:{port}"))
+            .dest_allow("127.0.0.2/32")
+            .to_toml()
     };
     let proxy = Proxy::start(&cfg("127.0.0.1"));
     assert_eq!(get(&proxy, "a.test", port, "/").1, "conn 1");
@@ -468,16 +454,14 @@ fn an_upstream_closing_an_idle_pooled_connection_does_not_fail_the_next_request(
 fn shutdown_does_not_wait_for_idle_pooled_connections() {
     let origin = Scripted::start("127.0.0.1:0");
     let port = origin.addr.port();
-    let cfg = config(
-        "\"a.test\" = [\"127.0.0.1\"]",
-        &[format!("a.test:{port}")],
-        "",
-    )
-    // A grace longer than any wait of this test: exiting within the wait means the idle
-    // connection did not hold the drain up.
-    .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"120s\"")
-    .replace("idle = \"30s\"", "idle = \"120s\"");
-    let mut proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["a.test"])
+        .allow(format!("a.test:{port}"))
+        // A grace longer than any wait of this test: exiting within the wait means the idle
+        // connection did not hold the drain up.
+        .shutdown_grace(Duration::from_secs(120))
+        .idle(Duration::from_secs(120));
+    let mut proxy = Proxy::of(&cfg);
     assert_eq!(get(&proxy, "a.test", port, "/").1, "conn 1");
     assert_eq!(proxy.audit().reason, "allowed");
     proxy.sigterm();

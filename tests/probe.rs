@@ -35,11 +35,12 @@ fn probe(args: &[&str]) -> (i32, String) {
 fn a_locked_down_seat_passes_every_check() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(
-        "\"allowed.test\" = [\"127.0.0.1\"], \"denied.test\" = [\"127.0.0.1\"]",
-        &[format!("allowed.test:{port}")],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["allowed.test"])
+            .hosts_to_loopback(&["denied.test"])
+            .allow(format!("allowed.test:{port}")),
+    );
     let closed = closed_tcp_port();
     // A UDP socket that never answers stands for a resolver the pod cannot reach.
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -90,14 +91,13 @@ fn a_locked_down_seat_passes_every_check() {
 fn holes_in_the_lock_down_fail_the_probe() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(
-        "\"allowed.test\" = [\"127.0.0.1\"], \"denied.test\" = [\"127.0.0.1\"]",
-        &[
-            format!("allowed.test:{port}"),
-            format!("denied.test:{port}"),
-        ],
-        "",
-    ));
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["allowed.test"])
+            .hosts_to_loopback(&["denied.test"])
+            .allow(format!("allowed.test:{port}"))
+            .allow(format!("denied.test:{port}")),
+    );
     // The "outside" is reachable (origin listens), and a resolver answers.
     let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
     let dns_addr = dns.local_addr().unwrap();
@@ -140,19 +140,11 @@ fn token_classes_probe_with_a_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-probe-token\n").unwrap();
-    let proxy = Proxy::start(
-        &config(
-            "\"allowed.test\" = [\"127.0.0.1\"]",
-            &[format!("allowed.test:{port}")],
-            "",
-        )
-        .replace(
-            "[[agents]]\nname = \"tester\"\nsource_cidrs = [\"127.0.0.0/8\"]",
-            &format!(
-                "[[agents]]\nname = \"coder\"\ntoken_file = \"{}\"",
-                token.display()
-            ),
-        ),
+    let proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["allowed.test"])
+            .allow(format!("allowed.test:{port}"))
+            .with(|c| c.agents = vec![Agent::token("coder", &token, TEST_POLICY)]),
     );
     let closed = closed_tcp_port();
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -9,7 +9,6 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -20,8 +19,12 @@ fn replace(path: &Path, content: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn hosts() -> &'static str {
-    "\"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"]"
+/// The standard test config with `a.test` and `b.test` on 127.0.0.1, allowing `rules`.
+fn cfg(rules: &[String]) -> ConfigBuilder {
+    rules.iter().fold(
+        ConfigBuilder::new().hosts_to_loopback(&["a.test", "b.test"]),
+        |c, r| c.allow(r.clone()),
+    )
 }
 
 fn status_of(proxy: &Proxy, url: &str) -> String {
@@ -39,19 +42,11 @@ fn status_of(proxy: &Proxy, url: &str) -> String {
 
 /// Poll (bounded) until `url` answers `want`; each probe leaves one audit line, drained here.
 fn until_status(proxy: &Proxy, url: &str, want: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until(WAIT, &format!("{url} answers {want}"), || {
         let got = status_of(proxy, url);
         proxy.audit();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} never answered {want} (last {got})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        got == want
+    });
 }
 
 fn open_tunnel(proxy: &Proxy, authority: &str) -> TcpStream {
@@ -74,7 +69,7 @@ fn echo(s: &mut TcpStream, msg: &[u8]) {
 fn reload_applies_to_new_requests_while_an_open_tunnel_survives() {
     let echo_srv = Echo::start("127.0.0.1:0");
     let port = echo_srv.addr.port();
-    let before = config(hosts(), &[format!("a.test:{port}")], "");
+    let before = cfg(&[format!("a.test:{port}")]).to_toml();
     let proxy = Proxy::start(&before);
     let a = format!("http://a.test:{port}/");
     let b = format!("http://b.test:{port}/");
@@ -84,7 +79,7 @@ fn reload_applies_to_new_requests_while_an_open_tunnel_survives() {
 
     replace(
         &proxy.config_path,
-        &config(hosts(), &[format!("b.test:{port}")], ""),
+        &cfg(&[format!("b.test:{port}")]).to_toml(),
     );
     proxy.wait_log("config reloaded");
     // New requests see the new allowlist...
@@ -126,14 +121,16 @@ fn reload_applies_to_new_requests_while_an_open_tunnel_survives() {
 fn a_broken_file_keeps_the_old_config_serving() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let good = config(hosts(), &[format!("a.test:{port}")], "");
-    let proxy = Proxy::start(&good);
+    let good = cfg(&[format!("a.test:{port}")]);
+    let proxy = Proxy::of(&good);
     let a = format!("http://a.test:{port}/");
 
     // Valid TOML, invalid config: every issue is logged, nothing is applied.
     replace(
         &proxy.config_path,
-        &good.replace(&format!("\"a.test:{port}\""), "\"*\""),
+        &good
+            .policy(TEST_POLICY, |p| p.allow = vec!["*".into()])
+            .to_toml(),
     );
     let line = proxy.wait_log("config reload failed");
     assert!(line.contains("policies.test.allow[0]"), "{line}");
@@ -149,7 +146,7 @@ fn a_broken_file_keeps_the_old_config_serving() {
     // Fixed: the next good file applies.
     replace(
         &proxy.config_path,
-        &config(hosts(), &[format!("b.test:{port}")], ""),
+        &cfg(&[format!("b.test:{port}")]).to_toml(),
     );
     proxy.wait_log("config reloaded");
     until_status(&proxy, &a, "403");
@@ -159,7 +156,7 @@ fn a_broken_file_keeps_the_old_config_serving() {
 fn sighup_reloads_at_once() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let proxy = Proxy::start(&config(hosts(), &[format!("a.test:{port}")], ""));
+    let proxy = Proxy::start(&cfg(&[format!("a.test:{port}")]).to_toml());
     proxy.signal("HUP");
     proxy.wait_log("config reloaded");
     assert_eq!(status_of(&proxy, &format!("http://a.test:{port}/")), "200");
@@ -178,7 +175,7 @@ fn kubernetes_configmap_symlink_swap_is_picked_up() {
     std::fs::create_dir(&v1).unwrap();
     std::fs::write(
         v1.join("chokepoint.toml"),
-        config(hosts(), &[format!("a.test:{port}")], ""),
+        cfg(&[format!("a.test:{port}")]).to_toml(),
     )
     .unwrap();
     symlink("..v1", dir.path().join("..data")).unwrap();
@@ -193,7 +190,7 @@ fn kubernetes_configmap_symlink_swap_is_picked_up() {
     std::fs::create_dir(&v2).unwrap();
     std::fs::write(
         v2.join("chokepoint.toml"),
-        config(hosts(), &[format!("b.test:{port}")], ""),
+        cfg(&[format!("b.test:{port}")]).to_toml(),
     )
     .unwrap();
     symlink("..v2", root.join("..data_tmp")).unwrap();
@@ -210,8 +207,15 @@ fn kubernetes_configmap_symlink_swap_is_picked_up() {
 fn rate_state_survives_a_reload() {
     let origin = Origin::http();
     let port = origin.addr.port();
-    let limits = "limits = { requests_per_second = 0.01, burst = 2 }";
-    let proxy = Proxy::start(&config(hosts(), &[format!("a.test:{port}")], limits));
+    let limits = |l: &mut Limits| {
+        l.requests_per_second = Some(0.01);
+        l.burst = Some(2);
+    };
+    let proxy = Proxy::start(
+        &cfg(&[format!("a.test:{port}")])
+            .test_limits(limits)
+            .to_toml(),
+    );
     let a = format!("http://a.test:{port}/");
     for _ in 0..2 {
         assert_eq!(status_of(&proxy, &a), "200");
@@ -220,11 +224,9 @@ fn rate_state_survives_a_reload() {
     // Same agent, same quota, another rule: the spent burst must not come back.
     replace(
         &proxy.config_path,
-        &config(
-            hosts(),
-            &[format!("a.test:{port}"), format!("b.test:{port}")],
-            limits,
-        ),
+        &cfg(&[format!("a.test:{port}"), format!("b.test:{port}")])
+            .test_limits(limits)
+            .to_toml(),
     );
     proxy.wait_log("config reloaded");
     assert_eq!(status_of(&proxy, &format!("http://b.test:{port}/")), "429");

@@ -30,11 +30,11 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
 fn sigterm_drains_an_open_tunnel_then_exits_zero() {
     let echo = Echo::start("127.0.0.1:0");
     let port = echo.addr.port();
-    let mut proxy = Proxy::start(&config(
-        "\"echo.test\" = [\"127.0.0.1\"]",
-        &[format!("echo.test:{port}")],
-        "",
-    ));
+    let mut proxy = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["echo.test"])
+            .allow(format!("echo.test:{port}")),
+    );
     let mut tunnel = open_tunnel(&proxy, port);
     round_trip(&mut tunnel, b"before");
     proxy.sigterm();
@@ -73,13 +73,11 @@ fn sigterm_drains_an_open_tunnel_then_exits_zero() {
 fn tunnel_still_open_at_the_end_of_grace_is_closed_and_audited() {
     let echo = Echo::start("127.0.0.1:0");
     let port = echo.addr.port();
-    let cfg = config(
-        "\"echo.test\" = [\"127.0.0.1\"]",
-        &[format!("echo.test:{port}")],
-        "",
-    )
-    .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"1s\"");
-    let mut proxy = Proxy::start(&cfg);
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["echo.test"])
+        .allow(format!("echo.test:{port}"))
+        .shutdown_grace(Duration::from_secs(1));
+    let mut proxy = Proxy::of(&cfg);
     let mut tunnel = open_tunnel(&proxy, port);
     round_trip(&mut tunnel, b"x");
     proxy.sigterm();

@@ -13,14 +13,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::{curl, read_head, Origin, Proxy};
+use support::{curl, read_head, wait_until, Agent, ConfigBuilder, Origin, Proxy, Timeouts};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SPIFFE: &str = "spiffe://cluster.local/ns/agents-prod/sa/coding-agent";
@@ -80,10 +80,8 @@ impl Pki {
     }
 
     /// Start the gateway with its config in this directory.
-    fn start(self, config: &str) -> Proxy {
-        let path = self.dir.path().join("chokepoint.toml");
-        std::fs::write(&path, config).unwrap();
-        Proxy::start_at(self.dir, path)
+    fn start(self, config: &ConfigBuilder) -> Proxy {
+        Proxy::of_in(self.dir, config)
     }
 }
 
@@ -175,50 +173,32 @@ async fn serve_ok(acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpSt
     let _ = tls.shutdown().await;
 }
 
-/// The config: a plain and an HTTPS listener, `server` keys added to `[server]`, `agents` as
-/// given, static hosts for the plain origin and the TLS origin, and the SNI check on the TLS
-/// origin's port.
-fn config(server: &str, agents: &str, origin: SocketAddr, tls_origin: SocketAddr) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-tls_listen = "127.0.0.1:0"
-tls_cert = "tls.crt"
-tls_key = "tls.key"
-{server}
-
-[timeouts]
-request_header = "2s"
-idle = "30s"
-shutdown_grace = "5s"
-
-[dns]
-nameservers = ["127.0.0.1:9"]
-hosts = {{ "origin.test" = ["127.0.0.1"], "allowed.test" = ["127.0.0.1"], "fronted.test" = ["127.0.0.1"] }}
-
-[destinations]
-allow_cidrs = ["127.0.0.1/32"]
-
-[sni]
-ports = [{tls_port}]
-
-{agents}
-
-[policies.p]
-allow = ["origin.test:{port}", "allowed.test:{tls_port}"]
-"#,
-        port = origin.port(),
-        tls_port = tls_origin.port(),
-    )
+/// The config: a plain and an HTTPS listener, static hosts for the plain origin and the TLS
+/// origin, the SNI check on the TLS origin's port, and one agent `local` for all of loopback
+/// with policy `p`, which allows both origins.
+fn config(origin: SocketAddr, tls_origin: SocketAddr) -> ConfigBuilder {
+    let (port, tls_port) = (origin.port(), tls_origin.port());
+    ConfigBuilder::bare()
+        .with(|c| {
+            c.timeouts = Timeouts {
+                request_header: Some(Duration::from_secs(2)),
+                idle: Some(Duration::from_secs(30)),
+                shutdown_grace: Some(Duration::from_secs(5)),
+                ..Timeouts::default()
+            }
+        })
+        .tls("tls.crt", "tls.key")
+        .hosts_to_loopback(&["origin.test", "allowed.test", "fronted.test"])
+        .dest_allow("127.0.0.1/32")
+        .sni_ports(&[tls_port])
+        .agent(Agent::cidrs("local", &["127.0.0.0/8"], "p"))
+        .policy("p", |p| {
+            p.allow = vec![
+                format!("origin.test:{port}"),
+                format!("allowed.test:{tls_port}"),
+            ]
+        })
 }
-
-const LOOPBACK_AGENT: &str = r#"
-[[agents]]
-name = "local"
-source_cidrs = ["127.0.0.0/8"]
-policy = "p"
-"#;
 
 /// curl through the gateway's HTTPS listener, trusting the test CA for the proxy and origin.
 fn curl_https_proxy(
@@ -296,14 +276,6 @@ fn closed(s: &mut TcpStream) -> bool {
     matches!(s.read(&mut buf), Ok(0) | Err(_))
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn the_https_listener_forwards_http_and_tunnels_tls_with_curl() {
     let pki = Pki::new("test CA");
@@ -311,7 +283,7 @@ fn the_https_listener_forwards_http_and_tunnels_tls_with_curl() {
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
     let dir = pki.path("");
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
 
     let url = format!("http://origin.test:{}/over-tls", origin.addr.port());
     let (code, body, err) = curl_https_proxy(&proxy, &dir, &[], &url);
@@ -341,7 +313,7 @@ fn a_rust_client_uses_the_https_listener() {
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
     let ca = std::fs::read(pki.path("ca.pem")).unwrap();
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let proxy_url = format!("https://127.0.0.1:{}", proxy.https.unwrap().port());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,29 +345,26 @@ fn client_certificates_identify_agents_and_bad_ones_are_refused() {
     rogue.leaf("rogue", &["coder.local"], Some(SPIFFE), "coding-agent");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let agents = format!(
-        r#"
-[[agents]]
-name = "coder"
-spiffe_id = "{SPIFFE}"
-policy = "p"
-
-[[agents]]
-name = "mailer"
-cert_subject = "mail-agent"
-policy = "p"
-"#
-    );
     let dir = pki.path("");
     let (coder_crt, coder_key) = (pki.path("coder.crt"), pki.path("coder.key"));
     let (mailer_crt, mailer_key) = (pki.path("mailer.crt"), pki.path("mailer.key"));
     let (rogue_crt, rogue_key) = (rogue.path("rogue.crt"), rogue.path("rogue.key"));
-    let proxy = pki.start(&config(
-        r#"client_ca = "ca.pem""#,
-        &agents,
-        origin.addr,
-        tls_origin.addr,
-    ));
+    let proxy = pki.start(
+        &config(origin.addr, tls_origin.addr)
+            .server(|s| s.client_ca = Some("ca.pem".into()))
+            .with(|c| {
+                c.agents = vec![
+                    Agent {
+                        spiffe_id: Some(SPIFFE.into()),
+                        ..Agent::new("coder", "p")
+                    },
+                    Agent {
+                        cert_subject: Some("mail-agent".into()),
+                        ..Agent::new("mailer", "p")
+                    },
+                ]
+            }),
+    );
     let url = format!("http://origin.test:{}/", origin.addr.port());
 
     for (crt, key, agent) in [
@@ -479,12 +448,10 @@ fn a_required_client_certificate_is_enforced_at_the_handshake() {
     let tls_origin = TlsOrigin::start(&pki);
     let dir = pki.path("");
     let (crt, key) = (pki.path("coder.crt"), pki.path("coder.key"));
-    let proxy = pki.start(&config(
-        "client_ca = \"ca.pem\"\nrequire_client_cert = true",
-        LOOPBACK_AGENT,
-        origin.addr,
-        tls_origin.addr,
-    ));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr).server(|s| {
+        s.client_ca = Some("ca.pem".into());
+        s.require_client_cert = Some(true);
+    }));
     let url = format!("http://origin.test:{}/", origin.addr.port());
     let (code, _, _) = curl_https_proxy(&proxy, &dir, &[], &url);
     assert_ne!(code, 0, "no certificate must fail the handshake");
@@ -549,12 +516,7 @@ fn a_rotated_certificate_is_served_without_a_restart() {
     // The next certificate is signed now (the Pki moves into the proxy) and renamed into place
     // later, as the kubelet swaps a Secret's files.
     pki.leaf("next", &["127.0.0.1", "localhost"], None, "second");
-    let proxy = pki.start(&config(
-        "admin_listen = \"127.0.0.1:0\"",
-        LOOPBACK_AGENT,
-        origin.addr,
-        tls_origin.addr,
-    ));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr).admin());
     let https = proxy.https.unwrap();
     assert!(served_cn(https, &ca).contains("first"));
     // rcgen certificates are valid until 4096-01-01.
@@ -596,7 +558,7 @@ fn curl_through_the_plain_listener_passes_the_sni_check() {
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
     let ca = pki.path("ca.pem");
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let url = format!("https://allowed.test:{}/", tls_origin.addr.port());
     let (code, body, err) = curl(&[
         "-x",
@@ -620,7 +582,7 @@ fn domain_fronting_with_openssl_is_cut_before_the_origin_sees_a_byte() {
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
     let ca = pki.path("ca.pem");
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let out = Command::new("openssl")
         .args([
             "s_client",
@@ -658,7 +620,7 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
     pki.server("gateway");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let authority = format!("allowed.test:{}", tls_origin.addr.port());
 
     // One record, one byte per TCP write: the check passes and the origin answers with its
@@ -696,7 +658,7 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
     assert_eq!(first[0], 22);
     drop(s);
     assert_eq!(proxy.audit().sni.as_deref(), Some("allowed.test"));
-    wait_until("the origin to see the hello", || {
+    wait_until(WAIT, "the origin to see the hello", || {
         tls_origin.spoken_to() == 2
     });
 }
@@ -707,7 +669,7 @@ fn non_tls_bytes_and_a_hello_without_sni_are_refused() {
     pki.server("gateway");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let authority = format!("allowed.test:{}", tls_origin.addr.port());
 
     let mut s = tunnel(&proxy, &authority);
@@ -744,12 +706,7 @@ fn report_mode_lets_a_fronted_tunnel_through_as_would_deny() {
     pki.server("gateway");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let proxy = pki.start(&config(
-        "mode = \"report\"",
-        LOOPBACK_AGENT,
-        origin.addr,
-        tls_origin.addr,
-    ));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr).mode("report"));
     let mut s = tunnel(&proxy, &format!("allowed.test:{}", tls_origin.addr.port()));
     s.write_all(&client_hello("fronted.test")).unwrap();
     let mut first = [0u8; 1];
@@ -799,7 +756,7 @@ fn the_https_listener_speaks_tls_1_2_and_1_3_only() {
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
     let ca = pki.path("ca.pem");
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let https = proxy.https.unwrap().to_string();
     for (flag, session) in [
         ("-tls1_3", Some("New, TLSv1.3")),
@@ -830,7 +787,7 @@ fn a_client_hello_sent_with_the_connect_head_is_checked() {
     pki.server("gateway");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let proxy = pki.start(&config("", LOOPBACK_AGENT, origin.addr, tls_origin.addr));
+    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
     let authority = format!("allowed.test:{}", tls_origin.addr.port());
     for (name, passes) in [("fronted.test", false), ("allowed.test", true)] {
         let mut s = TcpStream::connect(proxy.addr).unwrap();

@@ -17,42 +17,18 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+mod audit;
+mod builder;
+pub use audit::*;
+pub use builder::*;
 
 /// How long any single wait in a test may take before it fails (generous: CI is a busy 2-core box).
 pub const WAIT: Duration = Duration::from_secs(20);
-
-/// One audit line, decoded strictly: an unknown or missing field fails the test.
-#[derive(Debug, Deserialize, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Audit {
-    pub v: u32,
-    pub ts: String,
-    pub event: String,
-    pub request_id: String,
-    pub agent: Option<String>,
-    pub policy: Option<String>,
-    pub client: String,
-    pub method: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub path: Option<String>,
-    pub decision: String,
-    pub reason: String,
-    pub rule: Option<String>,
-    pub mode: String,
-    pub upstream: Option<String>,
-    pub sni: Option<String>,
-    pub status: Option<u16>,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub duration_ms: u64,
-}
 
 /// A running gateway process.
 pub struct Proxy {
@@ -62,7 +38,7 @@ pub struct Proxy {
     /// The admin listener, when the config has `admin_listen`.
     pub admin: Option<SocketAddr>,
     child: Child,
-    audits: Receiver<Audit>,
+    pub audits: AuditLog,
     pub stderr: Receiver<String>,
     _dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -76,6 +52,19 @@ impl Proxy {
         let config_path = dir.path().join("chokepoint.toml");
         std::fs::write(&config_path, config).unwrap();
         Self::start_at(dir, config_path)
+    }
+
+    /// Start the binary on the config `cfg` states.
+    pub fn of(cfg: &ConfigBuilder) -> Proxy {
+        Proxy::start(&cfg.to_toml())
+    }
+
+    /// Start the binary on `cfg`, written as `chokepoint.toml` into `dir` (which holds the
+    /// files it names: token files, certificates).
+    pub fn of_in(dir: tempfile::TempDir, cfg: &ConfigBuilder) -> Proxy {
+        let path = dir.path().join("chokepoint.toml");
+        std::fs::write(&path, cfg.to_toml()).unwrap();
+        Proxy::start_at(dir, path)
     }
 
     /// Start the binary on an existing config file (kept alive with `dir`).
@@ -95,9 +84,7 @@ impl Proxy {
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let audit: Audit = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"));
-                if atx.send(audit).is_err() {
+                if atx.send(Audit::decode(&line)).is_err() {
                     break;
                 }
             }
@@ -136,7 +123,7 @@ impl Proxy {
             https,
             admin,
             child,
-            audits,
+            audits: AuditLog::new(audits),
             stderr,
             _dir: dir,
             config_path,
@@ -145,18 +132,24 @@ impl Proxy {
 
     /// The next audit line.
     pub fn audit(&self) -> Audit {
-        self.audits
-            .recv_timeout(WAIT)
-            .expect("no audit line within the wait")
+        self.audits.next()
+    }
+
+    /// The next audit line, which must match `m`.
+    #[allow(clippy::needless_pass_by_value)] // `proxy.expect_audit(AuditMatch::of(…))` reads best
+    pub fn expect_audit(&self, m: AuditMatch) -> Audit {
+        self.audits.expect(&m)
+    }
+
+    /// The first audit line matching `m`, skipping others (listed if none matches).
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn find_audit(&self, m: AuditMatch) -> Audit {
+        self.audits.find(&m)
     }
 
     /// Assert that no further audit line arrives within `d`.
     pub fn no_audit_for(&self, d: Duration) {
-        match self.audits.recv_timeout(d) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(a) => panic!("unexpected audit line: {a:?}"),
-            Err(RecvTimeoutError::Disconnected) => {}
-        }
+        self.audits.none_for(d)
     }
 
     /// `http://127.0.0.1:PORT`, for `curl -x`.
@@ -351,7 +344,11 @@ fn serve_http(stream: TcpStream, tx: &mpsc::Sender<Seen>) {
             body.len()
         );
         let _ = tx.send(seen);
-        if out.write_all(resp.as_bytes()).is_err() || out.write_all(&body).is_err() {
+        // One write: a head and a body written apart meet Nagle's algorithm and the reader's
+        // delayed ACK, 40 ms per response.
+        let mut all = resp.into_bytes();
+        all.extend_from_slice(&body);
+        if out.write_all(&all).is_err() {
             return;
         }
     }
@@ -408,6 +405,129 @@ pub fn raw(proxy: &Proxy) -> TcpStream {
     s
 }
 
+/// Poll `cond` every 20 ms until it holds; fails after `within`, naming `what`.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client connection from `src` (bind before connect) to `dst`, with a read timeout.
+pub fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
+    sock.connect_timeout(&dst.into(), WAIT).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Read a response head, tolerating a close or reset (possibly before any byte): returns what
+/// arrived. Fails if the peer neither answers nor closes within the read timeout.
+pub fn read_head_lenient(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if is_timeout(&e) => {
+                panic!("no response and no close within the wait; got {head:?}")
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One response with a Content-Length body.
+pub fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let head = read_head(s);
+    assert!(head.ends_with("\r\n\r\n"), "incomplete head: {head:?}");
+    let len: usize = head_header(&head, "content-length")
+        .unwrap_or_else(|| panic!("no content-length in {head}"))
+        .parse()
+        .unwrap();
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+/// Read until the peer closes or resets; returns the bytes read. Fails if it does neither
+/// within the read timeout.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if is_timeout(&e) => {
+                panic!("still open after the wait ({} bytes read)", out.len())
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// True once the peer has closed (or reset) `s`; never blocks.
+pub fn is_closed(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        match (&*s).read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Raise this process's soft open-file limit to at least `n` (up to the hard limit), so a test
+/// that opens thousands of sockets does not depend on the shell's `ulimit -n`. The gateway a
+/// test starts afterwards inherits the limit. Fails if the hard limit is below `n`.
+pub fn raise_fd_limit(n: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let n = n as u64;
+    let now = getrlimit(Resource::Nofile);
+    if now.current.map_or(true, |c| c >= n) {
+        return;
+    }
+    assert!(
+        now.maximum.map_or(true, |m| m >= n),
+        "the hard open-file limit {:?} is below the {n} this test needs",
+        now.maximum
+    );
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(n),
+            maximum: now.maximum,
+        },
+    )
+    .expect("raise the open-file limit");
+}
+
+/// Open file descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
 /// Read one HTTP response head (up to the blank line) from `s`.
 pub fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -420,50 +540,6 @@ pub fn read_head(s: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
-}
-
-/// The standard test config: proxy on 127.0.0.1:0, one agent for all of loopback, static hosts,
-/// 127.0.0.1 excepted from the built-in loopback deny so local origins are reachable, and
-/// 127.0.0.64/26 explicitly denied as the "internal network". `policy` is the allow list body.
-pub fn config(hosts: &str, allow: &[String], extra: &str) -> String {
-    config_with_server("", hosts, allow, extra)
-}
-
-/// [`config`] with more `[server]` keys (`server` is inserted into that table).
-pub fn config_with_server(server: &str, hosts: &str, allow: &[String], extra: &str) -> String {
-    let allow: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{server}
-
-[timeouts]
-request_header = "2s"
-connect = "2s"
-dns = "2s"
-idle = "30s"
-shutdown_grace = "10s"
-
-[dns]
-nameservers = ["127.0.0.1:9"]
-hosts = {{ {hosts} }}
-
-[destinations]
-allow_cidrs = ["127.0.0.1/32"]
-deny_cidrs = ["127.0.0.64/26"]
-
-[[agents]]
-name = "tester"
-source_cidrs = ["127.0.0.0/8"]
-policy = "test"
-
-[policies.test]
-allow = [{allow}]
-{extra}
-"#,
-        allow = allow.join(", ")
-    )
 }
 
 impl Origin {
