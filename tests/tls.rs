@@ -28,7 +28,9 @@ const SPIFFE: &str = "spiffe://cluster.local/ns/agents-prod/sa/coding-agent";
 /// A test CA and the leaves it signs, as PEM files in a temporary directory (which also holds
 /// the gateway's config).
 struct Pki {
-    dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    /// Handed to the gateway by [`Pki::start`] (the files live as long as it runs).
+    dir: std::cell::RefCell<Option<tempfile::TempDir>>,
     ca: Issuer<'static, KeyPair>,
 }
 
@@ -43,27 +45,36 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
         Pki {
-            dir,
+            root: dir.path().to_owned(),
+            dir: std::cell::RefCell::new(Some(dir)),
             ca: Issuer::new(params, key),
         }
     }
 
     fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_owned()
+        self.root.join(name).to_str().unwrap().to_owned()
     }
 
     /// A leaf for `sans` (names or IP addresses), with an optional URI SAN and CN, written to
     /// `<file>.crt` and `<file>.key`.
     fn leaf(&self, file: &str, sans: &[&str], uri: Option<&str>, cn: &str) {
+        self.leaf_with(file, sans, |params| {
+            params.distinguished_name.push(DnType::CommonName, cn);
+            if let Some(u) = uri {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(u.try_into().unwrap()));
+            }
+        });
+    }
+
+    /// A leaf for `sans` whose parameters `edit` sets (names, validity), written to
+    /// `<file>.crt` and `<file>.key`.
+    fn leaf_with(&self, file: &str, sans: &[&str], edit: impl FnOnce(&mut CertificateParams)) {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        if let Some(u) = uri {
-            params
-                .subject_alt_names
-                .push(SanType::URI(u.try_into().unwrap()));
-        }
+        edit(&mut params);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
         // Written to a temporary name and renamed, as the kubelet swaps Secret files.
@@ -80,8 +91,9 @@ impl Pki {
     }
 
     /// Start the gateway with its config in this directory.
-    fn start(self, config: &ConfigBuilder) -> Proxy {
-        Proxy::of_in(self.dir, config)
+    fn start(&self, config: &ConfigBuilder) -> Proxy {
+        let dir = self.dir.borrow_mut().take().expect("one gateway per Pki");
+        Proxy::of_in(dir, config)
     }
 }
 
@@ -734,7 +746,7 @@ fn tls_keys_without_a_listener_and_bad_files_are_config_errors() {
         ("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\nrequire_client_cert = true\n", &["server.require_client_cert: needs server.client_ca"]),
     ];
     for (server, expected) in cases {
-        let path = pki.dir.path().join("bad.toml");
+        let path = pki.root.join("bad.toml");
         std::fs::write(&path, format!("{base}{server}{tail}")).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_chokepoint"))
             .args(["check", "--config"])
@@ -816,4 +828,338 @@ fn a_client_hello_sent_with_the_connect_head_is_checked() {
         1,
         "only the allowed hello reached the origin"
     );
+}
+
+/// A TLS connection to the gateway's HTTPS listener presenting `<file>.crt` as its client
+/// certificate (rustls, the test CA as the only root), for requests written by hand.
+fn tls_client(
+    proxy: &Proxy,
+    pki: &Pki,
+    file: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(pki.path(&format!("{file}.crt")))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(pki.path(&format!("{file}.key"))).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let server = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let tcp = TcpStream::connect(proxy.https.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// One response from `s`: the head, and a Content-Length body if there is one.
+fn read_tls_response(s: &mut impl Read) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("response head cut short ({other:?}): {head:?}"),
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len = support::head_header(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+/// `openssl s_client` to the HTTPS listener with `args`, sending `input` and waiting for the
+/// server to close; returns what it printed (both streams).
+fn s_client(proxy: &Proxy, args: &[&str], input: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &proxy.https.unwrap().to_string(),
+            "-ign_eof",
+        ])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_certificate_identity_ends_at_not_after_on_open_connections_and_resumed_sessions() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    // Valid for 3 more seconds (X.509 times are whole seconds).
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = now + time::Duration::seconds(3);
+    pki.leaf_with("short", &["coder.local"], |p| {
+        p.distinguished_name
+            .push(DnType::CommonName, "coding-agent");
+        p.subject_alt_names
+            .push(SanType::URI(SPIFFE.try_into().unwrap()));
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = not_after;
+    });
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let (crt, key, ca) = (
+        pki.path("short.crt"),
+        pki.path("short.key"),
+        pki.path("ca.pem"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sessions = |v: &str| {
+        dir.path()
+            .join(format!("{v}.sess"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let proxy = pki.start(
+        &config(origin.addr, tls_origin.addr)
+            .server(|s| s.client_ca = Some("ca.pem".into()))
+            .request_header(Duration::from_secs(20))
+            .with(|c| {
+                c.agents = vec![Agent {
+                    spiffe_id: Some(SPIFFE.into()),
+                    ..Agent::new("coder", "p")
+                }]
+            }),
+    );
+    let authority = format!("origin.test:{}", origin.addr.port());
+    let get = format!("GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+
+    // Before notAfter: a request on a kept-alive connection, a tunnel, and sessions saved for
+    // resumption over TLS 1.3 and 1.2.
+    let mut kept = tls_client(&proxy, &pki, "short");
+    kept.write_all(get.as_bytes()).unwrap();
+    let (head, _) = read_tls_response(&mut kept);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    proxy.find_audit(support::AuditMatch::of("http", "allow", "allowed"));
+    let mut tunnel = tls_client(&proxy, &pki, "short");
+    write!(
+        tunnel,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let (head, _) = read_tls_response(&mut tunnel);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let close = format!(
+        "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    );
+    for (v, flag) in [("tls13", "-tls1_3"), ("tls12", "-tls1_2")] {
+        let out = s_client(
+            &proxy,
+            &[
+                flag,
+                "-cert",
+                &crt,
+                "-key",
+                &key,
+                "-CAfile",
+                &ca,
+                "-sess_out",
+                &sessions(v),
+            ],
+            &close,
+        );
+        assert!(out.contains("HTTP/1.1 200"), "{v}: {out}");
+    }
+    let dialled = origin.connections();
+
+    // Past notAfter.
+    let past = std::time::SystemTime::from(not_after) + Duration::from_millis(1500);
+    if let Ok(wait) = past.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
+    // The open tunnel has been closed, audited like a refusal.
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(tunnel.read(&mut buf), Ok(0) | Err(_)),
+        "tunnel still open"
+    );
+    proxy.find_audit(support::AuditMatch::of(
+        "connect",
+        "deny",
+        "client_cert_expired",
+    ));
+    // The kept-alive connection gets 407 on its next request.
+    kept.write_all(get.as_bytes()).unwrap();
+    let (head, _) = read_tls_response(&mut kept);
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    assert_eq!(
+        support::head_header(&head, "chokepoint-reason"),
+        Some("client_cert_expired")
+    );
+    proxy.find_audit(support::AuditMatch::of(
+        "http",
+        "deny",
+        "client_cert_expired",
+    ));
+    // A resumed session (or a new handshake) gets no tunnel, over TLS 1.3 and 1.2.
+    let connect =
+        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    for (v, flag) in [("tls13", "-tls1_3"), ("tls12", "-tls1_2")] {
+        let out = s_client(
+            &proxy,
+            &[
+                flag,
+                "-cert",
+                &crt,
+                "-key",
+                &key,
+                "-CAfile",
+                &ca,
+                "-sess_in",
+                &sessions(v),
+            ],
+            &connect,
+        );
+        assert!(
+            !out.contains("HTTP/1.1 200"),
+            "{v}: a tunnel after notAfter: {out}"
+        );
+    }
+    assert_eq!(
+        origin.connections(),
+        dialled,
+        "nothing dialled after notAfter"
+    );
+}
+
+#[test]
+fn a_certificate_naming_two_identities_is_refused() {
+    let pki = Pki::new("test CA");
+    pki.server("gateway");
+    pki.leaf_with("two-uris", &["coder.local"], |p| {
+        p.distinguished_name
+            .push(DnType::CommonName, "coding-agent");
+        for u in [
+            SPIFFE,
+            "spiffe://cluster.local/ns/agents-prod/sa/mail-agent",
+        ] {
+            p.subject_alt_names
+                .push(SanType::URI(u.try_into().unwrap()));
+        }
+    });
+    let origin = Origin::http();
+    let tls_origin = TlsOrigin::start(&pki);
+    let proxy = pki.start(
+        &config(origin.addr, tls_origin.addr)
+            .server(|s| s.client_ca = Some("ca.pem".into()))
+            .with(|c| {
+                c.agents = vec![
+                    Agent {
+                        spiffe_id: Some(SPIFFE.into()),
+                        ..Agent::new("coder", "p")
+                    },
+                    Agent {
+                        spiffe_id: Some(
+                            "spiffe://cluster.local/ns/agents-prod/sa/mail-agent".into(),
+                        ),
+                        ..Agent::new("mailer", "p")
+                    },
+                    Agent {
+                        cert_subject: Some("coding-agent".into()),
+                        ..Agent::new("by-cn", "p")
+                    },
+                ]
+            }),
+    );
+    let authority = format!("origin.test:{}", origin.addr.port());
+    let mut s = tls_client(&proxy, &pki, "two-uris");
+    write!(
+        s,
+        "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let (head, _) = read_tls_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    let a = proxy.find_audit(support::AuditMatch::of("http", "deny", "auth_failed"));
+    assert_eq!(a.agent, None, "identified as neither agent");
+    assert_eq!(origin.connections(), 0);
+
+    // Two subject CNs (openssl writes them; rcgen keeps one per attribute).
+    let (k, csr, c) = (
+        pki.path("two-cns.key"),
+        pki.path("two-cns.csr"),
+        pki.path("two-cns.crt"),
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=coding-agent/CN=mail-agent",
+        "-keyout",
+        &k,
+        "-out",
+        &csr,
+    ]);
+    // Signed by the test CA: its key is only in memory, so write it out for openssl.
+    std::fs::write(pki.path("ca.key"), pki.ca.key().serialize_pem()).unwrap();
+    // Extensions make it an X.509 v3 certificate, which webpki requires.
+    let ext = pki.path("two-cns.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &pki.path("ca.pem"),
+        "-CAkey",
+        &pki.path("ca.key"),
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &c,
+    ]);
+    let mut s = tls_client(&proxy, &pki, "two-cns");
+    write!(
+        s,
+        "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let (head, _) = read_tls_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    let a = proxy.find_audit(support::AuditMatch::of("http", "deny", "auth_failed"));
+    assert_eq!(a.agent, None);
+    assert_eq!(origin.connections(), 0);
 }
