@@ -22,10 +22,8 @@ use crate::outcome::Reason;
 mod copy;
 #[cfg(target_os = "linux")]
 pub mod splice;
-mod watched;
 
 pub use copy::copy_bidirectional;
-pub use watched::Watched;
 
 /// The error type of bodies passed through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

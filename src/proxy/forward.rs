@@ -30,7 +30,7 @@ use super::ctx::{Audited, Finish, RequestCtx};
 use super::pool::{Conn, Key, Lease, UpBody};
 use super::Shared;
 use crate::connect;
-use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody, Watched};
+use crate::io::{BoxError, Cap, Direction, Meter, Metered, MeteredBody};
 use crate::outcome::{Deny, Reason};
 use crate::target::{self, Target};
 use crate::vet::VettedAddr;
@@ -218,17 +218,20 @@ async fn fresh(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
         .map_err(|e| upstream_error("handshake", &e))?;
     let (watch, idle, abort) = (activity.clone(), route.idle, shared.abort.clone());
     // Ends when the server closes the connection, when it is idle too long, at the end of the
-    // shutdown grace, or once every handle is gone (closed by the pool, or not pooled). The
-    // watchdogs are polled only when they fire, not on each of the task's wake-ups per request.
-    let watchdogs = async move {
+    // shutdown grace, or once every handle is gone (closed by the pool, or not pooled).
+    shared.tracker.spawn(async move {
         tokio::select! {
+            // The connection first: it is what wakes the task (twice per small exchange).
+            // Polling the timer and the token on those wake-ups as well costs some 30 ns each,
+            // which a waker of their own did not pay for (benches/watched.rs).
+            biased;
+            end = conn => {
+                if let Err(e) = end {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
             () = watch.idle_for(idle) => tracing::debug!("upstream connection idle; closed"),
             () = abort.cancelled() => {}
-        }
-    };
-    shared.tracker.spawn(async move {
-        if let Some(Err(e)) = Watched::new(conn, watchdogs).await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
     let key = Key::new(route.agent.clone(), route.target.clone(), peer);
