@@ -18,10 +18,13 @@ WORKDIR /src
 
 # Dependency layer: build every dependency against placeholder sources, so this layer is
 # rebuilt only when Cargo.toml or Cargo.lock change. benches/ is copied because Cargo.toml names
-# its bench targets and cargo refuses a manifest whose targets are missing.
+# its bench targets and cargo refuses a manifest whose targets are missing; the load tool's
+# manifest (a workspace member, not built here) gets a placeholder source for the same reason.
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
-RUN mkdir src \
+COPY tools/loadbench/Cargo.toml ./tools/loadbench/
+RUN mkdir src tools/loadbench/src \
+    && echo 'fn main() {}' > tools/loadbench/src/main.rs \
     && echo 'fn main() {}' > src/main.rs \
     && echo '//! placeholder' > src/lib.rs \
     && cargo build --release --locked --bin chokepoint \

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Draw the results of benches/load.rs (its LOAD_JSON file) as one SVG of small multiples, next to
-the issue-6 targets and the reference proxies the issue measured:
+"""Draw the results of the load tool, tools/loadbench (`cargo run --release -p loadbench`; its
+LOAD_JSON file), as one SVG of small multiples, next to the issue-6 targets and the reference
+proxies the issue measured:
 
     python3 benches/chart.py target/load-results.json > docs/benchmarks.svg
     python3 benches/chart.py run1.json run2.json run3.json > docs/benchmarks.svg   # medians

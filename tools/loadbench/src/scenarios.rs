@@ -1,0 +1,225 @@
+//! The scenarios, each run without the proxy (straight to the origin), then through it, and
+//! the issue-6 targets checked against what was measured:
+//!
+//! - a: absolute-form GETs on 64 keep-alive connections, 100 B answers;
+//! - b: 64 CONNECT tunnels, keep-alive GETs inside them;
+//! - c: a new tunnel and one GET per exchange, 64 at a time;
+//! - d: one tunnel, 1 GiB down then 1 GiB up; d3: a plain-HTTP GET of 1 GiB;
+//! - e: proxy memory per idle tunnel (`LOAD_IDLE_TUNNELS` of them).
+
+use crate::client::{closed_loop, down_and_up, idle_rss, plain_download, Script, GIB};
+use crate::error::Error;
+use crate::http::{connect_request, get_absolute, get_origin_form};
+use crate::machine::installed;
+use crate::origin::Origin;
+use crate::peers::{run_peer, Peer};
+use crate::proxy::Proxy;
+use crate::report::Report;
+use crate::settings::Settings;
+
+/// Every selected scenario through chokepoint, then through each installed peer. `Err` only
+/// for what the run cannot go on without (the origin, starting chokepoint); a scenario's own
+/// failure is a row of the report.
+pub(crate) async fn run(s: &Settings) -> Result<Report, Error> {
+    let origin = Origin::start().await?;
+    let mut report = Report::default();
+    if s.wants('a') {
+        plain_http(s, &origin, &mut report).await?;
+    }
+    if s.wants('b') {
+        tunnelled_requests(s, &origin, &mut report).await?;
+    }
+    if s.wants('c') {
+        new_tunnels(s, &origin, &mut report).await?;
+    }
+    if s.wants('d') {
+        let done = bulk(s, &origin, &mut report).await;
+        row_unless_fatal(&mut report, "d", done)?;
+    }
+    if s.wants('e') {
+        let done = idle_tunnels(s, &origin, &mut report).await;
+        row_unless_fatal(&mut report, "e", done)?;
+    }
+    for peer in [Peer::Squid, Peer::TrafficServer] {
+        let name = peer.name();
+        if !installed(peer.binary()) {
+            report
+                .notes
+                .push(format!("{name}: not installed, no comparison"));
+        } else if s.perf_dir.is_some() || s.callgrind_dir.is_some() {
+            report.notes.push(format!(
+                "{name}: not run (LOAD_PERF_DIR or LOAD_CALLGRIND_DIR profile chokepoint)"
+            ));
+        } else {
+            run_peer(s, &origin, peer, &mut report).await;
+        }
+    }
+    Ok(report)
+}
+
+/// A failed exchange of scenario `id` becomes its row; anything else ends the run.
+fn row_unless_fatal(report: &mut Report, id: &str, done: Result<(), Error>) -> Result<(), Error> {
+    match done {
+        Err(Error::Exchange(e)) => {
+            report.failed(id, &e.to_string());
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// What each connection through a proxy does in closed-loop scenario `id` (a, b or c).
+pub(crate) fn via_script(id: char, port: u16) -> Script {
+    match id {
+        'a' => Script {
+            preface: None,
+            request: get_absolute(port, "/").into(),
+            reconnect: false,
+        },
+        _ => Script {
+            preface: Some(connect_request(port).into()),
+            request: get_origin_form(port, "/").into(),
+            reconnect: id == 'c',
+        },
+    }
+}
+
+/// a. Absolute-form GETs on 64 keep-alive connections, 100 B answers.
+async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
+    let port = origin.addr.port();
+    let direct = Script {
+        preface: None,
+        request: get_origin_form(port, "/").into(),
+        reconnect: false,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s)?;
+    let via = closed_loop(proxy.addr, &via_script('a', port), s, Some(&proxy), "a").await;
+    let audit = proxy.stop().await;
+    report.closed("a", "a: plain HTTP, keep-alive", "req/s", &via, &direct);
+    report.notes.push(audit.note("a"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "a: ≤ 15 µs CPU/req, ≥ 0.6× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 15.0 && ratio >= 0.6,
+    );
+    report.latency_check("a", &via, &direct);
+    Ok(())
+}
+
+/// b. 64 CONNECT tunnels, keep-alive GETs inside them.
+async fn tunnelled_requests(
+    s: &Settings,
+    origin: &Origin,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let port = origin.addr.port();
+    let direct = Script {
+        preface: None,
+        request: get_origin_form(port, "/").into(),
+        reconnect: false,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s)?;
+    let via = closed_loop(proxy.addr, &via_script('b', port), s, Some(&proxy), "b").await;
+    let audit = proxy.stop().await;
+    report.closed("b", "b: GETs in tunnels", "req/s", &via, &direct);
+    report.notes.push(audit.note("b"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "b: ≤ 12 µs CPU/req, ≥ 0.95× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 12.0 && ratio >= 0.95,
+    );
+    report.latency_check("b", &via, &direct);
+    Ok(())
+}
+
+/// c. A new tunnel and one GET per exchange, 64 at a time.
+async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
+    let port = origin.addr.port();
+    let direct = Script {
+        preface: None,
+        request: get_origin_form(port, "/").into(),
+        reconnect: true,
+    };
+    let direct = closed_loop(origin.addr, &direct, s, None, "").await;
+    let proxy = Proxy::start(port, s)?;
+    let via = closed_loop(proxy.addr, &via_script('c', port), s, Some(&proxy), "c").await;
+    let audit = proxy.stop().await;
+    report.closed("c", "c: new tunnel + 1 GET", "tunnels/s", &via, &direct);
+    report.notes.push(audit.note("c"));
+    let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+    let ratio = via.rate() / direct.rate();
+    report.check(
+        "c: ≤ 60 µs CPU/tunnel, ≥ 0.9× no-proxy",
+        format!("{cpu:.1} µs, {ratio:.2}×"),
+        cpu <= 60.0 && ratio >= 0.9,
+    );
+    Ok(())
+}
+
+/// d. One tunnel: 1 GiB down, 1 GiB up; d3: a plain-HTTP GET of 1 GiB.
+async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
+    let port = origin.addr.port();
+    let (direct_down, direct_up) = down_and_up(s, origin.addr, None, port, None).await?;
+    let proxy = Proxy::start(port, s)?;
+    let connect = connect_request(port);
+    let (down, up) = down_and_up(s, proxy.addr, Some(&connect), port, Some(&proxy)).await?;
+    let get = get_absolute(port, &format!("/bulk/{GIB}"));
+    let plain = plain_download(s, proxy.addr, &get, Some(&proxy)).await?;
+    let audit = proxy.stop().await;
+    report.bulk(
+        "d-down",
+        "d: tunnel, 1 GiB down",
+        &down,
+        &direct_down,
+        false,
+    );
+    report.bulk("d-up", "d: tunnel, 1 GiB up", &up, &direct_up, false);
+    report.bulk(
+        "d3",
+        "d3: plain HTTP, 1 GiB down",
+        &plain,
+        &direct_down,
+        true,
+    );
+    if let (Some(dn), Some(up)) = (direct_down.load_cpu(), direct_up.load_cpu()) {
+        report.notes.push(format!(
+            "d, no proxy: client and origin together spent {dn:.2} s CPU per GiB down, \
+             {up:.2} s per GiB up"
+        ));
+    }
+    report.notes.push(audit.note("d"));
+    for (name, t, base) in [("down", &down, &direct_down), ("up", &up, &direct_up)] {
+        let ratio = t.gb_per_s() / base.gb_per_s();
+        let cpu = t.proxy_cpu().unwrap_or(f64::NAN);
+        report.check(
+            &format!("d {name}: ≥ 0.8× no-proxy, ≤ 0.2 s CPU/GiB"),
+            format!("{ratio:.2}×, {cpu:.2} s"),
+            ratio >= 0.8 && cpu <= 0.2,
+        );
+    }
+    let ratio = plain.gb_per_s() / direct_down.gb_per_s();
+    report.check("d3: ≥ 0.6× no-proxy", format!("{ratio:.2}×"), ratio >= 0.6);
+    Ok(())
+}
+
+/// e. Proxy memory per idle tunnel.
+async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
+    let proxy = Proxy::start(origin.addr.port(), s)?;
+    let idle = idle_rss(s, origin, &proxy).await?;
+    let audit = proxy.stop().await;
+    let per = idle.per_tunnel_kib();
+    report.idle(idle);
+    report.notes.push(audit.note("e"));
+    report.check(
+        "e: ≤ 10 KiB per idle tunnel",
+        format!("{per:.2} KiB"),
+        per <= 10.0,
+    );
+    Ok(())
+}
