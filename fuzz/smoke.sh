@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Bounded fuzz smoke for CI: build every target, run each from its committed seeds for
-# FUZZ_SECONDS (default 20) on one job. A crash fails the script; its input is left in
-# fuzz/artifacts/<target>/ (CI prints the path and the reproducing command).
+# Bounded libFuzzer smoke, run before a release (not in .ci/run, which replays the seeds through
+# the same checks in `cargo test --test fuzz_seeds`): build every target, run each from its
+# committed seeds for FUZZ_SECONDS (default 20) on one job. A crash fails the script; its input
+# is left in fuzz/artifacts/<target>/ (the script prints the path and the reproducing command).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-20}"
-targets=(request_head authority allowlist_diff vet config config_mutate sni)
 
 # libFuzzer needs -Zsanitizer; on a stable toolchain that takes RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "installing cargo-fuzz"
   cargo install cargo-fuzz --locked
+fi
+
+# Every [[bin]] of fuzz/Cargo.toml, so a new target cannot be left out.
+mapfile -t targets < <(cargo fuzz list)
+if [ ${#targets[@]} -eq 0 ]; then
+  echo "fuzz smoke: cargo fuzz list names no target" >&2
+  exit 1
 fi
 
 start=$(date +%s)

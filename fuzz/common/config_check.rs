@@ -7,7 +7,7 @@ use chokepoint::config::{self, ConfigError, ConfigIssue};
 use chokepoint::policy::parse_rule;
 
 /// The config's path: an empty directory, so relative `token_file`s name nothing.
-pub fn config_path() -> &'static Path {
+pub(crate) fn config_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("chokepoint-fuzz-{}", std::process::id()));
@@ -18,19 +18,24 @@ pub fn config_path() -> &'static Path {
 
 /// True when the text names a token or TLS file outside that empty directory (`/dev/zero`,
 /// `../x`): the loader would read it, which is the operator's business, not the fuzzer's.
-pub fn reads_outside(src: &str) -> bool {
+pub(crate) fn reads_outside(src: &str) -> bool {
     let Ok(value) = src.parse::<toml::Table>() else {
         return false;
     };
+    // A file key whose value is not a plain name (or not a string at all).
+    fn outside(v: &toml::Value) -> bool {
+        match v.as_str() {
+            Some(s) => s.contains('/') || s.contains('\\') || s.starts_with('.'),
+            None => true,
+        }
+    }
     fn walk(v: &toml::Value) -> bool {
         match v {
             toml::Value::Table(t) => t.iter().any(|(k, v)| {
                 (matches!(
                     k.as_str(),
                     "token_file" | "tls_cert" | "tls_key" | "client_ca"
-                ) && v
-                    .as_str()
-                    .is_none_or(|s| s.contains('/') || s.contains('\\') || s.starts_with('.')))
+                ) && outside(v))
                     || walk(v)
             }),
             toml::Value::Array(a) => a.iter().any(walk),
@@ -41,7 +46,7 @@ pub fn reads_outside(src: &str) -> bool {
 }
 
 /// Load `src` and check the result.
-pub fn load_and_check(src: &str) {
+pub(crate) fn load_and_check(src: &str) {
     if reads_outside(src) {
         return;
     }
