@@ -7,8 +7,8 @@
 //! ending in `chunked`; Content-Length digits only, several only if equal; Content-Length dropped
 //! next to Transfer-Encoding). What hyper would refuse never reaches chokepoint, so it is skipped.
 //!
-//! Then `target::parse`, `forward::check_host`, `forward::check_framing`,
-//! `forward::content_length` and `forward::strip_hop_by_hop`, with these invariants:
+//! Then `target::parse`, `target::check_host`, `target::check_framing`,
+//! `target::content_length` and `forward::strip_hop_by_hop`, with these invariants:
 //! * an accepted target has a non-zero port and a host that is either an IP literal or a
 //!   normalised name (lower case, valid labels, no trailing dot, not numeric);
 //! * rendering the target and parsing it again gives the same target;
@@ -69,9 +69,9 @@ pub(crate) fn run(data: &[u8]) {
     let host = parsed
         .as_ref()
         .ok()
-        .map(|(_, t)| forward::check_host(req.headers(), t, authority));
-    let framing_ok = forward::check_framing(req.headers()).is_ok();
-    let length = forward::content_length(req.headers());
+        .map(|(_, t)| target::check_host(req.headers(), t, authority));
+    let framing_ok = target::check_framing(req.headers()).is_ok();
+    let length = target::content_length(req.headers());
 
     if let (Ok((Kind::Http, t)), Some(Ok(()))) = (&parsed, &host) {
         let hosts: Vec<&HeaderValue> = req.headers().get_all(HOST).iter().collect();
