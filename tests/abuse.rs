@@ -287,6 +287,9 @@ fn a_keep_alive_exchange_is_not_cut_while_the_clock_is_paused() {
         !is_closed(&s),
         "the connection was cut while the clock was paused"
     );
+    // And it stops as the binary does on SIGTERM: the idle connection is closed, `run` ends.
+    assert_eq!(proxy.stop(), Ok(()));
+    assert!(read_until_closed(&mut s).is_empty());
 }
 
 #[test]

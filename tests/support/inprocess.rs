@@ -50,15 +50,6 @@ pub trait Gateway {
     fn audits(&self) -> &AuditLog;
 }
 
-impl Gateway for Proxy {
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-    fn audits(&self) -> &AuditLog {
-        &self.audits
-    }
-}
-
 /// A request to the clock task: move the clock by the duration (zero: only let the runtime
 /// run what is ready), then answer with the time the clock has moved since the start.
 type Tick = (Duration, Sender<Duration>);
@@ -81,6 +72,25 @@ pub struct InProcess {
     done: Receiver<Result<(), String>>,
     _dir: tempfile::TempDir,
 }
+
+/// The audit writer's output: whole lines, each decoded strictly and passed to the test.
+struct AuditLines {
+    partial: Vec<u8>,
+    tx: Sender<Audit>,
+}
+
+// === impl Proxy ===
+
+impl Gateway for Proxy {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn audits(&self) -> &AuditLog {
+        &self.audits
+    }
+}
+
+// === impl InProcess ===
 
 impl InProcess {
     /// Run the gateway on the config `cfg` states.
@@ -304,30 +314,7 @@ impl Drop for InProcess {
     }
 }
 
-/// The clock task: for each tick, settle, move the clock, settle, answer.
-async fn move_clock(mut ticks: tokio::sync::mpsc::UnboundedReceiver<Tick>) {
-    let start = tokio::time::Instant::now();
-    while let Some((d, answer)) = ticks.recv().await {
-        settle().await;
-        if !d.is_zero() {
-            tokio::time::advance(d).await;
-            settle().await;
-        }
-        let _ = answer.send(start.elapsed());
-    }
-}
-
-async fn settle() {
-    for _ in 0..SETTLE_ROUNDS {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// The audit writer's output: whole lines, each decoded strictly and passed to the test.
-struct AuditLines {
-    partial: Vec<u8>,
-    tx: Sender<Audit>,
-}
+// === impl AuditLines ===
 
 impl AuditLines {
     fn new(tx: Sender<Audit>) -> AuditLines {
@@ -374,7 +361,27 @@ fn log_to_test_output() {
     if let Ok(filter) = std::env::var("CHOKEPOINT_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
             .with_test_writer()
             .try_init();
+    }
+}
+
+/// The clock task: for each tick, settle, move the clock, settle, answer.
+async fn move_clock(mut ticks: tokio::sync::mpsc::UnboundedReceiver<Tick>) {
+    let start = tokio::time::Instant::now();
+    while let Some((d, answer)) = ticks.recv().await {
+        settle().await;
+        if !d.is_zero() {
+            tokio::time::advance(d).await;
+            settle().await;
+        }
+        let _ = answer.send(start.elapsed());
+    }
+}
+
+async fn settle() {
+    for _ in 0..SETTLE_ROUNDS {
+        tokio::task::yield_now().await;
     }
 }
