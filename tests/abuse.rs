@@ -1,11 +1,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
 
-//! Resource bounds that hold under abuse, through the real binary on loopback: the connection
-//! cap across both listeners, header count and line length, slowloris heads and quiet keep-alive
-//! connections, a client that never reads its response, tunnels that hold their agent's permits
-//! while handshaking or dialling, no state keyed by what unknown clients send, and 5,000 stalled
+//! Resource bounds that hold under abuse, on loopback: the connection cap across both
+//! listeners, header count and line length, slowloris heads and quiet keep-alive connections, a
+//! client that never reads its response, tunnels that hold their agent's permits while
+//! handshaking or dialling, no state keyed by what unknown clients send, and 5,000 stalled
 //! connections. Each case checks the refusal or cut, its audit line where one is written, and
 //! that the gateway still serves a normal request afterwards. Every address is in 127.0.0.0/8.
+//!
+//! Cases that cross a timeout run the gateway in this process on a paused clock
+//! ([`InProcess`]) and move the clock past the bound instead of waiting it out; the others run
+//! the real binary ([`Proxy`]), whose descriptors and log lines they read.
 //!
 //! No case is timed and none measures memory: how soon a cut comes and what the gateway's RSS
 //! does meanwhile are measured by the benchmarks.
@@ -35,7 +39,7 @@ fn gateway_fds(proxy: &Proxy) -> usize {
 
 /// A normal request still works: `GET http://origin.test:PORT/after` is answered by the
 /// origin and audited as allowed.
-fn still_serves(proxy: &Proxy, origin: &Origin) {
+fn still_serves(proxy: &impl Gateway, origin: &Origin) {
     let port = origin.addr.port();
     let mut s = raw(proxy);
     s.write_all(
@@ -48,7 +52,9 @@ fn still_serves(proxy: &Proxy, origin: &Origin) {
     let (head, body) = read_response(&mut s);
     assert_eq!(status_of(&head), 200, "{head}");
     assert!(body.starts_with(b"GET /after HTTP/1.1\n"), "{body:?}");
-    proxy.expect_audit(AuditMatch::of("http", "allow", "allowed").path(Some("/after")));
+    proxy
+        .audits()
+        .expect(&AuditMatch::of("http", "allow", "allowed").path(Some("/after")));
 }
 
 /// An origin on 127.0.0.1, and the standard test config allowing it as `origin.test:PORT`.
@@ -250,10 +256,47 @@ fn header_count_and_line_length_are_bounded_and_audited() {
 // === 3. slowloris, and quiet keep-alive connections ===
 
 #[test]
+fn a_keep_alive_exchange_is_not_cut_while_the_clock_is_paused() {
+    // What every in-process case here rests on (tests/support/inprocess.rs): while the
+    // gateway's clock is paused, a connection waiting in real time for its client's next
+    // request keeps waiting. Were the clock to jump to the next timer whenever the runtime is
+    // idle (tokio's auto-advance), hyper's header timer would cut it between requests.
+    let (origin, cfg) = origin_and_config();
+    let proxy = InProcess::of(&cfg.request_header(Duration::from_secs(2)));
+    let port = origin.addr.port();
+    let mut s = raw(&proxy);
+    for i in 0..3 {
+        s.write_all(
+            format!(
+                "GET http://origin.test:{port}/ka{i} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert_eq!(status_of(&head), 200, "request {i}: {head}");
+        let want = format!("GET /ka{i} HTTP/1.1\n");
+        assert!(body.starts_with(want.as_bytes()), "request {i}: {body:?}");
+        let path = format!("/ka{i}");
+        proxy.expect_audit(AuditMatch::of("http", "allow", "allowed").path(Some(&path)));
+        // Real time passes with the runtime idle and the head timer armed.
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(proxy.settle(), Duration::ZERO, "the paused clock moved");
+    assert!(
+        !is_closed(&s),
+        "the connection was cut while the clock was paused"
+    );
+    // And it stops as the binary does on SIGTERM: the idle connection is closed, `run` ends.
+    assert_eq!(proxy.stop(), Ok(()));
+    assert!(read_until_closed(&mut s).is_empty());
+}
+
+#[test]
 fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
     let bound = Duration::from_secs(2);
     let (origin, cfg) = origin_and_config();
-    let proxy = Proxy::of(&cfg.request_header(bound));
+    let proxy = InProcess::of(&cfg.request_header(bound));
     let port = origin.addr.port();
     let head = format!(
         "GET http://origin.test:{port}/slow HTTP/1.1\r\nHost: origin.test:{port}\r\nX-Slow: {}\r\n\r\n",
@@ -262,28 +305,23 @@ fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
     let mut s = raw(&proxy);
     s.set_nodelay(true).unwrap();
     let client = s.local_addr().unwrap().to_string();
-    // One byte every 100 ms: the whole head would take ~8 s, each byte well inside any
-    // per-read timeout.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (mut w, stop_w) = (s.try_clone().unwrap(), stop.clone());
-    let writer = thread::spawn(move || {
-        for b in head.bytes() {
-            if stop_w.load(Ordering::SeqCst) || w.write_all(&[b]).is_err() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
+    // One byte every 100 ms of the gateway's clock: the whole head would take ~10 s, each byte
+    // well inside any per-read timeout. A write fails once the gateway has closed the
+    // connection (the first one after the close draws a reset).
+    for b in head.bytes() {
+        if s.write_all(&[b]).is_err() {
+            break;
         }
-    });
+        proxy.advance(Duration::from_millis(100));
+    }
     let answer = read_until_closed(&mut s);
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
     // Cut, though every byte came well inside any per-read bound: the bound counts from the
-    // first read of the head (the whole head would have taken four times the bound).
+    // first read of the head (the whole head would have taken five times the bound).
     proxy.expect_audit(
         AuditMatch::of("reject", "deny", "header_timeout")
             .method(None)
@@ -297,7 +335,7 @@ fn a_head_trickled_byte_by_byte_is_cut_at_request_header() {
 fn a_quiet_keep_alive_connection_is_closed_after_request_header_without_audit() {
     let bound = Duration::from_secs(2);
     let (origin, cfg) = origin_and_config();
-    let proxy = Proxy::of(&cfg.request_header(bound));
+    let proxy = InProcess::of(&cfg.request_header(bound));
     let port = origin.addr.port();
     let mut s = raw(&proxy);
     s.write_all(
@@ -313,6 +351,9 @@ fn a_quiet_keep_alive_connection_is_closed_after_request_header_without_audit() 
     );
     assert_eq!(proxy.audit().reason, "allowed");
 
+    // Quiet for the bound (and far less than `idle`): the head timer, armed again for the
+    // next request, closes the connection.
+    proxy.advance(bound);
     let rest = read_until_closed(&mut s);
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     // Going quiet between requests is not a refusal: no line.
@@ -396,7 +437,7 @@ fn a_client_that_never_reads_is_cut_after_idle() {
     let bport = big.addr.port();
     let idle = Duration::from_secs(1);
     let (origin, cfg) = origin_and_config();
-    let proxy = Proxy::of(
+    let proxy = InProcess::of(
         &cfg.idle(idle)
             .hosts_to_loopback(&["big.test"])
             .allow(format!("big.test:{bport}"))
@@ -417,9 +458,13 @@ fn a_client_that_never_reads_is_cut_after_idle() {
     assert_eq!((a.reason.as_str(), a.bytes_down), ("allowed", 8 << 20));
 
     // 1 GiB asked for, not a byte read: the client's receive window fills, the response
-    // stalls, and `idle` cuts it.
+    // stalls, and `idle` cuts it. The clock moves a tenth of `idle` at a time, each step after
+    // a real while for bytes to move: `idle` passes only over ten steps in which none did.
     let mut s = raw(&proxy);
     s.write_all(get(1 << 30).as_bytes()).unwrap();
+    proxy.advance_until(idle / 10, 100 * idle, "the stalled response cut", || {
+        big.cut.load(Ordering::SeqCst)
+    });
     let a = proxy.expect_audit(AuditMatch::of("http", "allow", "idle_timeout").status(200));
     assert!(a.bytes_down < 1 << 30, "{a:?}");
     assert!(
@@ -474,7 +519,7 @@ fn syn_sent_to(addr: SocketAddr) -> usize {
 }
 
 /// Send a CONNECT for `authority` on a fresh connection.
-fn send_connect(proxy: &Proxy, authority: &str) -> TcpStream {
+fn send_connect(proxy: &impl Gateway, authority: &str) -> TcpStream {
     let mut s = raw(proxy);
     s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .unwrap();
@@ -482,7 +527,7 @@ fn send_connect(proxy: &Proxy, authority: &str) -> TcpStream {
 }
 
 /// The third CONNECT while two are open: 429 `too_many_concurrent`, audited, never dialled.
-fn third_is_refused(proxy: &Proxy, authority: &str) {
+fn third_is_refused(proxy: &impl Gateway, authority: &str) {
     let mut s = send_connect(proxy, authority);
     let head = read_head(&mut s);
     assert_eq!(status_of(&head), 429, "{head}");
@@ -491,7 +536,7 @@ fn third_is_refused(proxy: &Proxy, authority: &str) {
         Some("too_many_concurrent")
     );
     assert_eq!(head_header(&head, "retry-after"), Some("1"));
-    let a = proxy.audit();
+    let a = proxy.audits().next();
     assert_eq!(
         (a.event.as_str(), a.decision.as_str(), a.reason.as_str()),
         ("connect", "deny", "too_many_concurrent"),
@@ -509,7 +554,7 @@ fn tunnels_hold_their_permits_while_handshaking_and_dialling() {
     let origin = Origin::http();
     let oport = origin.addr.port();
     let hello_bound = Duration::from_secs(4);
-    let proxy = Proxy::of(
+    let proxy = InProcess::of(
         &ConfigBuilder::new()
             .hosts_to_loopback(&["echo.test", "hole.test", "origin.test"])
             .allow(format!("echo.test:{port}"))
@@ -517,9 +562,10 @@ fn tunnels_hold_their_permits_while_handshaking_and_dialling() {
             .allow(format!("origin.test:{oport}"))
             .test_limits(|l| l.max_concurrent = Some(2))
             .sni_ports(&[port])
-            // The hello bound is what is cut at; long enough that the third CONNECT is judged
-            // while both still wait, even on a busy box. The dial bound is never reached: the
-            // dials are ended by closing the listener once the third has been judged.
+            // The hello bound is what is cut at, once the clock is moved past it (the third
+            // CONNECT is judged while both wait). The dial bound is never reached: the clock
+            // does not move while the dials hang, and they are ended by closing the listener
+            // once the third has been judged.
             .request_header(hello_bound)
             .connect(Duration::from_secs(30)),
     );
@@ -535,6 +581,7 @@ fn tunnels_hold_their_permits_while_handshaking_and_dialling() {
     }
     third_is_refused(&proxy, &echo_at);
     // The hello bound cuts both; nothing reached the upstream, and each is audited.
+    proxy.advance(hello_bound);
     for mut s in waiting {
         let got = read_until_closed(&mut s);
         assert!(got.is_empty());
@@ -684,18 +731,21 @@ fn unknown_clients_leave_no_state_behind() {
 /// 5,000 connections that each send a few bytes of a head and stall: all accepted, all cut and
 /// audited at `request_header`, every socket released, and the gateway still serves. (Their
 /// memory, about 19 KiB each while open, is benchmarked; see docs/security.md.)
+///
+/// In this process: each connection is one task on the gateway's runtime, which owns its
+/// socket, so "accepted" is a task more and "released" is that task gone.
 #[test]
 fn five_thousand_stalled_connections_are_all_cut_and_released() {
     const N: usize = 5000;
     const BATCH: usize = 100;
-    // Long enough for the gateway to accept all 5,000 before it cuts the first, even when the
-    // box is busy.
+    // The bound the gateway uses; it cuts only when the clock is moved past it, once all
+    // 5,000 are open.
     let bound = Duration::from_secs(10);
-    raise_fd_limit(N + 1000);
+    // Both ends of every connection are in this process.
+    raise_fd_limit(2 * N + 1000);
     let (origin, cfg) = origin_and_config();
-    let proxy = Proxy::of(&cfg.max_connections(6000).request_header(bound));
-    // No warm-up request: its upstream connection would linger in the descriptor count.
-    let fds = gateway_fds(&proxy);
+    let proxy = InProcess::of(&cfg.max_connections(6000).request_header(bound));
+    let tasks = proxy.tasks();
 
     // Opened in batches the gateway accepts before the next: a burst beyond the listen backlog
     // (128, tokio's default) would have the kernel drop SYNs, and the retried connections
@@ -709,15 +759,16 @@ fn five_thousand_stalled_connections_are_all_cut_and_released() {
                 .unwrap();
             conns.push(s);
         }
-        wait_until(bound, "a batch of connections accepted", || {
-            gateway_fds(&proxy) >= fds + conns.len()
+        wait_until(WAIT, "a batch of connections accepted", || {
+            proxy.tasks() >= tasks + conns.len()
         });
     }
 
     // The head bound cuts every one of them (the gateway holds no socket more than before),
     // each with its audit line, and each client sees its connection closed.
-    wait_until(bound + WAIT, "all stalled connections cut", || {
-        gateway_fds(&proxy) <= fds
+    proxy.advance(bound);
+    wait_until(WAIT, "all stalled connections cut", || {
+        proxy.tasks() <= tasks
     });
     for _ in 0..N {
         proxy.expect_audit(AuditMatch::of("reject", "deny", "header_timeout"));

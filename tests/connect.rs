@@ -1,5 +1,7 @@
 //! CONNECT tunnels through the real binary: allowed tunnels carry bytes exactly, everything else
-//! is refused before any upstream connection, and every case leaves an audit line.
+//! is refused before any upstream connection, and every case leaves an audit line. The head
+//! timeout case runs the gateway in this process on a paused clock ([`InProcess`]) and moves
+//! the clock past the bound instead of waiting it out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
 
@@ -306,11 +308,14 @@ fn tunnel_to_the_proxy_itself_is_refused() {
 
 #[test]
 fn slow_request_head_is_cut_off_and_audited() {
-    let proxy = Proxy::of(&ConfigBuilder::new());
+    let cfg = ConfigBuilder::new();
+    let bound = cfg.timeouts.request_header.unwrap();
+    let proxy = InProcess::of(&cfg);
     let mut s = raw(&proxy);
-    // Part of a head, then silence: request_header is 2s in the test config.
+    // Part of a head, then silence for request_header.
     s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\nX-A: ")
         .unwrap();
+    proxy.advance(bound);
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).unwrap_or(0);
     let reply = String::from_utf8_lossy(&buf[..n]).into_owned();

@@ -3,6 +3,9 @@
 //! Every answer served is a loopback address: 127.0.0.1 is the reachable "public" destination and
 //! 127.0.0.66 (inside the config's `deny_cidrs` 127.0.0.64/26) is the "internal" one. The server
 //! records every query it receives, so each test can prove the proxy really asked (or did not).
+//!
+//! The DNS timeout case runs the gateway in this process on a paused clock ([`InProcess`]) and
+//! moves the clock past `timeouts.dns` instead of waiting it out.
 
 // The shared harness (tests/support) unwraps outside `#[test]` functions, which
 // `allow-unwrap-in-tests` does not cover; this crate is test code throughout.
@@ -228,13 +231,17 @@ impl Got {
 
 /// `curl -x proxy url`, through a CONNECT tunnel (`-p`) when `tunnel`.
 fn fetch(proxy: &Proxy, url: &str, tunnel: bool) -> Got {
+    fetch_via(&proxy.url(), url, tunnel)
+}
+
+/// [`fetch`] through the proxy at `proxy_url` (`http://127.0.0.1:PORT`).
+fn fetch_via(proxy_url: &str, url: &str, tunnel: bool) -> Got {
     let dir = tempfile::tempdir().unwrap();
     let heads_path = dir.path().join("heads");
     let heads_arg = heads_path.to_str().unwrap();
-    let proxy_url = proxy.url();
     let mut args = vec![
         "-x",
-        &proxy_url,
+        proxy_url,
         "-D",
         heads_arg,
         "-w",
@@ -504,10 +511,21 @@ fn silent_nameserver_is_a_504_dns_timeout() {
     let dns = Dns::start(|_, _, _| Reply::Silent);
     let origin = Origin::http();
     let port = origin.addr.port();
+    let dns_timeout = Duration::from_secs(1);
     let proxy =
-        Proxy::of(&dns_config(dns.addr, Duration::from_secs(1)).allow(format!("slow.test:{port}")));
+        InProcess::of(&dns_config(dns.addr, dns_timeout).allow(format!("slow.test:{port}")));
 
-    let got = fetch(&proxy, &format!("http://slow.test:{port}/"), false);
+    let (proxy_url, url) = (proxy.url(), format!("http://slow.test:{port}/"));
+    let got = thread::scope(|scope| {
+        let curl = scope.spawn(|| fetch_via(&proxy_url, &url, false));
+        // The lookup's deadline was set before its query went out: once the nameserver has the
+        // query, moving the clock by the DNS timeout ends the lookup.
+        wait_until(WAIT, "the proxy asks the nameserver", || {
+            dns.queries_of("slow.test", RecordType::A) >= 1
+        });
+        proxy.advance(dns_timeout);
+        curl.join().unwrap()
+    });
     assert_eq!(got.exit, 0, "{got:?}");
     assert_eq!(got.status, 504, "{got:?}");
     assert_eq!(got.reason_header().as_deref(), Some("dns_timeout"));

@@ -1,6 +1,8 @@
 //! Plain-HTTP forwarding through the real binary: absolute-form requests reach the origin in
 //! origin-form with hop-by-hop headers gone, bodies stream both ways byte for byte, keep-alive
-//! works, and refusals never reach the origin.
+//! works, and refusals never reach the origin. The upstream-fault case, which waits on a DNS
+//! timeout, runs the gateway in this process on a paused clock ([`InProcess`]) and moves the
+//! clock instead of waiting it out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
 
@@ -297,12 +299,12 @@ fn upstream_faults_are_502_with_the_reason() {
         .local_addr()
         .unwrap()
         .port();
-    let proxy = Proxy::of(
-        &ConfigBuilder::new()
-            .hosts_to_loopback(&["down.test"])
-            .allow(format!("down.test:{closed}"))
-            .allow(format!("nxdomain.test:{closed}")),
-    );
+    let cfg = ConfigBuilder::new()
+        .hosts_to_loopback(&["down.test"])
+        .allow(format!("down.test:{closed}"))
+        .allow(format!("nxdomain.test:{closed}"));
+    let dns_timeout = cfg.timeouts.dns.unwrap();
+    let proxy = InProcess::of(&cfg);
     let (_, out, _) = curl(&[
         "-i",
         "-x",
@@ -324,13 +326,20 @@ fn upstream_faults_are_502_with_the_reason() {
         ("allow", "upstream_connect_failed", Some(502))
     );
 
-    // The test config's nameserver is a closed loopback port: resolution fails.
-    let (_, out, _) = curl(&[
-        "-i",
-        "-x",
-        &proxy.url(),
-        &format!("http://nxdomain.test:{closed}/"),
-    ]);
+    // The test config's nameserver is a closed loopback port: resolution fails, at once or
+    // when the lookup's deadline passes, as the clock is moved a second at a time.
+    let (proxy_url, url) = (proxy.url(), format!("http://nxdomain.test:{closed}/"));
+    let out = std::thread::scope(|scope| {
+        let curl = scope.spawn(|| curl(&["-i", "-x", &proxy_url, &url]).1);
+        proxy.advance_until(
+            Duration::from_secs(1),
+            // Room for curl's request to arrive after the first steps.
+            10 * dns_timeout,
+            "the lookup ends",
+            || curl.is_finished(),
+        );
+        curl.join().unwrap()
+    });
     assert!(
         out.starts_with("HTTP/1.1 502") || out.starts_with("HTTP/1.1 504"),
         "{out}"

@@ -20,7 +20,9 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::{curl, read_head, wait_until, Agent, ConfigBuilder, Origin, Proxy, Timeouts};
+use support::{
+    curl, read_head, wait_until, Agent, ConfigBuilder, Gateway, InProcess, Origin, Proxy, Timeouts,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SPIFFE: &str = "spiffe://cluster.local/ns/agents-prod/sa/coding-agent";
@@ -94,6 +96,12 @@ impl Pki {
     fn start(&self, config: &ConfigBuilder) -> Proxy {
         let dir = self.dir.borrow_mut().take().expect("one gateway per Pki");
         Proxy::of_in(dir, config)
+    }
+
+    /// Run the gateway in this process on a paused clock, with its config in this directory.
+    fn start_in_process(&self, config: &ConfigBuilder) -> InProcess {
+        let dir = self.dir.borrow_mut().take().expect("one gateway per Pki");
+        InProcess::of_in(dir, config)
     }
 }
 
@@ -235,8 +243,8 @@ fn curl_https_proxy(
 }
 
 /// Connect to the plain listener and open a tunnel to `authority`; panics unless it gets 200.
-fn tunnel(proxy: &Proxy, authority: &str) -> TcpStream {
-    let mut s = TcpStream::connect(proxy.addr).unwrap();
+fn tunnel(proxy: &impl Gateway, authority: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr()).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_nodelay(true).unwrap();
     write!(
@@ -282,10 +290,17 @@ fn trickle(s: &mut TcpStream, bytes: &[u8]) {
     }
 }
 
-/// True when the peer closed the connection (EOF or reset) within [`WAIT`].
+/// True when the peer closed the connection (EOF or reset) within [`WAIT`]; false if it sent
+/// bytes or stayed open.
 fn closed(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
-    matches!(s.read(&mut buf), Ok(0) | Err(_))
+    match s.read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }
 
 #[test]
@@ -677,11 +692,14 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
 
 #[test]
 fn non_tls_bytes_and_a_hello_without_sni_are_refused() {
+    // In this process on a paused clock: the hello wait is crossed by moving the clock.
     let pki = Pki::new("test CA");
     pki.server("gateway");
     let origin = Origin::http();
     let tls_origin = TlsOrigin::start(&pki);
-    let proxy = pki.start(&config(origin.addr, tls_origin.addr));
+    let cfg = config(origin.addr, tls_origin.addr);
+    let hello_bound = cfg.timeouts.request_header.unwrap();
+    let proxy = pki.start_in_process(&cfg);
     let authority = format!("allowed.test:{}", tls_origin.addr.port());
 
     let mut s = tunnel(&proxy, &authority);
@@ -706,6 +724,7 @@ fn non_tls_bytes_and_a_hello_without_sni_are_refused() {
 
     // A client that sends nothing is cut after timeouts.request_header.
     let mut s = tunnel(&proxy, &authority);
+    proxy.advance(hello_bound);
     assert!(closed(&mut s));
     assert_eq!(proxy.audit().reason, "not_tls");
     assert_eq!(tls_origin.spoken_to(), 0);

@@ -1,5 +1,6 @@
-//! Test support: the real `chokepoint` binary on 127.0.0.1:0, real origins on loopback, audit
-//! lines captured from the binary's stdout and decoded strictly.
+//! Test support: the real `chokepoint` binary on 127.0.0.1:0 ([`Proxy`]) or the library in this
+//! process on a paused clock ([`InProcess`]), real origins on loopback, audit lines captured
+//! (from the binary's stdout, or from the library's audit writer) and decoded strictly.
 //!
 //! Traffic never leaves loopback: origins bind 127.0.0.1, and "denied" destinations are loopback
 //! addresses the test config puts in `deny_cidrs` (or leaves in the built-in deny set).
@@ -24,8 +25,10 @@ use std::time::{Duration, Instant};
 
 mod audit;
 mod builder;
+mod inprocess;
 pub use audit::*;
 pub use builder::*;
+pub use inprocess::*;
 
 /// How long any single wait in a test may take before it fails (generous: CI is a busy 2-core box).
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -399,8 +402,8 @@ pub fn curl(args: &[&str]) -> (i32, String, String) {
 }
 
 /// A raw client connection to the proxy, for exact bytes.
-pub fn raw(proxy: &Proxy) -> TcpStream {
-    let s = TcpStream::connect(proxy.addr).unwrap();
+pub fn raw(gateway: &impl Gateway) -> TcpStream {
+    let s = TcpStream::connect(gateway.addr()).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s
 }
