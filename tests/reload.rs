@@ -9,6 +9,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::time::Duration;
 
 use support::*;
 
@@ -235,4 +236,41 @@ fn rate_state_survives_a_reload() {
         (a429.reason.as_str(), a429.decision.as_str()),
         ("rate_limited", "deny")
     );
+}
+
+/// `chokepoint_config_reloads_total{result="ok"}` from the admin listener.
+fn reloads_ok(proxy: &Proxy) -> u64 {
+    let (_, scrape, _) = curl(&["-s", &format!("http://{}/metrics", proxy.admin.unwrap())]);
+    let series = r#"chokepoint_config_reloads_total{result="ok"} "#;
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {scrape}"))
+}
+
+#[test]
+fn a_config_written_in_place_in_two_steps_is_applied_once_whole() {
+    let proxy = Proxy::of(&cfg(&["a.test".into()]).admin());
+    let base = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert_eq!(reloads_ok(&proxy), 0);
+    // The file is polled once a second at a phase the test does not know: three revisions,
+    // each started a third of a second later in that cycle, so one of the 0.6 s windows in
+    // which only the first part is there spans a poll.
+    for revision in 1..=3u64 {
+        std::thread::sleep(Duration::from_millis(350 * revision));
+        // A writer that truncates and writes (shell redirection, many editors): first a
+        // prefix that is itself a valid config, the rest 0.6 s later.
+        let head = format!("{base}\n# revision {revision}, first part\n");
+        let whole = format!("{head}# revision {revision}, the rest\n");
+        std::fs::write(&proxy.config_path, &head).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        std::fs::write(&proxy.config_path, &whole).unwrap();
+        wait_until(WAIT, "the revision is applied", || {
+            reloads_ok(&proxy) >= revision
+        });
+        // Past the next poll: the first part never counts as a revision of its own.
+        std::thread::sleep(Duration::from_millis(1300));
+        assert_eq!(reloads_ok(&proxy), revision, "one reload per revision");
+    }
 }
