@@ -41,6 +41,10 @@ pub enum Reason {
     /// The client certificate that identified the agent is past its validity (a certificate of
     /// its chain expired after the handshake, or is not yet valid).
     ClientCertExpired,
+    /// An open tunnel or client connection was closed because a reload or a token change
+    /// revoked what admitted it: its agent is gone, its credential or certificate no longer
+    /// identifies it, or its host or port is no longer allowed.
+    Revoked,
     /// The agent is over its request rate (`requests_per_second`, `burst`).
     RateLimited,
     /// The agent has `max_concurrent` requests and tunnels open already.
@@ -148,7 +152,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -182,6 +186,7 @@ impl Reason {
         Reason::NotTls,
         Reason::TlsHandshakeFailed,
         Reason::ClientCertExpired,
+        Reason::Revoked,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -220,6 +225,7 @@ impl Reason {
             Reason::NotTls => "not_tls",
             Reason::TlsHandshakeFailed => "tls_handshake_failed",
             Reason::ClientCertExpired => "client_cert_expired",
+            Reason::Revoked => "revoked",
         }
     }
 
@@ -250,7 +256,8 @@ impl Reason {
             | Reason::HostNotAllowed
             | Reason::PortNotAllowed
             | Reason::IpLiteralNotAllowed
-            | Reason::DeniedAddress => StatusCode::FORBIDDEN,
+            | Reason::DeniedAddress
+            | Reason::Revoked => StatusCode::FORBIDDEN,
             Reason::DnsFailed
             | Reason::DnsNoAddresses
             | Reason::UpstreamConnectFailed
@@ -274,6 +281,7 @@ impl Reason {
                 | Reason::SniMismatch
                 | Reason::SniMissing
                 | Reason::NotTls
+                | Reason::Revoked
         )
     }
 

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod hello;
 pub mod pool;
 pub mod respond;
+pub mod revoke;
 pub mod tunnel;
 
 use std::convert::Infallible;
@@ -46,6 +47,7 @@ use crate::reload::{Live, Snapshot};
 use crate::target::{self, Kind};
 use ctx::{Audited, Recorder, RequestCtx};
 use forward::ForwardBody;
+use revoke::{Grant, Granted};
 
 /// The response body type of every proxy response.
 pub type ProxyBody = Either<Full<Bytes>, ForwardBody>;
@@ -271,15 +273,24 @@ async fn serve_conn<S>(
 {
     let received = Arc::new(Meter::default());
     let requests = Arc::new(AtomicU64::new(0));
+    let granted = Arc::new(Granted::default());
     let io = TokioIo::new(Metered::new(stream, received.clone(), Direction::Up));
     let svc_shared = shared.clone();
     let svc_requests = requests.clone();
     let svc_received = received.clone();
+    let svc_granted = granted.clone();
     let svc = service_fn(move |req| {
         svc_requests.fetch_add(1, Relaxed);
-        let (slot, received) = (slot.clone(), svc_received.clone());
-        handle(req, peer, svc_shared.clone(), slot, received, cert.clone())
+        let conn = Conn {
+            peer,
+            slot: slot.clone(),
+            received: svc_received.clone(),
+            cert: cert.clone(),
+            granted: svc_granted.clone(),
+        };
+        handle(req, svc_shared.clone(), conn)
     });
+    let mut changes = shared.live.subscribe();
     let snap = shared.live.load();
     let idle = snap.config.timeouts.idle;
     let conn = shared
@@ -288,24 +299,37 @@ async fn serve_conn<S>(
         .with_upgrades();
     drop(snap);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        // hyper bounds reading a request head, but not a client that stops reading our
-        // responses, nor an exchange where neither side moves: close such connections.
-        () = received.idle_for(idle) => {
-            tracing::debug!(client = %peer, "client connection idle; closed");
-            // An exchange still in flight (a response the client stopped reading) ends with
-            // the connection: audited as idle_timeout, not as the client leaving.
-            received.cut(Reason::IdleTimeout);
-            Ok(())
-        }
-        () = shared.draining.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = shared.abort.cancelled() => Ok(()),
+    let result = loop {
+        break tokio::select! {
+            r = conn.as_mut() => r,
+            // hyper bounds reading a request head, but not a client that stops reading our
+            // responses, nor an exchange where neither side moves: close such connections.
+            () = received.idle_for(idle) => {
+                tracing::debug!(client = %peer, "client connection idle; closed");
+                // An exchange still in flight (a response the client stopped reading) ends
+                // with the connection: audited as idle_timeout, not as the client leaving.
+                received.cut(Reason::IdleTimeout);
+                Ok(())
             }
-        }
+            Ok(()) = changes.changed() => {
+                match granted.recheck(&shared.live.load(), unix_now()) {
+                    Ok(()) => continue,
+                    Err(deny) => {
+                        tracing::info!(client = %peer, detail = %deny.detail, "client connection revoked; closed");
+                        // A request in flight is audited `revoked` as it is dropped.
+                        received.cut(Reason::Revoked);
+                        Ok(())
+                    }
+                }
+            }
+            () = shared.draining.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = shared.abort.cancelled() => Ok(()),
+                }
+            }
+        };
     };
     if let Err(e) = result {
         let first_head = requests.load(Relaxed) == 0 && received.up() > 0;
@@ -365,6 +389,8 @@ struct Admitted {
     sni: Option<tunnel::SniCheck>,
     /// When the client certificate that identified the agent expires.
     identity_ends: Option<tokio::time::Instant>,
+    /// What admitted the request, to check again when the config or a token changes.
+    grant: Grant,
 }
 
 /// Where an admitted request goes next.
@@ -375,27 +401,38 @@ enum Upstream {
     Http(forward::Route),
 }
 
-/// Run the pipeline for one request and produce its response. `received` is the client
-/// connection's meter (see [`RequestCtx::client_conn`]).
+/// What a request knows of the client connection it came on.
+struct Conn {
+    peer: SocketAddr,
+    /// The connection's place under `max_connections`.
+    slot: Arc<OwnedSemaphorePermit>,
+    /// The connection's meter (see [`RequestCtx::client_conn`]).
+    received: Arc<Meter>,
+    /// The verified client certificate of a TLS connection.
+    cert: Option<Arc<PeerCert>>,
+    /// Where an admitted plain-HTTP request leaves its grant for the connection to check again.
+    granted: Arc<Granted>,
+}
+
+/// Run the pipeline for one request and produce its response.
 async fn handle(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
     shared: Arc<Shared>,
-    slot: Arc<OwnedSemaphorePermit>,
-    received: Arc<Meter>,
-    cert: Option<Arc<PeerCert>>,
+    conn: Conn,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // Before the load: a change after it is seen (see `revoke`).
+    let changes = shared.live.subscribe();
     let snap = shared.live.load();
-    let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
-    ctx.connection = Some(slot);
-    ctx.client_conn = Some(received);
+    let mut ctx = RequestCtx::new(conn.peer, Some(req.method().clone()));
+    ctx.connection = Some(conn.slot);
+    ctx.client_conn = Some(conn.received);
     let mut audited = Audited::new(ctx, shared.recorder());
     let steps = steps(
         &req,
         audited.ctx_mut(),
         &snap,
         &shared.metrics,
-        cert.as_deref(),
+        conn.cert.as_ref(),
     );
     let admitted = match steps.await {
         Ok(ok) => ok,
@@ -403,9 +440,15 @@ async fn handle(
     };
     let timeouts = snap.config.timeouts;
     drop(snap);
+    let grant = admitted.grant;
     let enforce = audited.ctx().mode == Mode::Enforce;
     match admitted.upstream {
         Upstream::Tunnel(upstream) => {
+            let watch = revoke::Watch {
+                live: shared.live.clone(),
+                changes,
+                grant,
+            };
             audited.ctx_mut().outcome.answered(StatusCode::OK);
             let on_upgrade = hyper::upgrade::on(&mut req);
             let upload = Cap {
@@ -420,6 +463,7 @@ async fn handle(
                 upload,
                 admitted.sni,
                 admitted.identity_ends,
+                watch,
                 timeouts.idle,
                 shared.abort.clone(),
             ));
@@ -427,6 +471,14 @@ async fn handle(
         }
         Upstream::Http(route) => {
             let uri = req.uri().clone();
+            conn.granted.set(grant);
+            // A change since this request's snapshot was loaded: the connection may have
+            // checked its grant before it was set, so check it here.
+            if changes.has_changed().unwrap_or(false) {
+                if let Err(deny) = conn.granted.recheck(&shared.live.load(), unix_now()) {
+                    return Ok(refuse(audited, &deny, &uri).await);
+                }
+            }
             let caps = forward::Caps {
                 request: Cap {
                     max: admitted.limits.max_request_body_bytes,
@@ -471,7 +523,7 @@ async fn steps(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     metrics: &Metrics,
-    cert: Option<&PeerCert>,
+    cert: Option<&Arc<PeerCert>>,
 ) -> Result<Admitted, Deny> {
     let cfg = &snap.config;
     let (kind, target) = target::parse(req.method(), req.uri())?;
@@ -484,9 +536,13 @@ async fn steps(
         target::check_framing(req.headers())?;
     }
     let now = unix_now();
-    let agent_id = cfg
-        .agents
-        .identify(&snap.tokens, ctx.client, req.headers(), cert, now)?;
+    let agent_id = cfg.agents.identify(
+        &snap.tokens,
+        ctx.client,
+        req.headers(),
+        cert.map(|c| &**c),
+        now,
+    )?;
     let agent = cfg.agents.get(agent_id);
     // An identity from a certificate ends at its notAfter (inclusive, to the second): a
     // tunnel still open then is closed.
@@ -546,6 +602,14 @@ async fn steps(
             require: cfg.sni.require,
             within: cfg.timeouts.request_header,
         }),
+        grant: Grant::new(
+            agent.name.clone(),
+            ctx.client,
+            req.headers(),
+            cert.cloned(),
+            kind,
+            target,
+        ),
         upstream,
         limits,
     })

@@ -1,13 +1,15 @@
 //! The live configuration: a [`Snapshot`] behind an `ArcSwap`, replaced atomically when the file
 //! changes or on SIGHUP.
 //!
-//! Each request loads the current snapshot once and keeps it to the end, so an open tunnel keeps
-//! the config it started with while new requests see the new one. A snapshot bundles what must
-//! change together: the validated [`Config`] (plain settings and paths), the per-agent limit
-//! [`Gate`]s (carried over by agent name, so a reload neither resets rate budgets nor forgets
-//! open requests), the resolver (rebuilt only when `[dns]` changed), and the live stores that
-//! re-read files as they change: the proxy [`Tokens`] (carried over by file) and the HTTPS
-//! listener's [`TlsFiles`] (carried over while its settings stay the same).
+//! Each request loads the current snapshot once and keeps it to the end; every change (a new
+//! snapshot, a rotated token) is announced to the subscribers of [`Live::subscribe`], so open
+//! tunnels and client connections check themselves against it (`proxy::revoke`).
+//!
+//! A snapshot bundles what must change together: the validated [`Config`] (plain settings and
+//! paths), the per-agent limit [`Gate`]s (carried over by agent name, so a reload neither resets
+//! rate budgets nor forgets open requests), the resolver (rebuilt only when `[dns]` changed),
+//! and the live stores that re-read files as they change: the proxy [`Tokens`] (carried over by
+//! file) and the HTTPS listener's [`TlsFiles`] (carried over while its settings stay the same).
 //!
 //! Watching: every [`POLL`] the file is read again (through symlinks, so the `..data` swap
 //! Kubernetes does for ConfigMap volumes is seen like any edit) and compared with what was last
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError};
@@ -74,6 +77,9 @@ pub struct Live {
     /// The proxy and admin addresses actually bound: a tunnel to them is a loop.
     own: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
+    /// Counts the changes that can revoke an admission (a new snapshot, a rotated token); open
+    /// tunnels and client connections wait on it to check themselves again.
+    changes: watch::Sender<u64>,
 }
 
 // === impl Snapshot ===
@@ -181,12 +187,24 @@ impl Live {
             path,
             own,
             metrics,
+            changes: watch::Sender::new(0),
         })
     }
 
     /// The current snapshot; hold it for the whole request.
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Notice of every later change that may revoke an admission: a new snapshot, a rotated
+    /// token. Subscribe before [`Live::load`], so a change between the two is not missed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Tell the subscribers that the snapshot or a token changed.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Read the file again and, if it is valid, swap it in.
@@ -221,6 +239,7 @@ impl Live {
             self.metrics.tls_cert_loaded(tls.not_after());
         }
         self.current.store(Arc::new(next));
+        self.changed();
         Ok(())
     }
 
@@ -228,14 +247,21 @@ impl Live {
     /// token on its first read instead of its second.
     fn refresh_tokens(&self, at_once: bool) {
         let snap = self.current.load();
+        let mut rotated = false;
         for (agent, token) in snap.tokens.iter(&snap.config.agents) {
             match token.refresh(at_once) {
-                Ok(true) => tracing::info!(agent, "proxy token rotated"),
+                Ok(true) => {
+                    rotated = true;
+                    tracing::info!(agent, "proxy token rotated");
+                }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(agent, error = %e, "token file unreadable; keeping the previous token")
                 }
             }
+        }
+        if rotated {
+            self.changed();
         }
     }
 

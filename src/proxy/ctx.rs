@@ -289,8 +289,13 @@ impl Audited {
     fn take_line(&mut self, cancelled: Option<Reason>) -> Option<String> {
         let mut ctx = self.ctx.take()?;
         ctx.apply_cut();
-        if let Some(reason) = cancelled {
-            ctx.outcome.ended(reason);
+        match cancelled {
+            // The gateway closed the connection because the request no longer holds.
+            Some(Reason::Revoked) => {
+                ctx.outcome.refuse(ctx.mode, Reason::Revoked);
+            }
+            Some(reason) => ctx.outcome.ended(reason),
+            None => {}
         }
         record(&ctx, &self.rec.metrics);
         Some(ctx.audit_line())

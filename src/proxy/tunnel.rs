@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ctx::Audited;
 use super::hello;
+use super::revoke::Watch;
 use super::ServerIo;
 use crate::io::{copy_bidirectional, Cap, CapReached, Direction, Meter, Metered};
 use crate::outcome::{Deny, Reason};
@@ -59,7 +60,8 @@ static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
 /// Run one tunnel to completion and write its audit line. `idle` also bounds the wait for
 /// hyper to hand over the client connection (the 200 must be written first). A tunnel whose
 /// agent was identified by a client certificate is closed when the certificate expires
-/// (`identity_ends`), audited as `client_cert_expired`.
+/// (`identity_ends`), audited as `client_cert_expired`; one that a reload or a token change
+/// revokes (`watch`) is closed at once, audited as `revoked`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     on_upgrade: OnUpgrade,
@@ -68,6 +70,7 @@ pub async fn run(
     upload: Cap,
     sni: Option<SniCheck>,
     identity_ends: Option<tokio::time::Instant>,
+    mut watch: Watch,
     idle: Duration,
     abort: CancellationToken,
 ) {
@@ -127,6 +130,12 @@ pub async fn run(
             let ctx = audited.ctx_mut();
             ctx.outcome.refuse(ctx.mode, Reason::ClientCertExpired);
             Reason::ClientCertExpired
+        }
+        deny = watch.revoked() => {
+            tracing::info!(detail = %deny.detail, "tunnel revoked; closed");
+            let ctx = audited.ctx_mut();
+            ctx.outcome.refuse(ctx.mode, Reason::Revoked);
+            Reason::Revoked
         }
     };
     audited.ctx_mut().outcome.ended(reason);
