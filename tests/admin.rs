@@ -1,5 +1,6 @@
-//! The admin listener and the metrics: what an operator's Prometheus and kubelet see. Where
-//! `promtool` is installed (CI installs it), a live scrape must pass `promtool check metrics`.
+//! The admin listener and the metrics: what an operator's Prometheus and kubelet see. A live
+//! scrape must pass `promtool check metrics`: skipped where promtool is missing, a failure under
+//! CI (`CI=true`, where `.ci/run` installs it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
 
@@ -127,10 +128,38 @@ fn health_ready_and_metrics_after_traffic() {
             String::from_utf8_lossy(&out.stderr)
         );
     } else {
-        eprintln!(
-            "promtool not installed: skipping `promtool check metrics` (.ci/run installs it)"
+        skip_unless_ci(
+            "promtool is not installed: `promtool check metrics` did not run (.ci/run installs it)",
         );
     }
+}
+
+/// Without promtool the scrape check above is skipped on a workstation, and fails under CI
+/// (`CI=true`), where a check that did not run must not pass.
+#[test]
+fn a_missing_promtool_fails_the_scrape_check_under_ci() {
+    let test = "health_ready_and_metrics_after_traffic";
+    // curl fetches the scrape; `sh` is how the test looks for promtool.
+    let keep = ["curl", "sh"];
+    let ci = rerun_without_tools(test, &keep, true);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(
+        !ci.status.success() && text(&ci).contains("promtool is not installed"),
+        "under CI without promtool the test must fail:\n{}",
+        text(&ci)
+    );
+    let local = rerun_without_tools(test, &keep, false);
+    assert!(
+        local.status.success() && text(&local).contains("SKIPPED: promtool"),
+        "without CI the test skips the check and passes:\n{}",
+        text(&local)
+    );
 }
 
 fn which(cmd: &str) -> Result<String, ()> {

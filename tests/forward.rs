@@ -383,6 +383,58 @@ fn query_without_path_and_foreign_transfer_codings() {
     assert_eq!(origin.connections(), 1);
 }
 
+/// A target whose path is empty once the fragment is gone (`http://host:port#x`) reaches the
+/// origin as `/`, the query kept; a fragment never reaches it. Before the fix the origin got
+/// `GET  HTTP/1.1` (an empty request target) while the audit line said `/`.
+#[test]
+fn an_empty_path_is_forwarded_as_slash_and_a_fragment_never() {
+    let (origin, proxy, port) = setup(&["origin.test"]);
+    let mut s = raw(&proxy);
+    for (target, line, path) in [
+        (
+            format!("http://origin.test:{port}#x"),
+            "GET / HTTP/1.1",
+            "/",
+        ),
+        (format!("http://origin.test:{port}#"), "GET / HTTP/1.1", "/"),
+        (
+            format!("http://origin.test:{port}?q=1#x"),
+            "GET /?q=1 HTTP/1.1",
+            "/",
+        ),
+        (
+            format!("http://origin.test:{port}/p/q#x?y"),
+            "GET /p/q HTTP/1.1",
+            "/p/q",
+        ),
+    ] {
+        s.write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{target}: {head}");
+        assert_eq!(origin.next_seen().request_line(), line, "{target}");
+        // The origin echoes the request line it read.
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            format!("{line}\n"),
+            "{target}"
+        );
+        let a = proxy.audit();
+        assert_eq!(
+            (a.reason.as_str(), a.path.as_deref()),
+            ("allowed", Some(path)),
+            "{target}"
+        );
+    }
+    assert_eq!(
+        origin.connections(),
+        1,
+        "one kept-alive upstream connection"
+    );
+}
+
 #[test]
 fn a_malformed_head_after_a_good_request_is_audited_too() {
     let (_origin, proxy, port) = setup(&["origin.test"]);

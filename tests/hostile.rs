@@ -581,8 +581,9 @@ fn ipv6_forms_that_embed_a_denied_ipv4_address_are_refused() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !available {
-        // Not a pass by omission: src/vet/tests.rs decides the same forms without any traffic.
-        eprintln!("SKIPPED: no `unshare -rn` or `ip` here; the vet unit tests cover these forms");
+        // On a workstation src/vet/tests.rs still decides the same forms without any traffic;
+        // under CI a namespace must be available, so this fails rather than skips.
+        skip_unless_ci("no `unshare -rn` or `ip` here: the embedded-IPv4 forms were not sent");
         return;
     }
     // A fresh network namespace with only `lo`, the addresses on it, and this test binary run
@@ -606,6 +607,32 @@ fn ipv6_forms_that_embed_a_denied_ipv4_address_are_refused() {
         out.status.success() && stdout.contains("test result: ok. 1 passed"),
         "run inside the namespace failed ({}):\n{stdout}\n{stderr}",
         out.status
+    );
+}
+
+/// Without `unshare` the namespace test above is skipped on a workstation, and fails under CI
+/// (`CI=true`).
+#[test]
+fn a_missing_unshare_fails_the_namespace_test_under_ci() {
+    let test = "ipv6_forms_that_embed_a_denied_ipv4_address_are_refused";
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let ci = rerun_without_tools(test, &[], true);
+    assert!(
+        !ci.status.success() && text(&ci).contains("no `unshare -rn`"),
+        "under CI without unshare the test must fail:\n{}",
+        text(&ci)
+    );
+    let local = rerun_without_tools(test, &[], false);
+    assert!(
+        local.status.success() && text(&local).contains("SKIPPED: no `unshare -rn`"),
+        "without CI the test skips and passes:\n{}",
+        text(&local)
     );
 }
 

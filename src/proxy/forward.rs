@@ -331,21 +331,7 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
         .authority()
         .cloned()
         .ok_or(Deny::new(Reason::MalformedRequest, "URL has no host"))?;
-    let invalid = || Deny::new(Reason::MalformedRequest, "invalid request path");
-    let origin_form = match parts.uri.path_and_query() {
-        // The parsed path and query, shared rather than parsed again.
-        Some(pq) if pq.as_str().starts_with('/') => {
-            let mut origin = http::uri::Parts::default();
-            origin.path_and_query = Some(pq.clone());
-            Uri::from_parts(origin).map_err(|_| invalid())?
-        }
-        // `http://host?q` has an empty path: origin-form needs the `/` (RFC 9112 §3.2.1).
-        Some(pq) if pq.as_str().starts_with('?') => {
-            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| invalid())?
-        }
-        _ => Uri::from_static("/"),
-    };
-    parts.uri = origin_form;
+    parts.uri = origin_form(&parts.uri)?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(HOST) {
@@ -354,6 +340,39 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
         parts.headers.insert(HOST, value);
     }
     Ok(())
+}
+
+/// The origin-form target for the next hop: the path (`/` when it is empty) and the query, never
+/// a fragment (RFC 9112 §3.2.1: origin-form is `absolute-path [ "?" query ]`).
+///
+/// The `http` crate drops a fragment while parsing, so `http://host#x` arrives with empty
+/// path-and-query text, which its `as_str` shows as `/` but an origin-form `Uri` built from it
+/// writes as nothing at all: the request line would be `GET  HTTP/1.1`. Whatever the input, the
+/// result's path is checked to be one absolute path.
+fn origin_form(uri: &Uri) -> Result<Uri, Deny> {
+    let invalid = || Deny::new(Reason::MalformedRequest, "invalid request path");
+    let origin = match uri.path_and_query() {
+        // The parsed path and query, shared rather than parsed again.
+        Some(pq) if pq.as_str().starts_with('/') => {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(pq.clone());
+            Uri::from_parts(origin).map_err(|_| invalid())?
+        }
+        // `http://host?q` has an empty path: origin-form needs the `/`.
+        Some(pq) if pq.as_str().starts_with('?') => {
+            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| invalid())?
+        }
+        _ => Uri::from_static("/"),
+    };
+    // `Uri::path` is what the request line is written from: empty for the fragment-only case
+    // above (the shared text is empty), then the next hop gets `/`.
+    if origin.path().is_empty() {
+        return Ok(Uri::from_static("/"));
+    }
+    if !origin.path().starts_with('/') {
+        return Err(invalid());
+    }
+    Ok(origin)
 }
 
 /// Remove hop-by-hop headers: the fixed set, and every header the Connection header names.
@@ -598,5 +617,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    /// What the request line of the next hop says, as hyper writes it (from `Uri`'s `Display`).
+    #[test]
+    fn every_target_becomes_one_absolute_path_without_fragment() {
+        for (target, sent) in [
+            ("http://h:8080#x", "/"),
+            ("http://h#", "/"),
+            ("http://h", "/"),
+            ("http://h/", "/"),
+            ("http://h?q=1", "/?q=1"),
+            ("http://h?q=1#x", "/?q=1"),
+            ("http://h/p#x?y", "/p"),
+            ("http://h/p/q?r=s#t", "/p/q?r=s"),
+        ] {
+            let uri: Uri = target.parse().unwrap();
+            let origin = origin_form(&uri).unwrap();
+            assert_eq!(origin.to_string(), sent, "{target}");
+        }
     }
 }

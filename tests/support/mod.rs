@@ -387,6 +387,52 @@ impl Echo {
     }
 }
 
+/// True when the tests run under CI: `CI` is set to anything but empty, `0` or `false` (CI
+/// services set `CI=true`). CI installs every tool the tests use (`.ci/run`), so there a missing
+/// tool is a failure, never a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+}
+
+/// A test cannot do its job here because `what` is missing (a tool, or what it needs from the
+/// kernel). Under CI ([`under_ci`]) that fails the test: a check that silently did not run must
+/// not pass. Elsewhere it says so on stderr, and the caller returns (a skip).
+pub fn skip_unless_ci(what: &str) {
+    assert!(
+        !under_ci(),
+        "{what}: under CI (CI is set) a missing tool fails the test rather than skip it"
+    );
+    eprintln!("SKIPPED: {what} (under CI, CI=true, this fails instead)");
+}
+
+/// Run the test `name` of the current test binary again, in a child process whose `PATH` holds
+/// only `keep` (each looked up on this process's `PATH`), with `CI=true` or without `CI`: how a
+/// test that needs a tool is shown to fail under CI, and only skip elsewhere, when the tool is
+/// missing. Returns the child's output.
+pub fn rerun_without_tools(name: &str, keep: &[&str], ci: bool) -> std::process::Output {
+    let bin = tempfile::tempdir().unwrap();
+    for tool in keep {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let found = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success() && !found.is_empty(),
+            "{tool} is not on PATH"
+        );
+        std::os::unix::fs::symlink(&found, bin.path().join(tool)).unwrap();
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("PATH", bin.path())
+        .env_remove("CI");
+    if ci {
+        cmd.env("CI", "true");
+    }
+    cmd.output().unwrap()
+}
+
 /// Run curl with `args`; returns (exit code, stdout, stderr).
 pub fn curl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new("curl")
