@@ -477,11 +477,14 @@ async fn steps(
     let (kind, target) = target::parse(req.method(), req.uri())?;
     ctx.kind = Some(kind);
     ctx.target = Some(target.clone());
-    if kind == Kind::Http {
-        ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
-        let authority = req.uri().authority().map_or("", |a| a.as_str());
-        target::check_host(req.headers(), &target, authority)?;
-        target::check_framing(req.headers())?;
+    match kind {
+        Kind::Http => {
+            ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
+            let authority = req.uri().authority().map_or("", |a| a.as_str());
+            target::check_host(req.headers(), &target, authority)?;
+            target::check_framing(req.headers())?;
+        }
+        Kind::Connect => target::check_connect(req.version(), req.headers())?,
     }
     let now = unix_now();
     let agent_id = cfg

@@ -10,8 +10,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Uri};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method, Uri, Version};
 
 use crate::outcome::{Deny, Reason};
 
@@ -326,6 +326,23 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
             "unsupported Transfer-Encoding: only chunked is forwarded",
         ))
     }
+}
+
+/// Refuse a CONNECT in HTTP/1.0 that carries an `Upgrade` header, before anything is dialled.
+///
+/// RFC 9110 §7.8 has a server ignore `Upgrade` in an HTTP/1.0 request, and hyper does: but in
+/// ignoring it, it also drops the upgrade a CONNECT is (`wants_upgrade` is reset for any
+/// `Upgrade` header outside HTTP/1.1), so it would send our 200 and then close the connection
+/// instead of handing it over: a dial and an `allow` line for a tunnel that never carries a
+/// byte. Refused, the client learns what to send instead (HTTP/1.1, or no `Upgrade`).
+pub fn check_connect(version: Version, headers: &HeaderMap) -> Result<(), Deny> {
+    if version != Version::HTTP_11 && headers.contains_key(UPGRADE) {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "a CONNECT in HTTP/1.0 with an Upgrade header cannot become a tunnel: send it as HTTP/1.1, or without Upgrade",
+        ));
+    }
+    Ok(())
 }
 
 /// Size of the request head as sent: `METHOD SP target SP HTTP/1.1 CRLF`, each header line

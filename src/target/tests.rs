@@ -187,3 +187,13 @@ fn host_must_agree() {
         Reason::MalformedRequest
     );
 }
+
+#[test]
+fn connect_with_upgrade_needs_http_1_1() {
+    let mut h = HeaderMap::new();
+    assert!(check_connect(Version::HTTP_10, &h).is_ok());
+    h.insert(http::header::UPGRADE, "websocket".parse().unwrap());
+    assert!(check_connect(Version::HTTP_11, &h).is_ok());
+    let deny = check_connect(Version::HTTP_10, &h).unwrap_err();
+    assert_eq!(deny.reason, Reason::MalformedRequest);
+}
