@@ -471,8 +471,15 @@ impl Deny {
         }
     }
 
-    /// A refusal whose detail is built at run time (only ever on a refusal path).
-    pub fn with_detail(reason: Reason, detail: String) -> Self {
+    /// A refusal whose detail is built at run time (only ever on a refusal path). The detail is
+    /// cut to [`MAX_DETAIL_BYTES`]: it may quote what the client sent (a server name, a DNS
+    /// error about its host), and it reaches the response, the log and the audit line.
+    pub fn with_detail(reason: Reason, mut detail: String) -> Self {
+        if detail.len() > MAX_DETAIL_BYTES {
+            let end = floor_char_boundary(&detail, MAX_DETAIL_BYTES - '…'.len_utf8());
+            detail.truncate(end);
+            detail.push('…');
+        }
         Deny {
             reason,
             detail: Cow::Owned(detail),
@@ -486,6 +493,22 @@ impl Deny {
         self.retry_after = Some(secs.max(1));
         self
     }
+}
+
+/// Longest refusal detail, in bytes (see [`Deny::with_detail`]); the fixed details are far
+/// shorter.
+pub const MAX_DETAIL_BYTES: usize = 512;
+
+/// The largest char boundary of `s` at or below `at`.
+pub fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    let mut end = at;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
 }
 
 impl fmt::Display for Deny {
@@ -644,6 +667,15 @@ mod tests {
         assert_eq!((o.decision(), o.status()), (Decision::Deny, None));
         o.answered(StatusCode::BAD_REQUEST);
         assert_eq!(o.status(), Some(400));
+    }
+
+    #[test]
+    fn run_time_details_are_bounded() {
+        let d = Deny::with_detail(Reason::SniMismatch, "é".repeat(1000));
+        assert!(d.detail.len() <= MAX_DETAIL_BYTES, "{}", d.detail.len());
+        assert!(d.detail.ends_with('…'));
+        let short = Deny::with_detail(Reason::SniMismatch, "short".into());
+        assert_eq!(short.detail, "short");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::identity::PeerCert;
 use crate::io::{Cap, Direction, Meter, Metered};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::outcome::{Deny, Reason};
+use crate::outcome::{Deny, Reason, MAX_DETAIL_BYTES};
 use crate::policy::Mode;
 use crate::reload::{Live, Snapshot};
 use crate::target::{self, Kind};
@@ -233,6 +233,9 @@ async fn serve_tls(
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
+    // Bounded like every refusal detail: the log must not carry whatever a client can make
+    // the TLS library quote.
+    let failure = &failure[..crate::outcome::floor_char_boundary(&failure, MAX_DETAIL_BYTES)];
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
     let ctx = ctx.reject(Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;

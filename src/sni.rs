@@ -30,6 +30,11 @@ const EXT_SERVER_NAME: u16 = 0;
 const EXT_ECH: u16 = 0xfe0d;
 const NAME_TYPE_HOST: u8 = 0;
 
+/// Longest server name accepted: a DNS name has at most 253 bytes, 254 with a trailing dot
+/// (RFC 1035 §2.3.4); 255 is the bound the audit line's `sni` field promises. A longer one
+/// could never match a CONNECT host, and is refused as malformed rather than copied anywhere.
+pub const MAX_SNI_BYTES: usize = 255;
+
 /// What a complete ClientHello says about where it is going.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientHello {
@@ -278,6 +283,9 @@ fn server_name(data: &[u8]) -> Result<Option<String>, NotHello> {
         }
         if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
             return Err(NotHello::Malformed("server name is not printable ASCII"));
+        }
+        if name.len() > MAX_SNI_BYTES {
+            return Err(NotHello::Malformed("server name longer than 255 bytes"));
         }
         host = Some(String::from_utf8_lossy(name).into_owned());
     }

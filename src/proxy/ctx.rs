@@ -75,14 +75,15 @@ pub struct RequestCtx {
 // === impl RequestCtx ===
 
 impl RequestCtx {
-    /// A fresh context for a request that just arrived.
+    /// A fresh context for a request that just arrived. A method longer than
+    /// `target::MAX_METHOD_BYTES` is recorded cut to that length (the request is refused).
     pub fn new(client: SocketAddr, method: Option<Method>) -> Self {
         RequestCtx {
             request_id: ulid::Ulid::new(),
             arrived: OffsetDateTime::now_utc(),
             start: Instant::now(),
             client,
-            method,
+            method: method.and_then(crate::target::recorded_method),
             kind: None,
             target: None,
             path: None,

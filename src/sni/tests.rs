@@ -222,6 +222,20 @@ fn names_with_control_bytes_or_spaces_are_refused() {
 }
 
 #[test]
+fn names_longer_than_255_bytes_are_refused() {
+    let longest = "a".repeat(MAX_SNI_BYTES);
+    let exts = sni_ext(&[(0, &longest)]);
+    let hello = parse(&hello_with(Some(&exts))).unwrap().unwrap();
+    assert_eq!(hello.sni.as_deref(), Some(longest.as_str()));
+    let over = "a".repeat(MAX_SNI_BYTES + 1);
+    let exts = sni_ext(&[(0, &over)]);
+    assert!(matches!(
+        parse(&hello_with(Some(&exts))),
+        Err(NotHello::Malformed(_))
+    ));
+}
+
+#[test]
 fn the_ech_extension_is_noticed() {
     let mut exts = sni_ext(&[(0, "public.example")]);
     exts.extend_from_slice(&[0xfe, 0x0d, 0, 1, 0]);

@@ -35,13 +35,18 @@ pub struct Audit {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    /// The length of the line as written, in bytes (not a field of the line).
+    #[serde(skip)]
+    pub line_len: usize,
 }
 
 impl Audit {
     /// Decode one line; panics with the line if it does not match schema v1.
     pub fn decode(line: &str) -> Audit {
-        serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"))
+        let mut a: Audit = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"));
+        a.line_len = line.len();
+        a
     }
 
     /// The client's address without the port.
