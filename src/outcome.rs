@@ -304,6 +304,24 @@ impl Reason {
         self.status().is_client_error() || self.is_policy() || self.is_reportable()
     }
 
+    /// True for refusals whose response withholds the detail and says one fixed text instead
+    /// ([`Reason::fixed_text`]); the detail goes to the audit line only. Failed proxy
+    /// authentication: telling "wrong token for this agent" from "no such agent here" would let
+    /// a client enumerate agent names and their address scopes.
+    pub const fn withholds_detail(self) -> bool {
+        matches!(self, Reason::AuthFailed)
+    }
+
+    /// The one response text of a reason that [withholds its detail](Reason::withholds_detail).
+    pub const fn fixed_text(self) -> Option<&'static str> {
+        match self {
+            Reason::AuthFailed => Some(
+                "proxy authentication failed: send Proxy-Authorization: Basic base64(agent:token) with the agent's current token, or a valid client certificate, from an address the agent may use",
+            ),
+            _ => None,
+        }
+    }
+
     /// True for the allowlist's refusals (host, port, IP literal).
     pub const fn is_allowlist(self) -> bool {
         matches!(
@@ -667,6 +685,13 @@ mod tests {
         assert_eq!((o.decision(), o.status()), (Decision::Deny, None));
         o.answered(StatusCode::BAD_REQUEST);
         assert_eq!(o.status(), Some(400));
+    }
+
+    #[test]
+    fn only_reasons_that_withhold_their_detail_have_a_fixed_text() {
+        for r in Reason::ALL {
+            assert_eq!(r.withholds_detail(), r.fixed_text().is_some(), "{r}");
+        }
     }
 
     #[test]

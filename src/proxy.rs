@@ -587,6 +587,10 @@ async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<
     // Whatever the mode: report mode's refusals were recorded by `judge` and never get here.
     ctx.outcome.refuse(ctx.mode, deny.reason);
     ctx.permit = None;
+    if deny.reason.withholds_detail() {
+        // The response says the reason's one text; the cause is kept for the audit line.
+        ctx.detail = Some(crate::audit::truncate_detail(&deny.detail).into());
+    }
     let raw = uri.to_string();
     let resp = respond::render(ctx, deny, &raw);
     if deny.reason != Reason::ClientClosed {

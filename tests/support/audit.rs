@@ -35,6 +35,7 @@ pub struct Audit {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    pub detail: Option<String>,
     /// The length of the line as written, in bytes (not a field of the line).
     #[serde(skip)]
     pub line_len: usize,
@@ -185,6 +186,9 @@ impl AuditMatch {
     }
     pub fn bytes_down(self, v: u64) -> AuditMatch {
         self.eq("bytes_down", v, |a| a.bytes_down)
+    }
+    pub fn detail(self, v: Option<&str>) -> AuditMatch {
+        self.eq("detail", v.map(String::from), |a| a.detail.clone())
     }
     /// The client address is `ip` (any port).
     pub fn client_ip(self, ip: impl fmt::Display) -> AuditMatch {
