@@ -40,6 +40,7 @@ fn connect_line(host: &Host) -> AuditRecord<'_> {
         bytes_up: 4811,
         bytes_down: 23160,
         duration_ms: 1532,
+        detail: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn http_line(host: &Host) -> AuditRecord<'_> {
         bytes_up: 0,
         bytes_down: 361_448,
         duration_ms: 87,
+        detail: None,
     }
 }
 

@@ -29,6 +29,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Longest path written to an audit line, in bytes (cut at a char boundary, marked with `…`).
 pub const MAX_PATH_BYTES: usize = 512;
 
+/// Longest `detail` written to an audit line, in bytes (cut at a char boundary).
+pub const MAX_DETAIL_BYTES: usize = 256;
+
 /// Lines that may wait for the writer before requests start to wait.
 pub const QUEUE_LINES: usize = 8192;
 
@@ -78,6 +81,9 @@ pub struct AuditRecord<'a> {
     pub bytes_down: u64,
     /// Time from request arrival to the end of the exchange.
     pub duration_ms: u64,
+    /// For a refusal whose response withholds its cause (`auth_failed`): the cause, at most
+    /// [`MAX_DETAIL_BYTES`]. Null otherwise.
+    pub detail: Option<&'a str>,
 }
 
 fn host_field<S: Serializer>(host: &Option<&Host>, s: S) -> Result<S::Ok, S::Error> {
@@ -240,6 +246,8 @@ impl AuditRecord<'_> {
         push_u64(out, self.bytes_down);
         out.push_str(",\"duration_ms\":");
         push_u64(out, self.duration_ms);
+        out.push_str(",\"detail\":");
+        push_opt_str(out, self.detail);
         out.push('}');
     }
 }
@@ -484,14 +492,12 @@ impl AuditWriter {
 
 /// Cut `path` to at most [`MAX_PATH_BYTES`] at a char boundary.
 pub fn truncate_path(path: &str) -> &str {
-    if path.len() <= MAX_PATH_BYTES {
-        return path;
-    }
-    let mut end = MAX_PATH_BYTES;
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    &path[..end]
+    &path[..crate::outcome::floor_char_boundary(path, MAX_PATH_BYTES)]
+}
+
+/// Cut `detail` to at most [`MAX_DETAIL_BYTES`] at a char boundary.
+pub fn truncate_detail(detail: &str) -> &str {
+    &detail[..crate::outcome::floor_char_boundary(detail, MAX_DETAIL_BYTES)]
 }
 
 #[cfg(test)]
@@ -523,6 +529,7 @@ mod tests {
             bytes_up: 1,
             bytes_down: 2,
             duration_ms: 3,
+            detail: None,
         };
         let line = rec.to_line();
         assert!(
@@ -535,6 +542,10 @@ mod tests {
         );
         assert!(
             line.contains(r#""upstream":"[2001:db8::1]:443","sni":"api.example.com""#),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(r#","duration_ms":3,"detail":null}"#),
             "{line}"
         );
     }
@@ -568,6 +579,7 @@ mod tests {
             bytes_up: n,
             bytes_down: u64::MAX,
             duration_ms: 0,
+            detail: Some(text),
         }
     }
 
@@ -637,6 +649,8 @@ mod tests {
         assert!(cut.len() <= MAX_PATH_BYTES);
         assert!(cut.chars().all(|c| c == 'é'));
         assert_eq!(truncate_path("/short"), "/short");
+        let long = "ü".repeat(200);
+        assert!(truncate_detail(&long).len() <= MAX_DETAIL_BYTES);
     }
 
     /// A writer that hands every write to a channel, so the test sees exactly what was written.

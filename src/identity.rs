@@ -5,7 +5,8 @@
 //! with the token read from `token_file`), by a client certificate on the TLS listener
 //! (`spiffe_id` = a URI SAN, `cert_subject` = the CN), or by several of these (then all must
 //! hold). A client that presents credentials or a certificate but matches no agent, or names an
-//! agent with the wrong token, gets 407; one that presents none where an agent needs them gets
+//! agent with the wrong token, gets 407 `auth_failed`, with one text whichever it was (the
+//! detail, which tells them apart, goes to the audit line only); one that presents none where an agent needs them gets
 //! 407 with a challenge; otherwise an unmatched client gets 403 `unknown_agent`.
 //!
 //! Tokens are compared in constant time and are never logged. They are re-read from their files
@@ -369,10 +370,13 @@ impl Agents {
                     if matched {
                         return Ok(AgentId(i));
                     }
-                    refused.get_or_insert(Deny::new(
-                        Reason::AuthFailed,
-                        "wrong proxy token for this agent",
-                    ));
+                    // The detail reaches the audit line only (`Reason::withholds_detail`).
+                    refused.get_or_insert_with(|| {
+                        Deny::with_detail(
+                            Reason::AuthFailed,
+                            format!("wrong proxy token for agent {}", a.name),
+                        )
+                    });
                 }
                 _ => continue,
             }

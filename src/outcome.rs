@@ -312,6 +312,24 @@ impl Reason {
         self.status().is_client_error() || self.is_policy() || self.is_reportable()
     }
 
+    /// True for refusals whose response withholds the detail and says one fixed text instead
+    /// ([`Reason::fixed_text`]); the detail goes to the audit line only. Failed proxy
+    /// authentication: telling "wrong token for this agent" from "no such agent here" would let
+    /// a client enumerate agent names and their address scopes.
+    pub const fn withholds_detail(self) -> bool {
+        matches!(self, Reason::AuthFailed)
+    }
+
+    /// The one response text of a reason that [withholds its detail](Reason::withholds_detail).
+    pub const fn fixed_text(self) -> Option<&'static str> {
+        match self {
+            Reason::AuthFailed => Some(
+                "proxy authentication failed: send Proxy-Authorization: Basic base64(agent:token) with the agent's current token, or a valid client certificate, from an address the agent may use",
+            ),
+            _ => None,
+        }
+    }
+
     /// True for the allowlist's refusals (host, port, IP literal).
     pub const fn is_allowlist(self) -> bool {
         matches!(
@@ -479,8 +497,15 @@ impl Deny {
         }
     }
 
-    /// A refusal whose detail is built at run time (only ever on a refusal path).
-    pub fn with_detail(reason: Reason, detail: String) -> Self {
+    /// A refusal whose detail is built at run time (only ever on a refusal path). The detail is
+    /// cut to [`MAX_DETAIL_BYTES`]: it may quote what the client sent (a server name, a DNS
+    /// error about its host), and it reaches the response, the log and the audit line.
+    pub fn with_detail(reason: Reason, mut detail: String) -> Self {
+        if detail.len() > MAX_DETAIL_BYTES {
+            let end = floor_char_boundary(&detail, MAX_DETAIL_BYTES - '…'.len_utf8());
+            detail.truncate(end);
+            detail.push('…');
+        }
         Deny {
             reason,
             detail: Cow::Owned(detail),
@@ -494,6 +519,22 @@ impl Deny {
         self.retry_after = Some(secs.max(1));
         self
     }
+}
+
+/// Longest refusal detail, in bytes (see [`Deny::with_detail`]); the fixed details are far
+/// shorter.
+pub const MAX_DETAIL_BYTES: usize = 512;
+
+/// The largest char boundary of `s` at or below `at`.
+pub fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    let mut end = at;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
 }
 
 impl fmt::Display for Deny {
@@ -652,6 +693,22 @@ mod tests {
         assert_eq!((o.decision(), o.status()), (Decision::Deny, None));
         o.answered(StatusCode::BAD_REQUEST);
         assert_eq!(o.status(), Some(400));
+    }
+
+    #[test]
+    fn only_reasons_that_withhold_their_detail_have_a_fixed_text() {
+        for r in Reason::ALL {
+            assert_eq!(r.withholds_detail(), r.fixed_text().is_some(), "{r}");
+        }
+    }
+
+    #[test]
+    fn run_time_details_are_bounded() {
+        let d = Deny::with_detail(Reason::SniMismatch, "é".repeat(1000));
+        assert!(d.detail.len() <= MAX_DETAIL_BYTES, "{}", d.detail.len());
+        assert!(d.detail.ends_with('…'));
+        let short = Deny::with_detail(Reason::SniMismatch, "short".into());
+        assert_eq!(short.detail, "short");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::identity::PeerCert;
 use crate::io::{Cap, Direction, Meter, Metered};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::outcome::{Deny, Reason};
+use crate::outcome::{Deny, Reason, MAX_DETAIL_BYTES};
 use crate::policy::Mode;
 use crate::reload::{Live, Snapshot};
 use crate::target::{self, Kind};
@@ -235,6 +235,9 @@ async fn serve_tls(
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
+    // Bounded like every refusal detail: the log must not carry whatever a client can make
+    // the TLS library quote.
+    let failure = &failure[..crate::outcome::floor_char_boundary(&failure, MAX_DETAIL_BYTES)];
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
     let ctx = ctx.reject(Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;
@@ -529,11 +532,14 @@ async fn steps(
     let (kind, target) = target::parse(req.method(), req.uri())?;
     ctx.kind = Some(kind);
     ctx.target = Some(target.clone());
-    if kind == Kind::Http {
-        ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
-        let authority = req.uri().authority().map_or("", |a| a.as_str());
-        target::check_host(req.headers(), &target, authority)?;
-        target::check_framing(req.headers())?;
+    match kind {
+        Kind::Http => {
+            ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
+            let authority = req.uri().authority().map_or("", |a| a.as_str());
+            target::check_host(req.headers(), &target, authority)?;
+            target::check_framing(req.headers())?;
+        }
+        Kind::Connect => target::check_connect(req.version(), req.headers())?,
     }
     let now = unix_now();
     let agent_id = cfg.agents.identify(
@@ -645,6 +651,10 @@ async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<
     // Whatever the mode: report mode's refusals were recorded by `judge` and never get here.
     ctx.outcome.refuse(ctx.mode, deny.reason);
     ctx.permit = None;
+    if deny.reason.withholds_detail() {
+        // The response says the reason's one text; the cause is kept for the audit line.
+        ctx.detail = Some(crate::audit::truncate_detail(&deny.detail).into());
+    }
     let raw = uri.to_string();
     let resp = respond::render(ctx, deny, &raw);
     if deny.reason != Reason::ClientClosed {

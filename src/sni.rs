@@ -9,8 +9,14 @@
 //! else: the first byte must open a handshake record; the ClientHello may span several records
 //! (each checked), but nothing else may come between them; a second `server_name` extension or a
 //! second host name in the list is refused, since servers disagree on which one they would use.
-//! It never allocates for a ClientHello that fits one record (the usual case), and copies the
-//! fragments once otherwise. Nothing here panics on any input.
+//! A hello may span at most [`MAX_HELLO_RECORDS`] records.
+//!
+//! The bytes arrive over many reads, and the client chooses how: [`HelloParser`] keeps its place
+//! between reads (the records taken, their fragments joined), so a hello costs time linear in
+//! its bytes however it is split; re-reading everything on each read made a 128 KiB hello in
+//! 1-byte records cost about a second of CPU (`benches/hello.rs`). It never allocates for a
+//! ClientHello that fits one record (the usual case), and copies each fragment once otherwise.
+//! Nothing here panics on any input.
 
 use crate::outcome::{Deny, Reason};
 use crate::target::{self, Host};
@@ -19,6 +25,12 @@ use crate::target::{self, Host};
 /// (post-quantum key shares make them ~1.8 KiB); 64 KiB leaves room for any legitimate client
 /// while bounding what a tunnel buffers before the check.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+
+/// Most TLS records one ClientHello may span. Clients send it in one record, a large
+/// (post-quantum) one in a few; tools that fragment it on purpose split it in a handful of
+/// places. 64 leaves room for all of that, and bounds the records a client can make the reader
+/// take one at a time.
+pub const MAX_HELLO_RECORDS: usize = 64;
 
 /// Largest TLS record payload (RFC 8446 §5.1: 2^14; a ClientHello is plaintext).
 const MAX_RECORD_BYTES: usize = 1 << 14;
@@ -29,6 +41,11 @@ const EXT_SERVER_NAME: u16 = 0;
 /// `encrypted_client_hello` (draft-ietf-tls-esni; the code point browsers ship).
 const EXT_ECH: u16 = 0xfe0d;
 const NAME_TYPE_HOST: u8 = 0;
+
+/// Longest server name accepted: a DNS name has at most 253 bytes, 254 with a trailing dot
+/// (RFC 1035 §2.3.4); 255 is the bound the audit line's `sni` field promises. A longer one
+/// could never match a CONNECT host, and is refused as malformed rather than copied anywhere.
+pub const MAX_SNI_BYTES: usize = 255;
 
 /// What a complete ClientHello says about where it is going.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,33 +95,64 @@ pub fn check(hello: &ClientHello, host: &Host, require: bool) -> Result<(), Deny
 }
 
 /// Read a ClientHello from the start of `buf`: `Ok(None)` means "well-formed so far, send more".
+/// (One call; a reader fed over many reads keeps a [`HelloParser`] instead.)
 pub fn parse(buf: &[u8]) -> Result<Option<ClientHello>, NotHello> {
-    let Some(first) = record(buf, 0)? else {
-        return Ok(None);
-    };
-    // The usual case: the whole handshake message is in the first record.
-    if let Some(msg) = message(first.payload)? {
-        let hello = client_hello(msg)?;
-        return Ok(Some(ClientHello {
-            len: first.end,
-            ..hello
-        }));
-    }
-    // Fragmented over several records: gather the fragments, each checked, until the message
-    // is complete.
-    let mut joined = Vec::with_capacity(first.payload.len() * 2);
-    joined.extend_from_slice(first.payload);
-    let mut at = first.end;
-    loop {
-        if let Some(msg) = message(&joined)? {
-            let hello = client_hello(msg)?;
-            return Ok(Some(ClientHello { len: at, ..hello }));
+    HelloParser::default().parse(buf)
+}
+
+/// A ClientHello read as its bytes arrive: each call is given every byte received so far, and
+/// looks only at what it has not taken yet.
+#[derive(Debug, Default)]
+pub struct HelloParser {
+    /// Offset of the first record not taken yet.
+    at: usize,
+    /// Records taken so far.
+    records: usize,
+    /// The handshake bytes of the records taken, once the message spans more than one.
+    joined: Vec<u8>,
+}
+
+// === impl HelloParser ===
+
+impl HelloParser {
+    /// Go on reading with `buf`: the bytes earlier calls were given, unchanged, followed by
+    /// whatever arrived since. `Ok(None)` means "well-formed so far, send more"; after a hello
+    /// or an error the parser is done and must not be called again. Every complete record is
+    /// taken once and its payload copied at most once, so the calls for one hello cost time
+    /// linear in its bytes.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Option<ClientHello>, NotHello> {
+        while let Some(rec) = record(buf, self.at)? {
+            self.records += 1;
+            if self.records > MAX_HELLO_RECORDS {
+                return Err(NotHello::Malformed(
+                    "ClientHello split into more than 64 records",
+                ));
+            }
+            self.at = rec.end;
+            // The usual case: the whole handshake message is in the first record, used in place.
+            if self.records == 1 {
+                if let Some(msg) = message(rec.payload)? {
+                    return self.done(msg);
+                }
+                self.joined.reserve(rec.payload.len() * 2);
+            }
+            // Fragmented over several records: gather the fragments, each checked, until the
+            // message is complete (`message` looks only at its 4-byte header until then).
+            self.joined.extend_from_slice(rec.payload);
+            if let Some(msg) = message(&self.joined)? {
+                return self.done(msg);
+            }
         }
-        let Some(next) = record(buf, at)? else {
-            return Ok(None);
-        };
-        joined.extend_from_slice(next.payload);
-        at = next.end;
+        Ok(None)
+    }
+
+    /// The verdict on a complete handshake message.
+    fn done(&self, msg: &[u8]) -> Result<Option<ClientHello>, NotHello> {
+        let hello = client_hello(msg)?;
+        Ok(Some(ClientHello {
+            len: self.at,
+            ..hello
+        }))
     }
 }
 
@@ -278,6 +326,9 @@ fn server_name(data: &[u8]) -> Result<Option<String>, NotHello> {
         }
         if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
             return Err(NotHello::Malformed("server name is not printable ASCII"));
+        }
+        if name.len() > MAX_SNI_BYTES {
+            return Err(NotHello::Malformed("server name longer than 255 bytes"));
         }
         host = Some(String::from_utf8_lossy(name).into_owned());
     }

@@ -10,13 +10,19 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Uri};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method, Uri, Version};
 
 use crate::outcome::{Deny, Reason};
 
-/// Longest name DNS can carry (RFC 1035 §2.3.4, without the root dot).
-const MAX_NAME_LEN: usize = 253;
+/// Longest name DNS can carry (RFC 1035 §2.3.4, without the root dot): the longest `host` an
+/// audit line can hold.
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Longest request method accepted, and written to an audit line or a response. The longest
+/// registered method (`UPDATEREDIRECTREF`) has 17 bytes; hyper accepts any token up to its
+/// buffer size, so without this bound one request could write a 30 KB method into the audit log.
+pub const MAX_METHOD_BYTES: usize = 32;
 /// Longest DNS label.
 const MAX_LABEL_LEN: usize = 63;
 
@@ -65,6 +71,12 @@ impl Kind {
 /// absolute-form with the `http` scheme (default port 80). Origin-form requests are refused with
 /// `not_proxy_request`: the client is talking to the proxy as if it were the origin.
 pub fn parse(method: &Method, uri: &Uri) -> Result<(Kind, Target), Deny> {
+    if method.as_str().len() > MAX_METHOD_BYTES {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "request method longer than 32 bytes",
+        ));
+    }
     if method == Method::CONNECT {
         let authority = match (uri.scheme(), uri.authority()) {
             (None, Some(a)) => a.as_str(),
@@ -93,6 +105,15 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<(Kind, Target), Deny> {
         return Err(Deny::new(Reason::MalformedRequest, "URL has no host"));
     };
     parse_authority(authority.as_str(), Some(80)).map(|t| (Kind::Http, t))
+}
+
+/// `method` as a request context records it: cut to [`MAX_METHOD_BYTES`] (a prefix of a token
+/// is a token, so the cut method is still one). `None` only if that ever failed.
+pub fn recorded_method(method: Method) -> Option<Method> {
+    match method.as_str().as_bytes().get(..MAX_METHOD_BYTES) {
+        Some(head) if method.as_str().len() > MAX_METHOD_BYTES => Method::from_bytes(head).ok(),
+        _ => Some(method),
+    }
 }
 
 /// Parse `host[:port]` (or `[v6][:port]`). Without a port, `default_port` applies; `None` makes
@@ -326,6 +347,23 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Deny> {
             "unsupported Transfer-Encoding: only chunked is forwarded",
         ))
     }
+}
+
+/// Refuse a CONNECT in HTTP/1.0 that carries an `Upgrade` header, before anything is dialled.
+///
+/// RFC 9110 §7.8 has a server ignore `Upgrade` in an HTTP/1.0 request, and hyper does: but in
+/// ignoring it, it also drops the upgrade a CONNECT is (`wants_upgrade` is reset for any
+/// `Upgrade` header outside HTTP/1.1), so it would send our 200 and then close the connection
+/// instead of handing it over: a dial and an `allow` line for a tunnel that never carries a
+/// byte. Refused, the client learns what to send instead (HTTP/1.1, or no `Upgrade`).
+pub fn check_connect(version: Version, headers: &HeaderMap) -> Result<(), Deny> {
+    if version != Version::HTTP_11 && headers.contains_key(UPGRADE) {
+        return Err(Deny::new(
+            Reason::MalformedRequest,
+            "a CONNECT in HTTP/1.0 with an Upgrade header cannot become a tunnel: send it as HTTP/1.1, or without Upgrade",
+        ));
+    }
+    Ok(())
 }
 
 /// Size of the request head as sent: `METHOD SP target SP HTTP/1.1 CRLF`, each header line

@@ -778,3 +778,135 @@ fn five_thousand_stalled_connections_are_all_cut_and_released() {
     drop(conns);
     still_serves(&proxy, &origin);
 }
+
+// === 8. every audit and log line stays bounded, whatever the client sends ===
+
+/// Longest audit line (and stderr log line) any input may produce.
+const MAX_LINE: usize = 2048;
+
+/// A TLS ClientHello asking for `name`, in records of at most 16 KiB.
+fn client_hello(name: &[u8]) -> Vec<u8> {
+    let mut list = vec![0];
+    list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    list.extend_from_slice(name);
+    let mut data = (list.len() as u16).to_be_bytes().to_vec();
+    data.extend_from_slice(&list);
+    let mut exts = vec![0, 0];
+    exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&data);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]); // random
+    body.push(0); // session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]); // one suite, null compression
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut out = Vec::new();
+    for part in hs.chunks(16 * 1024) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Hostile input aimed at the audit log and the stderr log: 30 KB methods, hosts and Host
+/// headers far past DNS's 253 bytes, a 30 KB path full of characters JSON escapes, a 60 KB TLS
+/// server name, a 255-byte one made of quotes and backslashes, 30 KB user agents and header
+/// values, oversized credentials. Every line either log gets stays within 2 KiB. Before the
+/// bounds, the method case alone wrote a 30 KB audit line and the server-name case a 60 KB one
+/// (and the same into the log).
+#[test]
+fn hostile_input_cannot_write_long_audit_or_log_lines() {
+    let (origin, cfg) = origin_and_config();
+    let o = origin.addr.port();
+    let echo = Echo::start("127.0.0.1:0");
+    let e = echo.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("robot.token"), "s3cret").unwrap();
+    let proxy = Proxy::of_in(
+        dir,
+        &cfg.hosts_to_loopback(&["echo.test"])
+            .allow(format!("echo.test:{e}"))
+            .sni_ports(&[e])
+            .edit_agent(TESTER, |a| {
+                a.source_cidrs = Some(vec!["127.0.0.1/32".into()]);
+            })
+            .agent(Agent::token("robot", "robot.token", TEST_POLICY))
+            .test_limits(|l| {
+                l.requests_per_second = Some(1000.0);
+                l.burst = Some(1000);
+            }),
+    );
+    let kb30 = |c: char| c.to_string().repeat(30_000);
+    let labels = |n: usize| vec!["a".repeat(63); n].join(".");
+    let quotes = "\"\\".repeat(127) + "\"";
+    let basic = |user: &str, token: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"))
+    };
+    // (client address, request bytes, what follows a 200)
+    let cases: Vec<(Ipv4Addr, String, Option<Vec<u8>>)> = vec![
+        (Ipv4Addr::LOCALHOST, format!("{} http://origin.test:{o}/ HTTP/1.1\r\n\r\n", kb30('M')), None),
+        (Ipv4Addr::LOCALHOST, format!("{} origin.test:{o} HTTP/1.1\r\n\r\n", kb30('C')), None),
+        (Ipv4Addr::LOCALHOST, format!("CONNECT {}:443 HTTP/1.1\r\n\r\n", kb30('h')), None),
+        (Ipv4Addr::LOCALHOST, format!("CONNECT {}:443 HTTP/1.1\r\n\r\n", labels(60)), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://{}.{}/ HTTP/1.1\r\n\r\n", labels(3), "b".repeat(61)), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://{}/ HTTP/1.1\r\n\r\n", kb30('h')), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://origin.test:{o}/{} HTTP/1.1\r\nConnection: close\r\n\r\n", kb30('x')), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://origin.test:{o}/{} HTTP/1.1\r\nConnection: close\r\n\r\n", "\"\\".repeat(15_000)), None),
+        (Ipv4Addr::LOCALHOST, format!("GET /{} HTTP/1.1\r\n\r\n", kb30('p')), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://origin.test:{o}/ HTTP/1.1\r\nHost: {}\r\n\r\n", kb30('h')), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://origin.test:{o}/ HTTP/1.1\r\nUser-Agent: {}\r\nConnection: close\r\n\r\n", kb30('u')), None),
+        (Ipv4Addr::LOCALHOST, format!("GET http://origin.test:{o}/ HTTP/1.1\r\nX-Long: {}\r\nTransfer-Encoding: {}\r\n\r\n", kb30('v'), "gzip,".repeat(500)), None),
+        (Ipv4Addr::LOCALHOST, format!("CONNECT echo.test:{e} HTTP/1.1\r\n\r\n"), Some(client_hello(&[b'a'; 60_000]))),
+        (Ipv4Addr::LOCALHOST, format!("CONNECT echo.test:{e} HTTP/1.1\r\n\r\n"), Some(client_hello(quotes.as_bytes()))),
+        (Ipv4Addr::new(127, 0, 0, 9), format!("GET http://origin.test:{o}/ HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n", basic("robot", &"t".repeat(3000))), None),
+        (Ipv4Addr::new(127, 0, 0, 9), format!("GET http://origin.test:{o}/ HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n", basic(&"r".repeat(3000), "s3cret")), None),
+        (Ipv4Addr::new(127, 0, 0, 9), format!("GET http://origin.test:{o}/ HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n", kb30('=')), None),
+        (Ipv4Addr::new(127, 0, 0, 9), format!("GET http://origin.test:{o}/ HTTP/1.1\r\nProxy-Authorization: {}\r\n\r\n", kb30('B')), None),
+    ];
+    let mut longest = (0, String::new());
+    for (i, (from, request, then)) in cases.iter().enumerate() {
+        let mut s = connect_from(*from, proxy.addr);
+        // Closed after the answer: a kept-alive connection would wait out `request_header`.
+        let request = match then {
+            None if !request.contains("Connection: close") => {
+                request.replacen(" HTTP/1.1\r\n", " HTTP/1.1\r\nConnection: close\r\n", 1)
+            }
+            _ => request.clone(),
+        };
+        s.write_all(request.as_bytes()).unwrap();
+        let head = read_head_lenient(&mut s);
+        if let Some(bytes) = then {
+            assert_eq!(status_of(&head), 200, "case {i}: {head}");
+            let _ = s.write_all(bytes);
+        }
+        let _ = read_until_closed(&mut s);
+        let a = proxy.audit();
+        if a.line_len > longest.0 {
+            longest = (a.line_len, format!("case {i}: {a}"));
+        }
+        assert!(
+            a.line_len <= MAX_LINE,
+            "case {i} wrote a {}-byte audit line: {a}",
+            a.line_len
+        );
+    }
+    eprintln!("longest audit line: {} bytes ({})", longest.0, longest.1);
+    // Every case refused what it should, or let the request through without quoting it.
+    still_serves(&proxy, &origin);
+    // The log lines those cases caused have been written by now (they precede their audit
+    // lines); whatever has reached the reader is checked.
+    let logged: Vec<String> = proxy.stderr.try_iter().collect();
+    assert!(!logged.is_empty());
+    for line in &logged {
+        assert!(
+            line.len() <= MAX_LINE,
+            "a {}-byte log line: {}…",
+            line.len(),
+            line.chars().take(200).collect::<String>()
+        );
+    }
+}

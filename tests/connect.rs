@@ -520,3 +520,61 @@ fn spliced_upload_is_cut_at_exactly_the_cap() {
         );
     }
 }
+
+/// `CONNECT … HTTP/1.0` with an `Upgrade` header: hyper ignores Upgrade outside HTTP/1.1 (as
+/// RFC 9110 §7.8 asks) and with it the CONNECT's own upgrade, so it would answer 200 and close
+/// the connection. Refused with 400 before any dial instead. Before the fix: a dial, a 200, a
+/// dropped connection and an `allow`/`client_closed` line. The controls tunnel.
+#[test]
+fn connect_in_http_1_0_with_upgrade_is_refused_before_dialling() {
+    let echo = Echo::start("127.0.0.1:0");
+    let port = echo.addr.port();
+    let gw = InProcess::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["echo.test"])
+            .allow(format!("echo.test:{port}")),
+    );
+    for upgrade in [
+        "Upgrade: websocket\r\n",
+        "upgrade: h2c\r\nConnection: upgrade\r\n",
+    ] {
+        let mut s = raw(&gw);
+        s.write_all(format!("CONNECT echo.test:{port} HTTP/1.0\r\n{upgrade}\r\n").as_bytes())
+            .unwrap();
+        let head = read_head(&mut s);
+        assert_eq!(status_of(&head), 400, "{head}");
+        assert_eq!(
+            head_header(&head, "chokepoint-reason"),
+            Some("malformed_request"),
+            "{head}"
+        );
+        gw.expect_audit(
+            AuditMatch::of("connect", "deny", "malformed_request")
+                .status(400)
+                .upstream(None),
+        );
+    }
+    assert_eq!(echo.connections(), 0, "nothing was dialled");
+
+    // Without Upgrade an HTTP/1.0 CONNECT tunnels; in HTTP/1.1 an Upgrade header does not stop it.
+    for request in [
+        format!("CONNECT echo.test:{port} HTTP/1.0\r\n\r\n"),
+        format!("CONNECT echo.test:{port} HTTP/1.1\r\nHost: echo.test:{port}\r\nUpgrade: websocket\r\n\r\n"),
+    ] {
+        let mut s = raw(&gw);
+        s.write_all(request.as_bytes()).unwrap();
+        let head = read_head(&mut s);
+        assert_eq!(status_of(&head), 200, "{request:?}: {head}");
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping", "{request:?}");
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = read_all(&mut s);
+        gw.expect_audit(
+            AuditMatch::of("connect", "allow", "allowed")
+                .bytes_up(4)
+                .bytes_down(4),
+        );
+    }
+}

@@ -578,6 +578,77 @@ fn rotated_token_file_takes_effect_without_restart() {
     assert_never_logged(&proxy, &audits, &[OLD, NEW]);
 }
 
+/// Every 407 `auth_failed` says the same text, so a client cannot tell a wrong token for a real
+/// agent from a made-up agent name, from a real agent refused at its address, from malformed
+/// credentials: the cause is in the audit line's `detail` only. Before the fix the response
+/// said "wrong proxy token for this agent" for a real name and "proxy credentials match no agent
+/// allowed from this address" otherwise.
+#[test]
+fn auth_failures_all_answer_one_text_and_audit_the_cause() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("pinned.token");
+    std::fs::write(&token_path, TOKEN).unwrap();
+    let proxy = Proxy::of(
+        &loopback_hosts(&["origin.test"])
+            .agent(
+                Agent::token("pinned", &token_path, "pinned-apis").with_cidrs(&["127.0.0.20/32"]),
+            )
+            .policy("pinned-apis", |p| {
+                p.allow = vec![format!("origin.test:{port}")]
+            }),
+    );
+    let url = format!("http://origin.test:{port}/who");
+    let good = format!("pinned:{TOKEN}");
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        // A real agent, the wrong token.
+        (
+            "127.0.0.20",
+            vec!["--proxy-user", "pinned:wrong"],
+            "wrong proxy token for agent pinned",
+        ),
+        // A made-up agent name.
+        (
+            "127.0.0.20",
+            vec!["--proxy-user", "nobody:wrong"],
+            "proxy credentials match no agent allowed from this address",
+        ),
+        // A real agent with its token, from an address it may not use.
+        (
+            "127.0.0.21",
+            vec!["--proxy-user", &good],
+            "proxy credentials match no agent allowed from this address",
+        ),
+        // Not Basic credentials at all.
+        (
+            "127.0.0.20",
+            vec!["-H", "Proxy-Authorization: Bearer abc"],
+            "malformed Proxy-Authorization: expected one `Basic base64(agent:token)`",
+        ),
+    ];
+    let mut bodies = Vec::new();
+    for (from, extra, detail) in &cases {
+        let r = get(&proxy, from, &url, extra);
+        check_refusal(&r, 407, "auth_failed");
+        // The only difference the client may see is its own address.
+        bodies.push(r.body.replace(from, "CLIENT"));
+        let a = proxy.audit();
+        check_audit(&a, (None, None), from, ("deny", "auth_failed"), 407);
+        assert_eq!(a.detail.as_deref(), Some(*detail), "{extra:?}");
+        assert!(!r.body.contains("pinned"), "{}", r.body);
+    }
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "407 texts differ: {bodies:#?}"
+    );
+    // Other refusals keep their text in the response and write no detail.
+    let r = get(&proxy, "127.0.0.20", &url, &[]);
+    check_refusal(&r, 407, "auth_required");
+    proxy.expect_audit(AuditMatch::of("http", "deny", "auth_required").detail(None));
+    assert_eq!(origin.connections(), 0);
+}
+
 #[test]
 fn token_and_source_address_must_both_hold() {
     let origin = Origin::http();

@@ -274,18 +274,30 @@ fn client_hello(name: &str) -> Vec<u8> {
     out
 }
 
-/// The same handshake bytes re-split into records of one byte of payload each.
-fn one_byte_records(hello: &[u8]) -> Vec<u8> {
-    hello[5..]
-        .iter()
-        .flat_map(|b| [22, 3, 1, 0, 1, *b])
-        .collect()
+/// The same handshake bytes re-split into records of `size` bytes of payload each.
+fn records_of(hello: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in hello[5..].chunks(size) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
 }
 
-/// Write `bytes` one at a time (each its own TCP segment, as far as the sender can make it).
+/// The handshake bytes in as many records as the gateway accepts (`sni::MAX_HELLO_RECORDS`),
+/// each as small as that allows.
+fn most_records(hello: &[u8]) -> Vec<u8> {
+    records_of(hello, (hello.len() - 5).div_ceil(64))
+}
+
+/// Write `bytes` one at a time (each its own TCP segment, as far as the sender can make it),
+/// until they are all written or the gateway closes the connection.
 fn trickle(s: &mut TcpStream, bytes: &[u8]) {
     for b in bytes {
-        s.write_all(&[*b]).unwrap();
+        if s.write_all(&[*b]).is_err() {
+            return;
+        }
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -662,9 +674,10 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
     assert_eq!(a.sni.as_deref(), Some("allowed.test"));
     assert_eq!(tls_origin.spoken_to(), 1);
 
-    // One byte per record *and* per write, for another name: cut, and the origin saw nothing.
+    // The most records a hello may span, one byte per write, for another name: cut, and the
+    // origin saw nothing.
     let mut s = tunnel(&proxy, &authority);
-    trickle(&mut s, &one_byte_records(&client_hello("fronted.test")));
+    trickle(&mut s, &most_records(&client_hello("fronted.test")));
     assert!(closed(&mut s));
     let a = proxy.audit();
     assert_eq!(
@@ -680,7 +693,7 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
 
     // The same split for the right name is joined and passed on.
     let mut s = tunnel(&proxy, &authority);
-    trickle(&mut s, &one_byte_records(&client_hello("allowed.test")));
+    trickle(&mut s, &most_records(&client_hello("allowed.test")));
     s.read_exact(&mut first).unwrap();
     assert_eq!(first[0], 22);
     drop(s);
@@ -688,6 +701,16 @@ fn a_client_hello_split_byte_by_byte_is_read_whole() {
     wait_until(WAIT, "the origin to see the hello", || {
         tls_origin.spoken_to() == 2
     });
+
+    // One byte per record, for the right name: more records than any client uses. Refused
+    // once the 65th record arrives, not after the whole hello; the origin sees nothing.
+    let mut s = tunnel(&proxy, &authority);
+    trickle(&mut s, &records_of(&client_hello("allowed.test"), 1));
+    assert!(closed(&mut s));
+    let a = proxy.audit();
+    assert_eq!((a.reason.as_str(), a.sni.as_deref()), ("not_tls", None));
+    assert_eq!(a.bytes_up, 0);
+    assert_eq!(tls_origin.spoken_to(), 2, "the origin saw the split hello");
 }
 
 #[test]

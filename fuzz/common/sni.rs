@@ -10,8 +10,10 @@
 //! * the same handshake re-split into records of any size gives the same name and ECH flag
 //!   (the fragmentation an attacker chooses cannot change the verdict);
 //! * `check` accepts a hello for the host its own name normalises to, and never accepts a name
-//!   that normalises to another host.
-use chokepoint::sni::{self, ClientHello};
+//!   that normalises to another host;
+//! * a `HelloParser` fed the bytes a few at a time (reads of the size the first byte picks)
+//!   reaches the verdict one parse of all of them reaches.
+use chokepoint::sni::{self, ClientHello, HelloParser};
 use chokepoint::target::{normalise_host, Host};
 
 /// Re-split a single-record handshake into records of `size` payload bytes.
@@ -36,7 +38,19 @@ pub(crate) fn run(input: &[u8]) {
     let Some((&size, bytes)) = input.split_first() else {
         return;
     };
-    let Ok(Some(hello)) = sni::parse(bytes) else {
+    let whole = sni::parse(bytes);
+    let step = usize::from(size % 64) + 1;
+    let mut parser = HelloParser::default();
+    let mut end = 0;
+    let fed = loop {
+        end = (end + step).min(bytes.len());
+        match parser.parse(&bytes[..end]) {
+            Ok(None) if end < bytes.len() => continue,
+            v => break v,
+        }
+    };
+    assert_eq!(fed, whole, "fed {step} bytes at a time");
+    let Ok(Some(hello)) = whole else {
         return;
     };
     assert!(hello.len <= bytes.len());

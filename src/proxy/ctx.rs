@@ -56,6 +56,9 @@ pub struct RequestCtx {
     pub upstream: Option<SocketAddr>,
     /// The server name of a tunnel's TLS ClientHello (tunnels to `[sni] ports`).
     pub sni: Option<Box<str>>,
+    /// For a refusal whose response withholds its cause (`Reason::withholds_detail`): the
+    /// cause, for the audit line only.
+    pub detail: Option<Box<str>>,
     /// Decision, reason and the status sent: changed only through [`Outcome`]'s methods.
     pub outcome: Outcome,
     /// Bytes both ways, and the first cap passed.
@@ -75,14 +78,15 @@ pub struct RequestCtx {
 // === impl RequestCtx ===
 
 impl RequestCtx {
-    /// A fresh context for a request that just arrived.
+    /// A fresh context for a request that just arrived. A method longer than
+    /// `target::MAX_METHOD_BYTES` is recorded cut to that length (the request is refused).
     pub fn new(client: SocketAddr, method: Option<Method>) -> Self {
         RequestCtx {
             request_id: ulid::Ulid::new(),
             arrived: OffsetDateTime::now_utc(),
             start: Instant::now(),
             client,
-            method,
+            method: method.and_then(crate::target::recorded_method),
             kind: None,
             target: None,
             path: None,
@@ -92,6 +96,7 @@ impl RequestCtx {
             rule: None,
             upstream: None,
             sni: None,
+            detail: None,
             outcome: Outcome::ALLOWED,
             meter: Arc::new(Meter::default()),
             mode: Mode::Enforce,
@@ -188,6 +193,7 @@ impl RequestCtx {
             bytes_up: self.meter.up(),
             bytes_down: self.meter.down(),
             duration_ms: self.start.elapsed().as_millis() as u64,
+            detail: self.detail.as_deref().map(audit::truncate_detail),
         }
         .to_line()
     }

@@ -46,8 +46,11 @@ async fn fill<R: AsyncRead + Unpin>(
     client: &mut R,
     bytes: &mut Vec<u8>,
 ) -> Result<ClientHello, Deny> {
+    // Kept across reads: each read costs only the bytes it brought (the client picks how small
+    // its records and writes are).
+    let mut parser = sni::HelloParser::default();
     loop {
-        match sni::parse(bytes) {
+        match parser.parse(bytes) {
             Ok(Some(hello)) => return Ok(hello),
             Ok(None) if bytes.len() >= MAX_BUFFERED => return Err(not_tls(NotHello::TooLarge)),
             Ok(None) => {}

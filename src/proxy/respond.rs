@@ -68,10 +68,11 @@ fn body_line(ctx: &RequestCtx, deny: &Deny, status: StatusCode, raw_target: &str
         ""
     };
     let method = ctx.method.as_ref().map_or("request", |m| m.as_str());
+    // A reason that withholds its detail says its one text; the detail is in the audit line.
+    let detail = deny.reason.fixed_text().unwrap_or(&deny.detail);
     format!(
-        "{} chokepoint {verb} {method} {target} for {who}: {}{tail}\n",
+        "{} chokepoint {verb} {method} {target} for {who}: {detail}{tail}\n",
         status.as_u16(),
-        deny.detail
     )
 }
 
@@ -114,6 +115,23 @@ mod tests {
             line,
             "403 chokepoint denied CONNECT evil.test:443 for agent coding-agent: host not on allowlist of policy llm-apis [policy decision: retrying will not help]\n"
         );
+    }
+
+    #[test]
+    fn auth_failures_say_one_text_whatever_the_detail() {
+        let ctx = RequestCtx::new("127.0.0.1:5000".parse().unwrap(), Some(http::Method::GET));
+        let lines: Vec<String> = [
+            "wrong proxy token for agent coder",
+            "proxy credentials match no agent allowed from this address",
+        ]
+        .into_iter()
+        .map(|d| {
+            let deny = Deny::new(Reason::AuthFailed, d);
+            body_line(&ctx, &deny, deny.reason.status(), "http://x/")
+        })
+        .collect();
+        assert_eq!(lines[0], lines[1]);
+        assert!(!lines[0].contains("coder"), "{}", lines[0]);
     }
 
     #[test]

@@ -91,7 +91,9 @@ fn every_prefix_of_a_hello_asks_for_more() {
 #[test]
 fn a_hello_fragmented_over_records_is_joined() {
     let one = rustls_hello("fronted.example.net");
-    for chunk in [1, 2, 3, 100] {
+    // The smallest fragments that keep it within `MAX_HELLO_RECORDS`, and larger ones.
+    let smallest = (one.len() - 5).div_ceil(MAX_HELLO_RECORDS);
+    for chunk in [smallest, smallest + 1, 7, 100] {
         let bytes = refragment(&one, chunk);
         let hello = parse(&bytes).unwrap().unwrap();
         assert_eq!(
@@ -102,6 +104,58 @@ fn a_hello_fragmented_over_records_is_joined() {
         assert_eq!(hello.len, bytes.len());
         for n in (0..bytes.len()).step_by(7) {
             assert_eq!(parse(&bytes[..n]), Ok(None), "chunk {chunk}, prefix {n}");
+        }
+    }
+}
+
+#[test]
+fn a_hello_in_more_than_64_records_is_refused() {
+    let one = rustls_hello("fronted.example.net");
+    let payload = one.len() - 5;
+    let smallest = payload.div_ceil(MAX_HELLO_RECORDS);
+    let at_cap = refragment(&one, smallest);
+    assert!(parse(&at_cap).unwrap().is_some());
+    // One byte less per record: more than 64 records.
+    let over = refragment(&one, smallest - 1);
+    assert_eq!(
+        parse(&over),
+        Err(NotHello::Malformed(
+            "ClientHello split into more than 64 records"
+        ))
+    );
+    // One-byte records: refused after 64 of them, not after the whole hello has arrived.
+    let ones = refragment(&one, 1);
+    assert!(parse(&ones[..6 * (MAX_HELLO_RECORDS + 1)]).is_err());
+    assert_eq!(parse(&ones[..6 * MAX_HELLO_RECORDS]), Ok(None));
+}
+
+/// A parser fed every prefix in turn (as reads arrive) reaches the verdict a single parse of
+/// the whole input reaches, at the first prefix that holds it.
+#[test]
+fn fed_read_by_read_the_parser_reaches_the_one_shot_verdict() {
+    let one = rustls_hello("fronted.example.net");
+    let mut inputs = vec![one.clone(), refragment(&one, 7), refragment(&one, 1)];
+    let mut trailing = refragment(&one, 50);
+    trailing.extend_from_slice(b"\x17\x03\x03 more traffic");
+    inputs.push(trailing);
+    let mut not_tls = one.clone();
+    not_tls[40] = 0; // inside the random: still a hello
+    not_tls.extend_from_slice(&[21, 3, 3, 0, 2]);
+    inputs.push(not_tls);
+    inputs.push(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+    for (i, input) in inputs.iter().enumerate() {
+        let whole = parse(input);
+        for step in [1, 3, 64] {
+            let mut p = HelloParser::default();
+            let mut end = 0;
+            let verdict = loop {
+                end = (end + step).min(input.len());
+                match p.parse(&input[..end]) {
+                    Ok(None) if end < input.len() => continue,
+                    v => break v,
+                }
+            };
+            assert_eq!(verdict, whole, "input {i}, step {step}");
         }
     }
 }
@@ -219,6 +273,20 @@ fn names_with_control_bytes_or_spaces_are_refused() {
             "{name:?}"
         );
     }
+}
+
+#[test]
+fn names_longer_than_255_bytes_are_refused() {
+    let longest = "a".repeat(MAX_SNI_BYTES);
+    let exts = sni_ext(&[(0, &longest)]);
+    let hello = parse(&hello_with(Some(&exts))).unwrap().unwrap();
+    assert_eq!(hello.sni.as_deref(), Some(longest.as_str()));
+    let over = "a".repeat(MAX_SNI_BYTES + 1);
+    let exts = sni_ext(&[(0, &over)]);
+    assert!(matches!(
+        parse(&hello_with(Some(&exts))),
+        Err(NotHello::Malformed(_))
+    ));
 }
 
 #[test]

@@ -187,3 +187,26 @@ fn host_must_agree() {
         Reason::MalformedRequest
     );
 }
+
+#[test]
+fn connect_with_upgrade_needs_http_1_1() {
+    let mut h = HeaderMap::new();
+    assert!(check_connect(Version::HTTP_10, &h).is_ok());
+    h.insert(http::header::UPGRADE, "websocket".parse().unwrap());
+    assert!(check_connect(Version::HTTP_11, &h).is_ok());
+    let deny = check_connect(Version::HTTP_10, &h).unwrap_err();
+    assert_eq!(deny.reason, Reason::MalformedRequest);
+}
+
+#[test]
+fn methods_longer_than_32_bytes_are_refused_and_recorded_cut() {
+    let uri: Uri = "http://example.com/".parse().unwrap();
+    let longest = Method::from_bytes(&[b'M'; MAX_METHOD_BYTES]).unwrap();
+    assert!(parse(&longest, &uri).is_ok());
+    let over = Method::from_bytes(&[b'M'; 30_000]).unwrap();
+    let deny = parse(&over, &uri).unwrap_err();
+    assert_eq!(deny.reason, Reason::MalformedRequest);
+    let recorded = recorded_method(over).unwrap();
+    assert_eq!(recorded.as_str(), "M".repeat(MAX_METHOD_BYTES));
+    assert_eq!(recorded_method(Method::GET), Some(Method::GET));
+}

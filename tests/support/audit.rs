@@ -35,13 +35,19 @@ pub struct Audit {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    pub detail: Option<String>,
+    /// The length of the line as written, in bytes (not a field of the line).
+    #[serde(skip)]
+    pub line_len: usize,
 }
 
 impl Audit {
     /// Decode one line; panics with the line if it does not match schema v1.
     pub fn decode(line: &str) -> Audit {
-        serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"))
+        let mut a: Audit = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("audit line does not match schema v1: {e}: {line}"));
+        a.line_len = line.len();
+        a
     }
 
     /// The client's address without the port.
@@ -180,6 +186,9 @@ impl AuditMatch {
     }
     pub fn bytes_down(self, v: u64) -> AuditMatch {
         self.eq("bytes_down", v, |a| a.bytes_down)
+    }
+    pub fn detail(self, v: Option<&str>) -> AuditMatch {
+        self.eq("detail", v.map(String::from), |a| a.detail.clone())
     }
     /// The client address is `ip` (any port).
     pub fn client_ip(self, ip: impl fmt::Display) -> AuditMatch {
