@@ -95,6 +95,11 @@ pub struct Config {
     /// Most client connections open at once (`server.max_connections`); beyond it new
     /// connections are closed at once. Takes effect at start.
     pub max_connections: usize,
+    /// Refusals before identification each client address may cause
+    /// (`server.address_refusals_per_second`, `server.address_refusal_burst`).
+    pub refusal_budget: crate::budget::Allowance,
+    /// How often the `dropped` summary lines are written (`server.summary_interval`).
+    pub summary_interval: Duration,
     /// The global mode (`server.mode`); a policy may override it.
     pub mode: Mode,
     /// The `[limits]` defaults.

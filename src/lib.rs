@@ -37,6 +37,7 @@
 //! | [`target`] | step: parse and normalise the request target |
 //! | [`identity`] | step: match the client to an agent |
 //! | [`policy`] | step: the agent's allowlist, mode |
+//! | [`budget`] | per client address: the budget of refusals before identification; `dropped` summaries |
 //! | [`limits`] | step: per-agent rate (GCRA) and concurrency gates, byte caps |
 //! | [`resolve`] | step: static hosts and DNS, with a deadline |
 //! | [`vet`] | step: refuse private, loopback, metadata and operator-denied addresses |
@@ -54,6 +55,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod connect;
@@ -165,6 +167,9 @@ where
         }
         None => None,
     };
+    // Stopped only after the drain, so what is dropped meanwhile is summarised too.
+    let summary_stop = tokio_util::sync::CancellationToken::new();
+    let summaries = tokio::spawn(budget::summarise(shared.clone(), summary_stop.clone()));
     let hup = reload::hangup();
     let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
     // Expires idle upstream connections; closes the pool when draining starts, so they do not
@@ -226,6 +231,8 @@ where
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    summary_stop.cancel();
+    let _ = summaries.await;
     drop(shared);
     writer.finish().await.map_err(RunError::Audit)?;
     tracing::info!("stopped");

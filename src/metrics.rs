@@ -37,6 +37,9 @@ pub const AUDIT_QUEUE: &str = "chokepoint_audit_queue_lines";
 pub const AUDIT_WAIT: &str = "chokepoint_audit_wait_seconds_total";
 /// `chokepoint_audit_lines_total`: audit lines written.
 pub const AUDIT_LINES: &str = "chokepoint_audit_lines_total";
+/// `chokepoint_refusals_dropped_total{reason}`: refusals before identification dropped past
+/// their client address's budget (closed unanswered, no audit line of their own).
+pub const REFUSALS_DROPPED: &str = "chokepoint_refusals_dropped_total";
 /// When the HTTPS listener's certificate expires (Unix seconds); exported only with `tls_listen`.
 pub const TLS_CERT_EXPIRY: &str = "chokepoint_tls_cert_expiry_timestamp_seconds";
 
@@ -77,6 +80,10 @@ pub struct Metrics {
     audit_wait: Counter,
     audit_lines: IntCounter,
     tls_expiry: IntGaugeVec,
+    refusals_dropped: IntCounterVec,
+    /// `chokepoint_refusals_dropped_total` per kind of drop, resolved on first use (a flood
+    /// of drops does not hash label strings).
+    dropped: Arc<[OnceLock<IntCounter>]>,
     /// `chokepoint_request_duration_seconds` per kind, resolved once.
     durations: [Histogram; 3],
     /// The handles of clients that matched no agent (`agent="unknown"`).
@@ -186,6 +193,13 @@ impl Metrics {
             ),
             &[],
         )?;
+        let refusals_dropped = IntCounterVec::new(
+            Opts::new(
+                REFUSALS_DROPPED,
+                "Refusals before identification dropped unanswered and unaudited: their client address was past its budget.",
+            ),
+            &["reason"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -199,6 +213,7 @@ impl Metrics {
             Box::new(audit_wait.clone()),
             Box::new(audit_lines.clone()),
             Box::new(tls_expiry.clone()),
+            Box::new(refusals_dropped.clone()),
         ] {
             registry.register(c)?;
         }
@@ -229,6 +244,10 @@ impl Metrics {
             audit_wait,
             audit_lines,
             tls_expiry,
+            refusals_dropped,
+            dropped: (0..crate::budget::Dropped::KINDS)
+                .map(|_| OnceLock::new())
+                .collect(),
             durations,
             unknown,
         })
@@ -256,6 +275,16 @@ impl Metrics {
     /// A successful dial took `d`.
     pub fn upstream_connected(&self, d: Duration) {
         self.connect.observe(d.as_secs_f64());
+    }
+
+    /// A refusal before identification was dropped past its address's budget.
+    pub fn refusal_dropped(&self, what: crate::budget::Dropped) {
+        let fresh = || self.refusals_dropped.with_label_values(&[what.as_str()]);
+        match self.dropped.get(what.index()) {
+            Some(cell) => cell.get_or_init(fresh).inc(),
+            // Unreachable: one cell per kind by construction.
+            None => fresh().inc(),
+        }
     }
 
     /// A DNS lookup took `d`.

@@ -14,8 +14,7 @@ pub mod pool;
 pub mod respond;
 pub mod tunnel;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditSink;
+use crate::budget::{Allowance, Budget, Dropped};
 use crate::config::Config;
 use crate::connect;
 use crate::identity::PeerCert;
@@ -90,8 +90,16 @@ pub struct Shared {
     pub abort: CancellationToken,
     /// Idle upstream connections of plain-HTTP forwarding.
     pub pool: Arc<pool::Pool>,
+    /// Each client address's budget of refusals before identification.
+    pub budget: Budget,
     timer: TokioTimer,
 }
+
+/// A request dropped past its client address's refusal budget: the service fails with it, so
+/// hyper closes the connection without an answer (and nothing is audited but the summary).
+#[derive(Debug, thiserror::Error)]
+#[error("request dropped: the client address is past its refusal budget")]
+pub struct OverBudget;
 
 // === impl Shared ===
 
@@ -107,8 +115,21 @@ impl Shared {
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
             pool: Arc::new(pool::Pool::new()),
+            budget: Budget::new(),
             timer: TokioTimer::new(),
         }
+    }
+
+    /// Charge a refusal that happened before any agent was charged (so no agent's rate paid
+    /// for it) to the client address's budget. `true`: answer and audit it as usual. `false`:
+    /// the address is past its budget; the drop is counted (metric, next summary) and the
+    /// caller closes the connection without an answer or an audit line.
+    pub fn charge_refusal(&self, client: IpAddr, reason: Reason, allowance: Allowance) -> bool {
+        if self.budget.spend(client, reason, allowance) {
+            return true;
+        }
+        self.metrics.refusal_dropped(Dropped::Refusal(reason));
+        false
     }
 
     /// Where finished requests are recorded.
@@ -208,6 +229,7 @@ async fn serve_tls(
         return;
     };
     let bound = snap.config.timeouts.request_header;
+    let allowance = snap.config.refusal_budget;
     drop(snap);
     // Made now, so a refused handshake's line says how long it took.
     let ctx = RequestCtx::new(peer, None);
@@ -233,6 +255,9 @@ async fn serve_tls(
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
+    if !shared.charge_refusal(peer.ip(), Reason::TlsHandshakeFailed, allowance) {
+        return;
+    }
     tracing::info!(client = %peer, error = %failure, "TLS handshake refused");
     let ctx = ctx.reject(Reason::TlsHandshakeFailed, None);
     Audited::new(ctx, shared.recorder()).finish().await;
@@ -311,7 +336,7 @@ async fn serve_conn<S>(
         let first_head = requests.load(Relaxed) == 0 && received.up() > 0;
         match broken_head(&e, first_head) {
             Some((reason, status)) => {
-                audit_broken_head(reason, status, peer, shared.recorder()).await;
+                audit_broken_head(reason, status, peer, &shared).await;
             }
             None => {
                 tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
@@ -346,15 +371,20 @@ fn broken_head(e: &hyper::Error, first_head: bool) -> Option<(Reason, Option<Sta
     }
 }
 
+/// Audit a refused request head, if its client address's budget pays for the line.
 async fn audit_broken_head(
     reason: Reason,
     status: Option<StatusCode>,
     peer: SocketAddr,
-    rec: Recorder,
+    shared: &Shared,
 ) {
+    let allowance = shared.live.load().config.refusal_budget;
+    if !shared.charge_refusal(peer.ip(), reason, allowance) {
+        return;
+    }
     tracing::info!(client = %peer, reason = reason.as_str(), "request head refused");
     let ctx = RequestCtx::rejected(peer, reason, status);
-    Audited::new(ctx, rec).finish().await;
+    Audited::new(ctx, shared.recorder()).finish().await;
 }
 
 /// What [`steps`] hands over when a request may proceed.
@@ -376,7 +406,8 @@ enum Upstream {
 }
 
 /// Run the pipeline for one request and produce its response. `received` is the client
-/// connection's meter (see [`RequestCtx::client_conn`]).
+/// connection's meter (see [`RequestCtx::client_conn`]). [`OverBudget`] when the request is
+/// dropped past its client address's refusal budget: hyper then closes the connection.
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -384,8 +415,21 @@ async fn handle(
     slot: Arc<OwnedSemaphorePermit>,
     received: Arc<Meter>,
     cert: Option<Arc<PeerCert>>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, OverBudget> {
     let snap = shared.live.load();
+    let allowance = snap.config.refusal_budget;
+    // An address past its budget learns nothing about credentials: they are not checked, so
+    // token guessing goes no faster than the budget, whatever the guesser sends.
+    if req
+        .headers()
+        .contains_key(http::header::PROXY_AUTHORIZATION)
+        && !shared.budget.may_check_credentials(peer.ip(), allowance)
+    {
+        shared
+            .metrics
+            .refusal_dropped(Dropped::CredentialsUnchecked);
+        return Err(OverBudget);
+    }
     let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
     ctx.connection = Some(slot);
     ctx.client_conn = Some(received);
@@ -399,6 +443,14 @@ async fn handle(
     );
     let admitted = match steps.await {
         Ok(ok) => ok,
+        // Refused before an agent was identified (and charged its rate): the address pays.
+        Err(deny)
+            if audited.ctx().agent.is_none()
+                && !shared.charge_refusal(peer.ip(), deny.reason, allowance) =>
+        {
+            audited.discard();
+            return Err(OverBudget);
+        }
         Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
     };
     let timeouts = snap.config.timeouts;

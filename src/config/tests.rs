@@ -166,3 +166,40 @@ allow = ["example.com"]
         "{warnings:#?}"
     );
 }
+
+#[test]
+fn refusal_budget_keys_are_checked() {
+    let c = parse_str(MINIMAL).unwrap();
+    assert_eq!(c.refusal_budget, crate::budget::Allowance::default());
+    assert_eq!(c.summary_interval, crate::budget::DEFAULT_SUMMARY_INTERVAL);
+
+    let set = |keys: &str| MINIMAL.replace("[server]\n", &format!("[server]\n{keys}\n"));
+    let c = parse_str(&set(
+        "address_refusals_per_second = 0.5\naddress_refusal_burst = 3\nsummary_interval = \"1m\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.refusal_budget,
+        crate::budget::Allowance {
+            per_second: 0.5,
+            burst: 3
+        }
+    );
+    assert_eq!(c.summary_interval, Duration::from_secs(60));
+
+    let src = set(
+        "address_refusals_per_second = 0.0\naddress_refusal_burst = 0\nsummary_interval = \"2h\"",
+    );
+    let ConfigError::Invalid(issues) = parse_str(&src).unwrap_err() else {
+        panic!("expected validation issues");
+    };
+    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "server.address_refusal_burst",
+            "server.address_refusals_per_second",
+            "server.summary_interval",
+        ]
+    );
+}
