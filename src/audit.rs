@@ -86,16 +86,18 @@ pub struct AuditRecord<'a> {
 pub struct DroppedRecord<'a> {
     /// When the summary was written, RFC 3339 UTC with milliseconds.
     pub ts: &'a str,
-    /// `refusal_budget`: a client address past its budget.
+    /// `refusal_budget` (a client address past its budget), `max_connections` or
+    /// `admin_max_connections` (a listener at its connection cap).
     pub cause: &'static str,
-    /// The client address (no port) of a `refusal_budget` summary; null for addresses the
-    /// budget table forgot before their summary.
+    /// The client address (no port) of a `refusal_budget` summary; null for the others, and
+    /// for addresses the budget table forgot before their summary.
     pub client: Option<IpAddr>,
-    /// The listener a summary is about; null for `refusal_budget` (which is per address).
+    /// `proxy`, `tls` or `admin` for a connection cap; null for `refusal_budget`.
     pub listener: Option<&'static str>,
     /// How many were dropped.
     pub count: u64,
-    /// Per reason (the refusal each would have been, or `credentials_unchecked`).
+    /// Per reason (the refusal each would have been, or `credentials_unchecked`); `{}` for a
+    /// connection cap.
     pub reasons: Option<&'a crate::budget::Counts>,
     /// The summary interval (`server.summary_interval`), in milliseconds: the drops happened
     /// within that much time before `ts`.

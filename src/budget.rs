@@ -24,6 +24,9 @@
 //! proxy credentials, which costs a hash and one atomic load (a bucket's lock is taken only
 //! when some address of that bucket is in debt). A refusal takes its bucket's lock for a scan of
 //! [`WAYS`] entries.
+//!
+//! The same summaries cover connections refused at a connection cap ([`Refused`]): one line per
+//! listener and interval, instead of a log line per connection.
 
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -120,6 +123,23 @@ pub struct AddressDrops {
     pub client: Option<IpAddr>,
     /// What was dropped.
     pub counts: Counts,
+}
+
+/// Which listener refused a connection at its cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen`, capped by `server.max_connections`.
+    Proxy,
+    /// `server.tls_listen`, capped by `server.max_connections`.
+    Tls,
+    /// `server.admin_listen`, capped by `server.admin_max_connections`.
+    Admin,
+}
+
+/// Connections refused at a connection cap since the last summary, per listener.
+#[derive(Debug, Default)]
+pub struct Refused {
+    counts: [AtomicU64; 3],
 }
 
 // === impl Allowance ===
@@ -345,6 +365,57 @@ impl Slot {
     };
 }
 
+// === impl Listener ===
+
+impl Listener {
+    /// Every listener, in label order.
+    pub const ALL: [Listener; 3] = [Listener::Proxy, Listener::Tls, Listener::Admin];
+
+    /// The `listener` label and summary field.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Listener::Proxy => "proxy",
+            Listener::Tls => "tls",
+            Listener::Admin => "admin",
+        }
+    }
+
+    /// The cap that refused it, as the summary's `cause` names it.
+    pub const fn cap(self) -> &'static str {
+        match self {
+            Listener::Proxy | Listener::Tls => "max_connections",
+            Listener::Admin => "admin_max_connections",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Listener::Proxy => 0,
+            Listener::Tls => 1,
+            Listener::Admin => 2,
+        }
+    }
+}
+
+// === impl Refused ===
+
+impl Refused {
+    /// Count a connection `listener` refused at its cap; `true` for the first since the last
+    /// summary (the one worth a log line).
+    pub fn add(&self, listener: Listener) -> bool {
+        self.counts[listener.index()].fetch_add(1, Relaxed) == 0
+    }
+
+    /// Take the counts since the last call, for the listeners that refused any.
+    pub fn take(&self) -> Vec<(Listener, u64)> {
+        Listener::ALL
+            .into_iter()
+            .map(|l| (l, self.counts[l.index()].swap(0, Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
 /// Write the summaries every `server.summary_interval` until `stop`, then once more for what
 /// was dropped meanwhile (the drain included).
 pub async fn summarise(shared: Arc<Shared>, stop: CancellationToken) {
@@ -361,7 +432,7 @@ pub async fn summarise(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// One `dropped` audit line per address with drops.
+/// One `dropped` audit line per address with drops and per listener with refused connections.
 async fn write_summaries(shared: &Shared, interval: Duration) {
     let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
     let mut lines = Vec::new();
@@ -377,6 +448,20 @@ async fn write_summaries(shared: &Shared, interval: Duration) {
                 listener: None,
                 count: drops.counts.total(),
                 reasons: Some(&drops.counts),
+                interval_ms,
+            }
+            .to_line(),
+        );
+    }
+    for (listener, count) in shared.refused.take() {
+        lines.push(
+            DroppedRecord {
+                ts,
+                cause: listener.cap(),
+                client: None,
+                listener: Some(listener.as_str()),
+                count,
+                reasons: None,
                 interval_ms,
             }
             .to_line(),

@@ -142,6 +142,7 @@ where
     let metrics = Arc::new(metrics::Metrics::new().map_err(RunError::Metrics)?);
     let grace = config.timeouts.shutdown_grace;
     let max_connections = config.max_connections;
+    let admin_max_connections = config.admin_max_connections;
     let (source, agents, policies) = (
         config.source.clone(),
         config.agents.len(),
@@ -162,6 +163,7 @@ where
             Some(tokio::spawn(admin::serve(
                 l,
                 shared.clone(),
+                admin_max_connections,
                 admin_stop.clone(),
             )))
         }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditSink;
-use crate::budget::{Allowance, Budget, Dropped};
+use crate::budget::{Allowance, Budget, Dropped, Listener, Refused};
 use crate::config::Config;
 use crate::connect;
 use crate::identity::PeerCert;
@@ -92,6 +92,8 @@ pub struct Shared {
     pub pool: Arc<pool::Pool>,
     /// Each client address's budget of refusals before identification.
     pub budget: Budget,
+    /// Connections refused at a connection cap, for the next summary.
+    pub refused: Refused,
     timer: TokioTimer,
 }
 
@@ -116,6 +118,7 @@ impl Shared {
             abort: CancellationToken::new(),
             pool: Arc::new(pool::Pool::new()),
             budget: Budget::new(),
+            refused: Refused::default(),
             timer: TokioTimer::new(),
         }
     }
@@ -169,6 +172,8 @@ pub enum Transport {
 ///
 /// `slots` holds `max_connections` permits shared by every listener: beyond them a new
 /// connection is closed as soon as it is accepted, so a flood cannot starve the ones open.
+/// Such connections are counted (metric, and the next `dropped` summary line); only the first
+/// of each summary interval is logged.
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -176,6 +181,10 @@ pub async fn accept_loop(
     transport: Transport,
 ) {
     let max_connections = slots.available_permits();
+    let which = match transport {
+        Transport::Plain => Listener::Proxy,
+        Transport::Tls => Listener::Tls,
+    };
     shared.ready.store(true, Relaxed);
     loop {
         let accepted = tokio::select! {
@@ -185,7 +194,10 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(client = %peer, max_connections, "connection limit reached; closing new connection");
+                    shared.metrics.connection_refused(which);
+                    if shared.refused.add(which) {
+                        tracing::warn!(client = %peer, max_connections, listener = which.as_str(), "connection limit reached; closing new connections (counted in the next dropped summary)");
+                    }
                     drop(stream);
                     continue;
                 };

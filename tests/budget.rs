@@ -1,6 +1,7 @@
-//! What unidentified clients cannot do any more (issue #14, item 2): write audit lines at line
-//! rate with refusals that come before any agent is charged, or guess proxy tokens without
-//! limit. Every case runs the gateway in this process on a paused clock, so the
+//! What unidentified clients cannot do any more (issue #14, items 2 and 10): write audit lines
+//! at line rate with refusals that come before any agent is charged, guess proxy tokens without
+//! limit, exhaust descriptors through the admin listener, or turn connections refused at a cap
+//! into a log line each. Every case runs the gateway in this process on a paused clock, so the
 //! budget refills only when the test moves the clock; every client is on 127.0.0.0/8.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failure
@@ -246,4 +247,170 @@ fn token_guessing_is_cut_off() {
         .find_dropped("127.0.0.9", |d| d.client.as_deref() == Some("127.0.0.9"));
     assert_eq!(d.count, 71, "{d:?}");
     assert_eq!(d.reasons.get("credentials_unchecked"), Some(&71), "{d:?}");
+}
+
+// === item 10: connection caps, counted and summarised ===
+
+/// Connections refused at `server.max_connections` are counted per listener and summarised in
+/// one line per interval (not a log or audit line each).
+#[test]
+fn connections_refused_at_the_cap_are_counted_and_summarised() {
+    let origin = Origin::http();
+    let port = origin.addr.port();
+    let gw = InProcess::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test"])
+            .allow(format!("origin.test:{port}"))
+            .max_connections(2)
+            .admin()
+            .request_header(Duration::from_secs(120)),
+    );
+    // Two kept-alive connections, each served once (so surely accepted), hold both slots.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = raw(&gw);
+            s.write_all(
+                format!(
+                    "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(status_of(&read_response(&mut s).0), 200);
+            gw.expect_audit(AuditMatch::of("http", "allow", "allowed"));
+            s
+        })
+        .collect();
+    for _ in 0..7 {
+        let mut s = raw(&gw);
+        let _ = s.write_all(b"CONNECT x.test:443 HTTP/1.1\r\n\r\n");
+        assert!(read_until_closed(&mut s).is_empty(), "closed unanswered");
+    }
+    gw.no_audit_for(Duration::from_millis(200));
+    let m = scrape(gw.admin.unwrap());
+    assert_eq!(
+        value(
+            &m,
+            r#"chokepoint_connections_refused_total{listener="proxy"}"#
+        ),
+        7
+    );
+    assert!(
+        m.contains(r#"chokepoint_connections_refused_total{listener="admin"} 0"#),
+        "every listener is exported from the start"
+    );
+    gw.advance(SUMMARY);
+    let d = gw
+        .audits
+        .find_dropped("proxy cap", |d| d.cause == "max_connections");
+    assert_eq!(
+        (d.client.as_deref(), d.listener.as_deref(), d.count),
+        (None, Some("proxy"), 7)
+    );
+    assert!(d.reasons.is_empty());
+    // Nothing refused in the next interval: no line.
+    gw.advance(SUMMARY);
+    gw.audits.no_dropped_for(Duration::from_millis(300));
+    drop(held);
+}
+
+/// The admin listener has a cap of its own: a client that opens connections to it cannot
+/// take the process's descriptors, and the proxy's slots are untouched.
+#[test]
+fn the_admin_listener_has_its_own_connection_cap() {
+    let gw = InProcess::of(&ConfigBuilder::new().admin().admin_max_connections(2));
+    let admin = gw.admin.unwrap();
+    let open = |n| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let s = TcpStream::connect(admin).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s
+            })
+            .collect()
+    };
+    let healthy = || {
+        let Ok(mut s) = TcpStream::connect(admin) else {
+            return false;
+        };
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        status_of(&read_head_lenient(&mut s)) == 200
+    };
+    let held = open(2);
+    gw.settle();
+    for mut s in open(5) {
+        assert!(read_until_closed(&mut s).is_empty(), "closed at accept");
+    }
+    // The proxy still serves.
+    let mut p = raw(&gw);
+    p.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(status_of(&read_head(&mut p)), 400);
+    drop(held);
+    // Slots come back once the held connections are gone.
+    wait_until(WAIT, "an admin slot is free again", healthy);
+    let m = scrape(admin);
+    assert_eq!(
+        value(
+            &m,
+            r#"chokepoint_connections_refused_total{listener="admin"}"#
+        ),
+        5
+    );
+    gw.advance(SUMMARY);
+    let d = gw
+        .audits
+        .find_dropped("admin cap", |d| d.cause == "admin_max_connections");
+    assert_eq!((d.listener.as_deref(), d.count), (Some("admin"), 5));
+}
+
+/// An admin connection that does not finish its head, or keeps a connection open without
+/// asking anything, is closed after the admin head timeout (5 s); one that keeps asking is
+/// closed after its lifetime (60 s), so no client holds an admin slot for long.
+#[test]
+fn admin_connections_are_bounded_in_time() {
+    let gw = InProcess::of(&ConfigBuilder::new().admin());
+    let admin = gw.admin.unwrap();
+    let connect = || {
+        let s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    };
+    let mut partial = connect();
+    partial.write_all(b"GET /metr").unwrap();
+    let mut quiet = connect();
+    gw.settle();
+    gw.advance(Duration::from_secs(4));
+    assert!(
+        !is_closed(&partial) && !is_closed(&quiet),
+        "within the bound"
+    );
+    gw.advance(Duration::from_secs(2));
+    assert!(read_until_closed(&mut partial).is_empty());
+    assert!(read_until_closed(&mut quiet).is_empty());
+
+    let mut busy = connect();
+    let mut asked = 0;
+    loop {
+        if busy
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .is_err()
+        {
+            break;
+        }
+        let head = read_head_lenient(&mut busy);
+        if head.is_empty() {
+            break;
+        }
+        assert_eq!(status_of(&head), 200, "{head}");
+        let mut body = [0u8; 3];
+        std::io::Read::read_exact(&mut busy, &mut body).unwrap();
+        asked += 1;
+        assert!(asked < 100, "still open after {asked} requests 4 s apart");
+        gw.advance(Duration::from_secs(4));
+    }
+    assert!(
+        (15..=17).contains(&asked),
+        "closed after about 60 s: {asked} requests"
+    );
 }

@@ -140,6 +140,17 @@ async fn a_blocked_address_outlives_addresses_that_are_not() {
 }
 
 #[test]
+fn connection_refusals_are_counted_per_listener() {
+    let r = Refused::default();
+    assert!(r.add(Listener::Proxy), "first of the interval");
+    assert!(!r.add(Listener::Proxy));
+    assert!(r.add(Listener::Admin));
+    assert_eq!(r.take(), [(Listener::Proxy, 2), (Listener::Admin, 1)]);
+    assert!(r.take().is_empty());
+    assert!(r.add(Listener::Proxy), "first again after a summary");
+}
+
+#[test]
 fn every_kind_has_its_own_index_and_label() {
     let mut seen = std::collections::BTreeSet::new();
     for r in Reason::ALL {
@@ -186,5 +197,19 @@ fn the_summary_line_has_its_shape() {
     assert_eq!(
         line,
         r#"{"v":1,"ts":"2026-11-22T10:00:00.123Z","event":"dropped","cause":"refusal_budget","client":"10.0.0.3","listener":null,"count":3,"reasons":{"malformed_request":2,"credentials_unchecked":1},"interval_ms":10000}"#
+    );
+    let line = DroppedRecord {
+        ts: "2026-11-22T10:00:00.123Z",
+        cause: "max_connections",
+        client: None,
+        listener: Some("proxy"),
+        count: 12,
+        reasons: None,
+        interval_ms: 10_000,
+    }
+    .to_line();
+    assert_eq!(
+        line,
+        r#"{"v":1,"ts":"2026-11-22T10:00:00.123Z","event":"dropped","cause":"max_connections","client":null,"listener":"proxy","count":12,"reasons":{},"interval_ms":10000}"#
     );
 }

@@ -37,6 +37,7 @@ pub(crate) struct RawServer {
     pub(crate) admin_listen: Option<Str>,
     pub(crate) mode: Option<Str>,
     pub(crate) max_connections: Option<Spanned<i64>>,
+    pub(crate) admin_max_connections: Option<Spanned<i64>>,
     pub(crate) address_refusals_per_second: Option<Spanned<f64>>,
     pub(crate) address_refusal_burst: Option<Spanned<i64>>,
     pub(crate) summary_interval: Option<Str>,

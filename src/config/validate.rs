@@ -101,6 +101,12 @@ impl Validator<'_> {
             }
             None => super::DEFAULT_MAX_CONNECTIONS,
         };
+        let admin_max_connections = self.int_in(
+            raw.server.admin_max_connections.as_ref(),
+            "server.admin_max_connections",
+            1..=100_000,
+            super::DEFAULT_ADMIN_MAX_CONNECTIONS as i64,
+        ) as usize;
         let refusal_budget = self.refusal_budget(&raw.server);
         let summary_interval = self.duration(
             raw.server.summary_interval.as_ref(),
@@ -143,6 +149,7 @@ impl Validator<'_> {
             agents,
             policies,
             max_connections,
+            admin_max_connections,
             refusal_budget,
             summary_interval,
             mode,

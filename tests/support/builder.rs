@@ -23,6 +23,8 @@ pub struct Server {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub address_refusals_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_refusal_burst: Option<u64>,
@@ -234,6 +236,7 @@ impl ConfigBuilder {
                 admin_listen: None,
                 mode: None,
                 max_connections: None,
+                admin_max_connections: None,
                 address_refusals_per_second: None,
                 address_refusal_burst: None,
                 summary_interval: None,
@@ -287,6 +290,11 @@ impl ConfigBuilder {
     /// `server.max_connections`.
     pub fn max_connections(self, n: u64) -> ConfigBuilder {
         self.server(|s| s.max_connections = Some(n))
+    }
+
+    /// `server.admin_max_connections`.
+    pub fn admin_max_connections(self, n: u64) -> ConfigBuilder {
+        self.server(|s| s.admin_max_connections = Some(n))
     }
 
     /// `server.address_refusals_per_second` and `server.address_refusal_burst`: each client
