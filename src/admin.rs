@@ -1,6 +1,14 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process is alive) and
 //! `/readyz` (config loaded and the proxy listener accepting; 503 while draining). Nothing else
 //! is served, and nothing is ever proxied from here.
+//!
+//! Bounded like the proxy listener, on its own budget: at most `server.admin_max_connections`
+//! connections at once (beyond it a new one is closed at accept, counted in
+//! `chokepoint_connections_refused_total{listener="admin"}` and the `dropped` summary), a request
+//! head within [`HEAD_TIMEOUT`] (also the bound on an idle keep-alive connection), and a
+//! connection's whole life within [`MAX_LIFETIME`] (a client that stops reading a response
+//! cannot hold its slot). So a client that can reach the port cannot take the process's
+//! descriptors, and a scraper is never starved by the proxy's own clients.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,21 +24,36 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Listener;
 use crate::proxy::Shared;
 
-/// Bound on an admin request head (scrapers and probes send tiny requests).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on an admin request head (scrapers and probes send tiny requests), and on a kept-alive
+/// connection waiting for its next one.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serve the admin endpoints until `stop`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// Longest an admin connection lives: then it finishes the exchange in flight (for up to
+/// [`HEAD_TIMEOUT`] more) and closes. Scrapers reconnect; a client that stops reading a
+/// response does not hold its slot for longer.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serve the admin endpoints until `stop`, at most `max_connections` connections at once.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    stop: CancellationToken,
+) {
     let mut http = http1::Builder::new();
+    // Without a timer hyper silently skips the header timeout.
     http.timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -41,18 +64,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
-        let shared = shared.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.connection_refused(Listener::Admin);
+            if shared.refused.add(Listener::Admin) {
+                tracing::warn!(client = %peer, max_connections, "admin connection limit reached; closing new connections (counted in the next dropped summary)");
+            }
+            drop(stream);
+            continue;
+        };
+        let svc_shared = shared.clone();
         let conn = http.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| {
-                let shared = shared.clone();
+                let shared = svc_shared.clone();
                 async move { Ok::<_, Infallible>(route(&req, &shared)) }
             }),
         );
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            tokio::pin!(conn);
             tokio::select! {
-                _ = conn => {}
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(MAX_LIFETIME) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = tokio::time::timeout(HEAD_TIMEOUT, conn.as_mut()) => {}
                 () = stop.cancelled() => {}
             }
         });

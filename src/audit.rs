@@ -86,6 +86,69 @@ pub struct AuditRecord<'a> {
     pub detail: Option<&'a str>,
 }
 
+/// The `dropped` summary line (schema v1): how many refusals or connections were dropped
+/// without a line of their own, per client address or listener, over the last interval.
+#[derive(Debug)]
+pub struct DroppedRecord<'a> {
+    /// When the summary was written, RFC 3339 UTC with milliseconds.
+    pub ts: &'a str,
+    /// `refusal_budget` (a client address past its budget), `max_connections` or
+    /// `admin_max_connections` (a listener at its connection cap).
+    pub cause: &'static str,
+    /// The client address (no port) of a `refusal_budget` summary; null for the others, and
+    /// for addresses the budget table forgot before their summary.
+    pub client: Option<IpAddr>,
+    /// `proxy`, `tls` or `admin` for a connection cap; null for `refusal_budget`.
+    pub listener: Option<&'static str>,
+    /// How many were dropped.
+    pub count: u64,
+    /// Per reason (the refusal each would have been, or `credentials_unchecked`); `{}` for a
+    /// connection cap.
+    pub reasons: Option<&'a crate::budget::Counts>,
+    /// The summary interval (`server.summary_interval`), in milliseconds: the drops happened
+    /// within that much time before `ts`.
+    pub interval_ms: u64,
+}
+
+// === impl DroppedRecord ===
+
+impl DroppedRecord<'_> {
+    /// The `event` of a summary line.
+    pub const EVENT: &'static str = "dropped";
+
+    /// The JSON line (no trailing newline). Not on the request path: serde_json writes it.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Serialize for DroppedRecord<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeStruct};
+        struct Reasons<'a>(Option<&'a crate::budget::Counts>);
+        impl Serialize for Reasons<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(None)?;
+                for (what, n) in self.0.iter().flat_map(|c| c.iter()) {
+                    map.serialize_entry(what.as_str(), &n)?;
+                }
+                map.end()
+            }
+        }
+        let mut st = s.serialize_struct("DroppedRecord", 9)?;
+        st.serialize_field("v", &SCHEMA_VERSION)?;
+        st.serialize_field("ts", self.ts)?;
+        st.serialize_field("event", Self::EVENT)?;
+        st.serialize_field("cause", self.cause)?;
+        st.serialize_field("client", &self.client)?;
+        st.serialize_field("listener", &self.listener)?;
+        st.serialize_field("count", &self.count)?;
+        st.serialize_field("reasons", &Reasons(self.reasons))?;
+        st.serialize_field("interval_ms", &self.interval_ms)?;
+        st.end()
+    }
+}
+
 fn host_field<S: Serializer>(host: &Option<&Host>, s: S) -> Result<S::Ok, S::Error> {
     match host {
         None => s.serialize_none(),

@@ -95,6 +95,14 @@ pub struct Config {
     /// Most client connections open at once (`server.max_connections`); beyond it new
     /// connections are closed at once. Takes effect at start.
     pub max_connections: usize,
+    /// Most admin-listener connections open at once (`server.admin_max_connections`); beyond
+    /// it new ones are closed at once. Takes effect at start.
+    pub admin_max_connections: usize,
+    /// Refusals before identification each client address may cause
+    /// (`server.address_refusals_per_second`, `server.address_refusal_burst`).
+    pub refusal_budget: crate::budget::Allowance,
+    /// How often the `dropped` summary lines are written (`server.summary_interval`).
+    pub summary_interval: Duration,
     /// The global mode (`server.mode`); a policy may override it.
     pub mode: Mode,
     /// The `[limits]` defaults.
@@ -191,6 +199,10 @@ impl Config {
 
 /// Default for `server.max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default for `server.admin_max_connections`: far more than probes and scrapers use, far
+/// fewer descriptors than a flood could take.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 pub use crate::fingerprint::fingerprint;
 

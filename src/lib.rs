@@ -37,6 +37,7 @@
 //! | [`target`] | step: parse and normalise the request target |
 //! | [`identity`] | step: match the client to an agent |
 //! | [`policy`] | step: the agent's allowlist, mode |
+//! | [`budget`] | per client address: the budget of refusals before identification; `dropped` summaries |
 //! | [`limits`] | step: per-agent rate (GCRA) and concurrency gates, byte caps |
 //! | [`resolve`] | step: static hosts and DNS, with a deadline |
 //! | [`vet`] | step: refuse private, loopback, metadata and operator-denied addresses |
@@ -54,6 +55,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod connect;
@@ -140,6 +142,7 @@ where
     let metrics = Arc::new(metrics::Metrics::new().map_err(RunError::Metrics)?);
     let grace = config.timeouts.shutdown_grace;
     let max_connections = config.max_connections;
+    let admin_max_connections = config.admin_max_connections;
     let (source, agents, policies) = (
         config.source.clone(),
         config.agents.len(),
@@ -160,11 +163,15 @@ where
             Some(tokio::spawn(admin::serve(
                 l,
                 shared.clone(),
+                admin_max_connections,
                 admin_stop.clone(),
             )))
         }
         None => None,
     };
+    // Stopped only after the drain, so what is dropped meanwhile is summarised too.
+    let summary_stop = tokio_util::sync::CancellationToken::new();
+    let summaries = tokio::spawn(budget::summarise(shared.clone(), summary_stop.clone()));
     let hup = reload::hangup();
     let watcher = tokio::spawn(live.watch(hup, shared.draining.clone()));
     // Expires idle upstream connections; closes the pool when draining starts, so they do not
@@ -226,6 +233,8 @@ where
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    summary_stop.cancel();
+    let _ = summaries.await;
     drop(shared);
     writer.finish().await.map_err(RunError::Audit)?;
     tracing::info!("stopped");

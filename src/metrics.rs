@@ -1,9 +1,9 @@
 //! Prometheus metrics: every family is created here, once, with its name and buckets as consts.
 //!
 //! Label values come only from the config (`agent`, `policy`) or from closed vocabularies
-//! (`kind`, `decision`, `reason`, `direction`, `result`), never from a host, path, client address
-//! or error text, so the number of series is bounded by the config. A client that matched no
-//! agent is counted under `agent="unknown"`.
+//! (`kind`, `decision`, `reason`, `direction`, `result`, `listener`), never from a host, path,
+//! client address or error text, so the number of series is bounded by the config. A client
+//! that matched no agent is counted under `agent="unknown"`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -37,6 +37,12 @@ pub const AUDIT_QUEUE: &str = "chokepoint_audit_queue_lines";
 pub const AUDIT_WAIT: &str = "chokepoint_audit_wait_seconds_total";
 /// `chokepoint_audit_lines_total`: audit lines written.
 pub const AUDIT_LINES: &str = "chokepoint_audit_lines_total";
+/// `chokepoint_refusals_dropped_total{reason}`: refusals before identification dropped past
+/// their client address's budget (closed unanswered, no audit line of their own).
+pub const REFUSALS_DROPPED: &str = "chokepoint_refusals_dropped_total";
+/// `chokepoint_connections_refused_total{listener}`: connections closed at accept because the
+/// listener's connection cap was reached.
+pub const CONNECTIONS_REFUSED: &str = "chokepoint_connections_refused_total";
 /// When the HTTPS listener's certificate expires (Unix seconds); exported only with `tls_listen`.
 pub const TLS_CERT_EXPIRY: &str = "chokepoint_tls_cert_expiry_timestamp_seconds";
 
@@ -77,6 +83,11 @@ pub struct Metrics {
     audit_wait: Counter,
     audit_lines: IntCounter,
     tls_expiry: IntGaugeVec,
+    refusals_dropped: IntCounterVec,
+    /// `chokepoint_refusals_dropped_total` per kind of drop, resolved on first use (a flood
+    /// of drops does not hash label strings).
+    dropped: Arc<[OnceLock<IntCounter>]>,
+    connections_refused: IntCounterVec,
     /// `chokepoint_request_duration_seconds` per kind, resolved once.
     durations: [Histogram; 3],
     /// The handles of clients that matched no agent (`agent="unknown"`).
@@ -186,6 +197,20 @@ impl Metrics {
             ),
             &[],
         )?;
+        let refusals_dropped = IntCounterVec::new(
+            Opts::new(
+                REFUSALS_DROPPED,
+                "Refusals before identification dropped unanswered and unaudited: their client address was past its budget.",
+            ),
+            &["reason"],
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                CONNECTIONS_REFUSED,
+                "Connections closed at accept because the listener's connection cap was reached.",
+            ),
+            &["listener"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -199,6 +224,8 @@ impl Metrics {
             Box::new(audit_wait.clone()),
             Box::new(audit_lines.clone()),
             Box::new(tls_expiry.clone()),
+            Box::new(refusals_dropped.clone()),
+            Box::new(connections_refused.clone()),
         ] {
             registry.register(c)?;
         }
@@ -209,6 +236,10 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for result in ["ok", "error"] {
             reloads.with_label_values(&[result]);
+        }
+        // Exported from the start, at 0, so `increase()` sees the first refusal.
+        for listener in crate::budget::Listener::ALL {
+            connections_refused.with_label_values(&[listener.as_str()]);
         }
         let durations = KINDS.map(|k| duration.with_label_values(&[k]));
         let unknown = Arc::new(AgentMetrics::new(
@@ -229,6 +260,11 @@ impl Metrics {
             audit_wait,
             audit_lines,
             tls_expiry,
+            refusals_dropped,
+            dropped: (0..crate::budget::Dropped::KINDS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            connections_refused,
             durations,
             unknown,
         })
@@ -256,6 +292,23 @@ impl Metrics {
     /// A successful dial took `d`.
     pub fn upstream_connected(&self, d: Duration) {
         self.connect.observe(d.as_secs_f64());
+    }
+
+    /// A refusal before identification was dropped past its address's budget.
+    pub fn refusal_dropped(&self, what: crate::budget::Dropped) {
+        let fresh = || self.refusals_dropped.with_label_values(&[what.as_str()]);
+        match self.dropped.get(what.index()) {
+            Some(cell) => cell.get_or_init(fresh).inc(),
+            // Unreachable: one cell per kind by construction.
+            None => fresh().inc(),
+        }
+    }
+
+    /// `listener` closed a new connection at its connection cap.
+    pub fn connection_refused(&self, listener: crate::budget::Listener) {
+        self.connections_refused
+            .with_label_values(&[listener.as_str()])
+            .inc();
     }
 
     /// A DNS lookup took `d`.

@@ -15,8 +15,7 @@ pub mod respond;
 pub mod revoke;
 pub mod tunnel;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditSink;
+use crate::budget::{Allowance, Budget, Dropped, Listener, Refused};
 use crate::config::Config;
 use crate::connect;
 use crate::identity::PeerCert;
@@ -92,8 +92,18 @@ pub struct Shared {
     pub abort: CancellationToken,
     /// Idle upstream connections of plain-HTTP forwarding.
     pub pool: Arc<pool::Pool>,
+    /// Each client address's budget of refusals before identification.
+    pub budget: Budget,
+    /// Connections refused at a connection cap, for the next summary.
+    pub refused: Refused,
     timer: TokioTimer,
 }
+
+/// A request dropped past its client address's refusal budget: the service fails with it, so
+/// hyper closes the connection without an answer (and nothing is audited but the summary).
+#[derive(Debug, thiserror::Error)]
+#[error("request dropped: the client address is past its refusal budget")]
+pub struct OverBudget;
 
 // === impl Shared ===
 
@@ -109,8 +119,22 @@ impl Shared {
             draining: CancellationToken::new(),
             abort: CancellationToken::new(),
             pool: Arc::new(pool::Pool::new()),
+            budget: Budget::new(),
+            refused: Refused::default(),
             timer: TokioTimer::new(),
         }
+    }
+
+    /// Charge a refusal that happened before any agent was charged (so no agent's rate paid
+    /// for it) to the client address's budget. `true`: answer and audit it as usual. `false`:
+    /// the address is past its budget; the drop is counted (metric, next summary) and the
+    /// caller closes the connection without an answer or an audit line.
+    pub fn charge_refusal(&self, client: IpAddr, reason: Reason, allowance: Allowance) -> bool {
+        if self.budget.spend(client, reason, allowance) {
+            return true;
+        }
+        self.metrics.refusal_dropped(Dropped::Refusal(reason));
+        false
     }
 
     /// Where finished requests are recorded.
@@ -150,6 +174,8 @@ pub enum Transport {
 ///
 /// `slots` holds `max_connections` permits shared by every listener: beyond them a new
 /// connection is closed as soon as it is accepted, so a flood cannot starve the ones open.
+/// Such connections are counted (metric, and the next `dropped` summary line); only the first
+/// of each summary interval is logged.
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -157,6 +183,10 @@ pub async fn accept_loop(
     transport: Transport,
 ) {
     let max_connections = slots.available_permits();
+    let which = match transport {
+        Transport::Plain => Listener::Proxy,
+        Transport::Tls => Listener::Tls,
+    };
     shared.ready.store(true, Relaxed);
     loop {
         let accepted = tokio::select! {
@@ -166,7 +196,10 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(client = %peer, max_connections, "connection limit reached; closing new connection");
+                    shared.metrics.connection_refused(which);
+                    if shared.refused.add(which) {
+                        tracing::warn!(client = %peer, max_connections, listener = which.as_str(), "connection limit reached; closing new connections (counted in the next dropped summary)");
+                    }
                     drop(stream);
                     continue;
                 };
@@ -210,6 +243,7 @@ async fn serve_tls(
         return;
     };
     let bound = snap.config.timeouts.request_header;
+    let allowance = snap.config.refusal_budget;
     drop(snap);
     // Made now, so a refused handshake's line says how long it took.
     let ctx = RequestCtx::new(peer, None);
@@ -235,6 +269,9 @@ async fn serve_tls(
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no TLS handshake within {bound:?}"),
     };
+    if !shared.charge_refusal(peer.ip(), Reason::TlsHandshakeFailed, allowance) {
+        return;
+    }
     // Bounded like every refusal detail: the log must not carry whatever a client can make
     // the TLS library quote.
     let failure = &failure[..crate::outcome::floor_char_boundary(&failure, MAX_DETAIL_BYTES)];
@@ -338,7 +375,7 @@ async fn serve_conn<S>(
         let first_head = requests.load(Relaxed) == 0 && received.up() > 0;
         match broken_head(&e, first_head) {
             Some((reason, status)) => {
-                audit_broken_head(reason, status, peer, shared.recorder()).await;
+                audit_broken_head(reason, status, peer, &shared).await;
             }
             None => {
                 tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
@@ -373,15 +410,20 @@ fn broken_head(e: &hyper::Error, first_head: bool) -> Option<(Reason, Option<Sta
     }
 }
 
+/// Audit a refused request head, if its client address's budget pays for the line.
 async fn audit_broken_head(
     reason: Reason,
     status: Option<StatusCode>,
     peer: SocketAddr,
-    rec: Recorder,
+    shared: &Shared,
 ) {
+    let allowance = shared.live.load().config.refusal_budget;
+    if !shared.charge_refusal(peer.ip(), reason, allowance) {
+        return;
+    }
     tracing::info!(client = %peer, reason = reason.as_str(), "request head refused");
     let ctx = RequestCtx::rejected(peer, reason, status);
-    Audited::new(ctx, rec).finish().await;
+    Audited::new(ctx, shared.recorder()).finish().await;
 }
 
 /// What [`steps`] hands over when a request may proceed.
@@ -417,16 +459,31 @@ struct Conn {
     granted: Arc<Granted>,
 }
 
-/// Run the pipeline for one request and produce its response.
+/// Run the pipeline for one request and produce its response. [`OverBudget`] when the request
+/// is dropped past its client address's refusal budget: hyper then closes the connection.
 async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     conn: Conn,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, OverBudget> {
     // Before the load: a change after it is seen (see `revoke`).
     let changes = shared.live.subscribe();
     let snap = shared.live.load();
-    let mut ctx = RequestCtx::new(conn.peer, Some(req.method().clone()));
+    let allowance = snap.config.refusal_budget;
+    let peer = conn.peer;
+    // An address past its budget learns nothing about credentials: they are not checked, so
+    // token guessing goes no faster than the budget, whatever the guesser sends.
+    if req
+        .headers()
+        .contains_key(http::header::PROXY_AUTHORIZATION)
+        && !shared.budget.may_check_credentials(peer.ip(), allowance)
+    {
+        shared
+            .metrics
+            .refusal_dropped(Dropped::CredentialsUnchecked);
+        return Err(OverBudget);
+    }
+    let mut ctx = RequestCtx::new(peer, Some(req.method().clone()));
     ctx.connection = Some(conn.slot);
     ctx.client_conn = Some(conn.received);
     let mut audited = Audited::new(ctx, shared.recorder());
@@ -439,6 +496,14 @@ async fn handle(
     );
     let admitted = match steps.await {
         Ok(ok) => ok,
+        // Refused before an agent was identified (and charged its rate): the address pays.
+        Err(deny)
+            if audited.ctx().agent.is_none()
+                && !shared.charge_refusal(peer.ip(), deny.reason, allowance) =>
+        {
+            audited.discard();
+            return Err(OverBudget);
+        }
         Err(deny) => return Ok(refuse(audited, &deny, req.uri()).await),
     };
     let timeouts = snap.config.timeouts;

@@ -704,7 +704,10 @@ fn unknown_clients_leave_no_state_behind() {
         .edit_agent(TESTER, |a| {
             a.source_cidrs = Some(vec!["127.0.0.1/32".into()])
         })
-        .agent(Agent::token("tok", "tok.token", TEST_POLICY));
+        .agent(Agent::token("tok", "tok.token", TEST_POLICY))
+        // Every refusal answered and audited: this case is about what the gateway keeps, not
+        // about the per-address budget (tests/budget.rs), which would cut these clients off.
+        .refusal_budget(1_000_000.0, 1_000_000);
     let proxy = Proxy::of_in(dir, &cfg);
 
     // Warm-up: every kind of refusal, so each metric series exists.
@@ -744,7 +747,13 @@ fn five_thousand_stalled_connections_are_all_cut_and_released() {
     // Both ends of every connection are in this process.
     raise_fd_limit(2 * N + 1000);
     let (origin, cfg) = origin_and_config();
-    let proxy = InProcess::of(&cfg.max_connections(6000).request_header(bound));
+    // A budget for 5,000 refusals from one address, so each cut is audited (the budget itself
+    // is tests/budget.rs's).
+    let proxy = InProcess::of(
+        &cfg.max_connections(6000)
+            .request_header(bound)
+            .refusal_budget(1.0, N as u64),
+    );
     let tasks = proxy.tasks();
 
     // Opened in batches the gateway accepts before the next: a burst beyond the listen backlog

@@ -166,3 +166,43 @@ allow = ["example.com"]
         "{warnings:#?}"
     );
 }
+
+#[test]
+fn refusal_budget_and_admin_cap_keys_are_checked() {
+    let c = parse_str(MINIMAL).unwrap();
+    assert_eq!(c.refusal_budget, crate::budget::Allowance::default());
+    assert_eq!(c.summary_interval, crate::budget::DEFAULT_SUMMARY_INTERVAL);
+    assert_eq!(c.admin_max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+
+    let set = |keys: &str| MINIMAL.replace("[server]\n", &format!("[server]\n{keys}\n"));
+    let c = parse_str(&set(
+        "address_refusals_per_second = 0.5\naddress_refusal_burst = 3\nsummary_interval = \"1m\"\nadmin_max_connections = 8",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.refusal_budget,
+        crate::budget::Allowance {
+            per_second: 0.5,
+            burst: 3
+        }
+    );
+    assert_eq!(c.summary_interval, Duration::from_secs(60));
+    assert_eq!(c.admin_max_connections, 8);
+
+    let src = set(
+        "address_refusals_per_second = 0.0\naddress_refusal_burst = 0\nsummary_interval = \"2h\"\nadmin_max_connections = 0",
+    );
+    let ConfigError::Invalid(issues) = parse_str(&src).unwrap_err() else {
+        panic!("expected validation issues");
+    };
+    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "server.admin_max_connections",
+            "server.address_refusal_burst",
+            "server.address_refusals_per_second",
+            "server.summary_interval",
+        ]
+    );
+}

@@ -101,6 +101,19 @@ impl Validator<'_> {
             }
             None => super::DEFAULT_MAX_CONNECTIONS,
         };
+        let admin_max_connections = self.int_in(
+            raw.server.admin_max_connections.as_ref(),
+            "server.admin_max_connections",
+            1..=100_000,
+            super::DEFAULT_ADMIN_MAX_CONNECTIONS as i64,
+        ) as usize;
+        let refusal_budget = self.refusal_budget(&raw.server);
+        let summary_interval = self.duration(
+            raw.server.summary_interval.as_ref(),
+            "server.summary_interval",
+            crate::budget::DEFAULT_SUMMARY_INTERVAL,
+            Duration::from_secs(3600),
+        );
         let limits = self.limits(&raw.limits, "limits", Limits::default());
         let (policies, by_name) = self.policies(&raw.policies, mode, limits);
         let (tls_listen, tls) = self.tls(&raw.server, listen, admin_listen);
@@ -136,10 +149,70 @@ impl Validator<'_> {
             agents,
             policies,
             max_connections,
+            admin_max_connections,
+            refusal_budget,
+            summary_interval,
             mode,
             limits,
             fingerprint: fingerprint(self.src.as_bytes()),
             warnings: Vec::new(),
+        }
+    }
+
+    /// An integer key within `range`, or `default` (absent, or out of range: reported).
+    fn int_in(
+        &mut self,
+        v: Option<&toml::Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        default: i64,
+    ) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            return n;
+        }
+        let issue = self.at(
+            v.span().start,
+            key.into(),
+            format!(
+                "{n} is out of range: use {} to {}",
+                range.start(),
+                range.end()
+            ),
+        );
+        self.issues.push(issue);
+        default
+    }
+
+    /// `server.address_refusals_per_second` and `server.address_refusal_burst`.
+    fn refusal_budget(&mut self, raw: &raw::RawServer) -> crate::budget::Allowance {
+        let d = crate::budget::Allowance::default();
+        let burst = self.int_in(
+            raw.address_refusal_burst.as_ref(),
+            "server.address_refusal_burst",
+            1..=1_000_000,
+            i64::from(d.burst),
+        );
+        let per_second = match &raw.address_refusals_per_second {
+            Some(v) if (0.001..=1_000_000.0).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                let issue = self.at(
+                    v.span().start,
+                    "server.address_refusals_per_second".into(),
+                    format!(
+                        "{} is out of range: use 0.001 to 1000000 (fractions allowed: 0.5 = one every 2 s)",
+                        v.get_ref()
+                    ),
+                );
+                self.issues.push(issue);
+                d.per_second
+            }
+            None => d.per_second,
+        };
+        crate::budget::Allowance {
+            per_second,
+            burst: u32::try_from(burst).unwrap_or(d.burst),
         }
     }
 

@@ -227,6 +227,12 @@ impl Audited {
         }
     }
 
+    /// End the request without an audit line or request metrics: a refusal dropped past its
+    /// client address's budget, which the budget counts instead (`budget::Budget::spend`).
+    pub fn discard(mut self) {
+        self.ctx = None;
+    }
+
     /// The metrics (for gauges that live as long as the request, like open tunnels).
     pub fn metrics(&self) -> &Metrics {
         &self.rec.metrics

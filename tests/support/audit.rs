@@ -1,9 +1,14 @@
 //! The audit line as a test sees it ([`Audit`], decoded strictly), what a test expects of one
 //! ([`AuditMatch`]), and the stream of lines a gateway writes ([`AuditLog`]), with failure
-//! messages that show the expectation and every line seen.
+//! messages that show the expectation and every line seen. `dropped` summary lines
+//! ([`Dropped`], decoded strictly too) go to a stream of their own, so a test that does not
+//! look for them never sees them among its request lines.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -39,6 +44,74 @@ pub struct Audit {
     /// The length of the line as written, in bytes (not a field of the line).
     #[serde(skip)]
     pub line_len: usize,
+}
+
+/// A `dropped` summary line, decoded strictly: an unknown or missing field fails the test.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Dropped {
+    pub v: u32,
+    pub ts: String,
+    pub event: String,
+    pub cause: String,
+    pub client: Option<String>,
+    pub listener: Option<String>,
+    pub count: u64,
+    pub reasons: BTreeMap<String, u64>,
+    pub interval_ms: u64,
+}
+
+/// The one field that tells a summary from a request line.
+#[derive(Deserialize)]
+struct Event {
+    event: String,
+}
+
+/// Where a gateway's audit output goes, a line at a time: request lines and summaries to their
+/// own streams of an [`AuditLog`], with the bytes counted.
+pub struct AuditTx {
+    lines: Sender<Audit>,
+    dropped: Sender<Dropped>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl AuditTx {
+    /// Decode `line` (without its newline) and pass it on; `false` once the test no longer
+    /// listens.
+    pub fn line(&self, line: &str) -> bool {
+        self.bytes
+            .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+        let event: Event = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("audit line is not a JSON object with an event: {e}: {line}")
+        });
+        if event.event == "dropped" {
+            let d: Dropped = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("summary line does not match schema v1: {e}: {line}"));
+            self.dropped.send(d).is_ok()
+        } else {
+            self.lines.send(Audit::decode(line)).is_ok()
+        }
+    }
+}
+
+/// A sender for a gateway's audit output and the log a test reads.
+pub fn audit_channel() -> (AuditTx, AuditLog) {
+    let (lines, rx) = mpsc::channel();
+    let (dropped, drx) = mpsc::channel();
+    let bytes = Arc::new(AtomicU64::new(0));
+    let tx = AuditTx {
+        lines,
+        dropped,
+        bytes: bytes.clone(),
+    };
+    (
+        tx,
+        AuditLog {
+            rx,
+            dropped: drx,
+            bytes,
+        },
+    )
 }
 
 impl Audit {
@@ -222,11 +295,41 @@ impl AuditMatch {
 /// The audit lines of one gateway, in the order written.
 pub struct AuditLog {
     rx: Receiver<Audit>,
+    dropped: Receiver<Dropped>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl AuditLog {
-    pub fn new(rx: Receiver<Audit>) -> AuditLog {
-        AuditLog { rx }
+    /// Bytes of audit output so far (newlines included), request lines and summaries alike.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The next `dropped` summary line within `within`.
+    pub fn next_dropped_within(&self, within: Duration) -> Option<Dropped> {
+        self.dropped.recv_timeout(within).ok()
+    }
+
+    /// The first summary line for which `f` holds, within [`WAIT`]; others are skipped, and
+    /// listed if none matches.
+    pub fn find_dropped(&self, what: &str, f: impl Fn(&Dropped) -> bool) -> Dropped {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_dropped_within(left) {
+                Some(d) if f(&d) => return d,
+                Some(d) => seen.push(d),
+                None => panic!("no summary line ({what}) within {WAIT:?}; seen: {seen:#?}"),
+            }
+        }
+    }
+
+    /// Assert that no summary line arrives within `d`.
+    pub fn no_dropped_for(&self, d: Duration) {
+        if let Some(s) = self.next_dropped_within(d) {
+            panic!("unexpected summary line: {s:?}");
+        }
     }
 
     /// The next line, waiting up to `within`.

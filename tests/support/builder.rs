@@ -23,6 +23,14 @@ pub struct Server {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_refusals_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_refusal_burst: Option<u64>,
+    #[serde(serialize_with = "human", skip_serializing_if = "Option::is_none")]
+    pub summary_interval: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<String>,
@@ -228,6 +236,10 @@ impl ConfigBuilder {
                 admin_listen: None,
                 mode: None,
                 max_connections: None,
+                admin_max_connections: None,
+                address_refusals_per_second: None,
+                address_refusal_burst: None,
+                summary_interval: None,
                 tls_listen: None,
                 tls_cert: None,
                 tls_key: None,
@@ -278,6 +290,25 @@ impl ConfigBuilder {
     /// `server.max_connections`.
     pub fn max_connections(self, n: u64) -> ConfigBuilder {
         self.server(|s| s.max_connections = Some(n))
+    }
+
+    /// `server.admin_max_connections`.
+    pub fn admin_max_connections(self, n: u64) -> ConfigBuilder {
+        self.server(|s| s.admin_max_connections = Some(n))
+    }
+
+    /// `server.address_refusals_per_second` and `server.address_refusal_burst`: each client
+    /// address's budget of refusals before identification.
+    pub fn refusal_budget(self, per_second: f64, burst: u64) -> ConfigBuilder {
+        self.server(|s| {
+            s.address_refusals_per_second = Some(per_second);
+            s.address_refusal_burst = Some(burst);
+        })
+    }
+
+    /// `server.summary_interval`.
+    pub fn summary_interval(self, d: Duration) -> ConfigBuilder {
+        self.server(|s| s.summary_interval = Some(d))
     }
 
     /// An HTTPS listener on 127.0.0.1:0 serving `cert` and `key` (paths as the file names them).

@@ -30,7 +30,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{Audit, AuditLog, AuditMatch, ConfigBuilder, Proxy, WAIT};
+use super::{audit_channel, Audit, AuditLog, AuditMatch, AuditTx, ConfigBuilder, Proxy, WAIT};
 
 /// Scheduler rounds the clock task yields for before and after moving the clock: each round
 /// polls every ready task and the I/O driver once, so work set off by bytes already in a
@@ -76,7 +76,7 @@ pub struct InProcess {
 /// The audit writer's output: whole lines, each decoded strictly and passed to the test.
 struct AuditLines {
     partial: Vec<u8>,
-    tx: Sender<Audit>,
+    tx: AuditTx,
 }
 
 // === impl Proxy ===
@@ -142,7 +142,7 @@ impl InProcess {
         let handle = rt.handle().clone();
         let (clock, ticks) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (atx, audits) = mpsc::channel();
+        let (atx, audits) = audit_channel();
         let (done_tx, done) = mpsc::channel();
         thread::Builder::new()
             .name("gateway".into())
@@ -163,7 +163,7 @@ impl InProcess {
             addr,
             https,
             admin,
-            audits: AuditLog::new(audits),
+            audits,
             config_path,
             handle,
             clock,
@@ -317,7 +317,7 @@ impl Drop for InProcess {
 // === impl AuditLines ===
 
 impl AuditLines {
-    fn new(tx: Sender<Audit>) -> AuditLines {
+    fn new(tx: AuditTx) -> AuditLines {
         AuditLines {
             partial: Vec::new(),
             tx,
@@ -333,7 +333,7 @@ impl Write for AuditLines {
             let line = std::str::from_utf8(&line[..end])
                 .unwrap_or_else(|e| panic!("audit line is not UTF-8: {e}: {line:?}"));
             // A test that no longer listens has finished; the line has nowhere to go.
-            let _ = self.tx.send(Audit::decode(line));
+            let _ = self.tx.line(line);
         }
         Ok(buf.len())
     }

@@ -82,12 +82,12 @@ impl Proxy {
             .spawn()
             .expect("start chokepoint");
 
-        let (atx, audits) = mpsc::channel();
+        let (atx, audits) = audit_channel();
         let stdout = child.stdout.take().unwrap();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if atx.send(Audit::decode(&line)).is_err() {
+                if !atx.line(&line) {
                     break;
                 }
             }
@@ -126,7 +126,7 @@ impl Proxy {
             https,
             admin,
             child,
-            audits: AuditLog::new(audits),
+            audits,
             stderr,
             _dir: dir,
             config_path,
