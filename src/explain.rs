@@ -331,6 +331,25 @@ allow = ["api.openai.com"]
     }
 
     #[test]
+    fn deny_rules_are_named_and_open_web_is_shown() {
+        let src = format!(
+            "{CFG}[[agents]]\nname = \"web\"\nsource_cidrs = [\"10.44.0.0/16\"]\npolicy = \"web\"\n[policies.web]\nallow = [\"*\"]\ndeny = [\"*.paste.test\"]\n"
+        );
+        let c = crate::config::parse(Path::new("t.toml"), &src).unwrap();
+        let web = Who::Agent("web".into());
+        let e = explain(&c, &web, "https://a.paste.test/x").unwrap();
+        assert_eq!((e.decision(), e.exit_code()), ("deny", 1));
+        let text = e.to_string();
+        assert!(text.contains("policy:   web (mode enforce, open web)"), "{text}");
+        assert!(text.contains("reason:   host_denied (host is denied by rule `*.paste.test` of policy web)"), "{text}");
+        assert!(text.contains("deny:     `*.paste.test` (deny[0])"), "{text}");
+        let e = explain(&c, &web, "https://news.test/").unwrap();
+        assert_eq!((e.decision(), e.verdict.as_deref().unwrap()), ("allow", "*"));
+        let e = explain(&c, &web, "http://203.0.113.7/").unwrap();
+        assert!(e.to_string().contains("reason:   ip_literal_not_allowed"), "{e}");
+    }
+
+    #[test]
     fn usage_errors() {
         let c = cfg();
         assert!(matches!(

@@ -341,6 +341,44 @@ allow = ["api.openai.com"]
     }
 
     #[test]
+    fn denied_hosts_and_open_web_policies_are_never_proposed() {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "{CFG}deny = [\"*.paste.test\", \"drop.test\"]\n[[agents]]\nname = \"web\"\nsource_cidrs = [\"10.44.0.0/16\"]\npolicy = \"web\"\n[policies.web]\nmode = \"report\"\nallow = [\"*\"]\n"
+            ),
+        )
+        .unwrap();
+        let input = [
+            // Denied now by a deny rule (the line predates it): not proposed.
+            line("connect", "a.paste.test", 443, "would_deny", "host_not_allowed"),
+            // Reported as denied: not proposed either.
+            line("connect", "drop.test", 443, "would_deny", "host_denied"),
+            // Still a candidate.
+            line("connect", "pypi.org", 443, "would_deny", "host_not_allowed"),
+            // An open-web policy's refusals (a port, an IP literal): never a rule next to `*`.
+            line("connect", "site.test", 8443, "would_deny", "port_not_allowed")
+                .replace("\"llm\"", "\"web\""),
+        ]
+        .join("\n");
+        let (text, sum) = propose(&cfg, input.as_bytes(), None).unwrap();
+        assert_eq!(sum.would_deny, 4);
+        assert!(text.contains("\"pypi.org\",  # new"), "{text}");
+        assert!(!text.contains("paste.test\","), "{text}");
+        assert!(!text.contains("drop.test\","), "{text}");
+        assert!(!text.contains("site.test"), "{text}");
+        assert!(
+            text.contains("# 2 request(s) went to hosts a deny rule refuses: not proposed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# 1 request(s) were refused by open-web policy web"),
+            "{text}"
+        );
+        assert!(!text.contains("[policies.web]"), "{text}");
+    }
+
+    #[test]
     fn nothing_to_propose() {
         let cfg = crate::config::parse(Path::new("t.toml"), CFG).unwrap();
         let (text, sum) = propose(&cfg, "".as_bytes(), None).unwrap();

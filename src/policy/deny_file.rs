@@ -140,7 +140,9 @@ pub fn parse(text: &str) -> Result<DenySet, ListError> {
                 },
                 None if first.starts_with("@@") => vec![(
                     col,
-                    Err("adblock exception rules (`@@…`) cannot be part of a deny list".into()),
+                    Err(format!(
+                        "`{first}`: adblock exception rules (`@@…`) cannot be part of a deny list: it only denies"
+                    )),
                 )],
                 None => vec![(col, rule(first))],
             },
