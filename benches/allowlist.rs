@@ -114,13 +114,19 @@ fn bench_denylist(c: &mut Criterion) {
         ];
         for (name, authority, allowed) in cases {
             let target = parse_authority(&authority, None).unwrap();
-            assert_eq!(policy.check(Kind::Connect, &target).is_ok(), allowed, "{name}");
+            assert_eq!(
+                policy.check(Kind::Connect, &target).is_ok(),
+                allowed,
+                "{name}"
+            );
             group.bench_with_input(BenchmarkId::new(name, n), &target, |b, t| {
                 b.iter(|| black_box(policy.check(Kind::Connect, black_box(t)).is_ok()))
             });
         }
         let varied: Vec<Target> = (0..4096)
-            .map(|i| parse_authority(&format!("www.site{i}.example{}.org:443", i % 97), None).unwrap())
+            .map(|i| {
+                parse_authority(&format!("www.site{i}.example{}.org:443", i % 97), None).unwrap()
+            })
             .collect();
         group.bench_with_input(BenchmarkId::new("varied_miss", n), &varied, |b, ts| {
             let mut i = 0;

@@ -340,13 +340,30 @@ allow = ["api.openai.com"]
         let e = explain(&c, &web, "https://a.paste.test/x").unwrap();
         assert_eq!((e.decision(), e.exit_code()), ("deny", 1));
         let text = e.to_string();
-        assert!(text.contains("policy:   web (mode enforce, open web)"), "{text}");
-        assert!(text.contains("reason:   host_denied (host is denied by rule `*.paste.test` of policy web)"), "{text}");
-        assert!(text.contains("deny:     `*.paste.test` (deny[0])"), "{text}");
+        assert!(
+            text.contains("policy:   web (mode enforce, open web)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "reason:   host_denied (host is denied by rule `*.paste.test` of policy web)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("deny:     `*.paste.test` (deny[0])"),
+            "{text}"
+        );
         let e = explain(&c, &web, "https://news.test/").unwrap();
-        assert_eq!((e.decision(), e.verdict.as_deref().unwrap()), ("allow", "*"));
+        assert_eq!(
+            (e.decision(), e.verdict.as_deref().unwrap()),
+            ("allow", "*")
+        );
         let e = explain(&c, &web, "http://203.0.113.7/").unwrap();
-        assert!(e.to_string().contains("reason:   ip_literal_not_allowed"), "{e}");
+        assert!(
+            e.to_string().contains("reason:   ip_literal_not_allowed"),
+            "{e}"
+        );
     }
 
     #[test]

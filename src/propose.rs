@@ -351,14 +351,26 @@ allow = ["api.openai.com"]
         .unwrap();
         let input = [
             // Denied now by a deny rule (the line predates it): not proposed.
-            line("connect", "a.paste.test", 443, "would_deny", "host_not_allowed"),
+            line(
+                "connect",
+                "a.paste.test",
+                443,
+                "would_deny",
+                "host_not_allowed",
+            ),
             // Reported as denied: not proposed either.
             line("connect", "drop.test", 443, "would_deny", "host_denied"),
             // Still a candidate.
             line("connect", "pypi.org", 443, "would_deny", "host_not_allowed"),
             // An open-web policy's refusals (a port, an IP literal): never a rule next to `*`.
-            line("connect", "site.test", 8443, "would_deny", "port_not_allowed")
-                .replace("\"llm\"", "\"web\""),
+            line(
+                "connect",
+                "site.test",
+                8443,
+                "would_deny",
+                "port_not_allowed",
+            )
+            .replace("\"llm\"", "\"web\""),
         ]
         .join("\n");
         let (text, sum) = propose(&cfg, input.as_bytes(), None).unwrap();

@@ -260,7 +260,10 @@ fn open_web_example_checks_and_explains() {
         out.contains("  browsing: open web (any public host, 443 CONNECT, 80 HTTP), mode enforce"),
         "{out}"
     );
-    assert!(out.contains("    deny: 2 rules; lists/exfil.txt: "), "{out}");
+    assert!(
+        out.contains("    deny: 2 rules; lists/exfil.txt: "),
+        "{out}"
+    );
     assert_eq!(err, "", "the example has no warnings");
     let explain = |target: &str| {
         run(

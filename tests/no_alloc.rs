@@ -172,11 +172,19 @@ fn deny_lookup_does_not_allocate() {
         let policy = open_web(n);
         let wild = deny_fixture::name(7); // line 8 is `*.` + this name
         let cases = [
-            ("exact hit", format!("{}:443", deny_fixture::name(n - 2)), true),
+            (
+                "exact hit",
+                format!("{}:443", deny_fixture::name(n - 2)),
+                true,
+            ),
             ("wildcard hit", format!("a.b.{wild}:443"), true),
             ("wildcard apex", format!("{wild}:443"), false),
             ("miss", "news.example.org:443".to_owned(), false),
-            ("deep miss", "a.b.c.d.news.example.org:443".to_owned(), false),
+            (
+                "deep miss",
+                "a.b.c.d.news.example.org:443".to_owned(),
+                false,
+            ),
         ];
         for (case, authority, want) in cases {
             let target = parse_authority(&authority, None).unwrap();
@@ -219,5 +227,8 @@ fn deny_list_memory_per_entry() {
         info.bytes_max as f64 / n as f64
     );
     assert!(per_entry < 64.0, "{per_entry:.1} bytes per entry");
-    assert!((reported - per_entry).abs() < 4.0, "heap_bytes {reported:.1} vs counted {per_entry:.1}");
+    assert!(
+        (reported - per_entry).abs() < 4.0,
+        "heap_bytes {reported:.1} vs counted {per_entry:.1}"
+    );
 }

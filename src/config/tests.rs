@@ -207,7 +207,9 @@ fn open_web_is_the_sole_allow_rule_only() {
         e[0].contains("policies.default.allow[1]: `*` (open web: any public host) must be the only allow rule"),
         "{e:?}"
     );
-    let e = issues_of(parse_str(&MINIMAL.replace("[\"example.com\"]", "[\"*:0\"]")));
+    let e = issues_of(parse_str(
+        &MINIMAL.replace("[\"example.com\"]", "[\"*:0\"]"),
+    ));
     assert!(e[0].contains("invalid port"), "{e:?}");
 }
 
@@ -243,9 +245,18 @@ fn deny_rules_use_the_rule_grammar_and_win() {
         "allow = [\"example.com\"]\ndeny = [\"*\", \"Paste.example\", \"a.example\", \"a.example\"]",
     )));
     assert_eq!(e.len(), 3, "{e:?}");
-    assert!(e[0].contains("deny[0]: `*`: a deny rule `*` would refuse every host"), "{e:?}");
-    assert!(e[1].contains("deny[1]: `Paste.example`: write the name normalised"), "{e:?}");
-    assert!(e[2].contains("deny[3]: duplicate rule `a.example`"), "{e:?}");
+    assert!(
+        e[0].contains("deny[0]: `*`: a deny rule `*` would refuse every host"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].contains("deny[1]: `Paste.example`: write the name normalised"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].contains("deny[3]: duplicate rule `a.example`"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -268,7 +279,10 @@ fn deny_files_load_relative_shared_once_with_file_line_errors() {
     assert_eq!(c.deny_lists.len(), 2);
     let t = crate::target::parse_authority("a.tracker.example:443", None).unwrap();
     let hit = web.denied_by(&t).unwrap();
-    assert_eq!((hit.rule.to_string(), hit.source()), ("*.tracker.example".into(), "lists/b.txt:1".into()));
+    assert_eq!(
+        (hit.rule.to_string(), hit.source()),
+        ("*.tracker.example".into(), "lists/b.txt:1".into())
+    );
     let d = web.check(crate::target::Kind::Connect, &t).unwrap_err();
     assert_eq!(
         d.detail,
@@ -276,7 +290,11 @@ fn deny_files_load_relative_shared_once_with_file_line_errors() {
     );
 
     // Problems inside a list name the list's file, line and column, under the config key.
-    std::fs::write(path.parent().unwrap().join("lists/b.txt"), "ok.example\n\n  bad..example\n").unwrap();
+    std::fs::write(
+        path.parent().unwrap().join("lists/b.txt"),
+        "ok.example\n\n  bad..example\n",
+    )
+    .unwrap();
     let e = issues_of(parse(&path, &src));
     let list = path.parent().unwrap().join("lists/b.txt");
     assert_eq!(
@@ -299,10 +317,17 @@ fn deny_files_load_relative_shared_once_with_file_line_errors() {
 
 #[test]
 fn an_empty_list_is_a_warning() {
-    let (_dir, path, src) = in_dir("allow = [\"*\"]\ndeny_files = [\"empty.txt\"]", &[("empty.txt", "# nothing yet\n")]);
+    let (_dir, path, src) = in_dir(
+        "allow = [\"*\"]\ndeny_files = [\"empty.txt\"]",
+        &[("empty.txt", "# nothing yet\n")],
+    );
     let c = parse(&path, &src).unwrap();
     assert_eq!(c.warnings.len(), 1);
-    assert!(c.warnings[0].problem.contains("holds no rules"), "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].problem.contains("holds no rules"),
+        "{:?}",
+        c.warnings
+    );
 }
 
 #[test]
@@ -315,7 +340,10 @@ fn the_cache_reuses_unchanged_lists_and_reads_changed_ones() {
     let first = parse_with(&path, &src, Some(&cache)).unwrap();
     let again = parse_with(&path, &src, Some(&cache)).unwrap();
     let file = |c: &Config| Arc::clone(&c.policies[0].deny.files()[0]);
-    assert!(Arc::ptr_eq(&file(&first), &file(&again)), "unchanged: reused");
+    assert!(
+        Arc::ptr_eq(&file(&first), &file(&again)),
+        "unchanged: reused"
+    );
     // A rename over the file (the way to replace it atomically) is a new stamp.
     let tmp = dir.path().join("l.txt.new");
     std::fs::write(&tmp, "a.example\nb.example\n").unwrap();

@@ -205,7 +205,10 @@ fn star_is_a_rule_only_in_its_open_web_form() {
         (Pattern::Below("zip".into()), None)
     );
     for star in ["*", "*:443", "**.zip", "a*.zip"] {
-        assert!(parse_rule_as(star, RuleUse::Deny).is_err(), "{star} as a deny rule");
+        assert!(
+            parse_rule_as(star, RuleUse::Deny).is_err(),
+            "{star} as a deny rule"
+        );
     }
     assert_eq!(open_web_rule("*"), Some(Ok(None)));
     assert_eq!(open_web_rule("*:8443"), Some(Ok(Some(8443))));
@@ -222,12 +225,48 @@ fn open_web_admits_names_on_its_ports_never_ip_literals() {
     let cases: &[(&Allowlist, &str, Kind, Result<&str, Miss>, &str)] = &[
         (&any, "anything.example:443", C, Ok("*"), "CONNECT 443"),
         (&any, "a.b.c.example:80", H, Ok("*"), "HTTP 80"),
-        (&any, "anything.example:80", C, Err(Miss::Port), "CONNECT 80"),
-        (&any, "anything.example:8443", C, Err(Miss::Port), "other port"),
-        (&any, "203.0.113.7:443", C, Err(Miss::IpLiteral), "IPv4 literal"),
-        (&any, "[2001:db8::1]:443", C, Err(Miss::IpLiteral), "IPv6 literal"),
-        (&on_8443, "x.example:8443", C, Ok("*:8443"), "its port, CONNECT"),
-        (&on_8443, "x.example:8443", H, Ok("*:8443"), "its port, HTTP"),
+        (
+            &any,
+            "anything.example:80",
+            C,
+            Err(Miss::Port),
+            "CONNECT 80",
+        ),
+        (
+            &any,
+            "anything.example:8443",
+            C,
+            Err(Miss::Port),
+            "other port",
+        ),
+        (
+            &any,
+            "203.0.113.7:443",
+            C,
+            Err(Miss::IpLiteral),
+            "IPv4 literal",
+        ),
+        (
+            &any,
+            "[2001:db8::1]:443",
+            C,
+            Err(Miss::IpLiteral),
+            "IPv6 literal",
+        ),
+        (
+            &on_8443,
+            "x.example:8443",
+            C,
+            Ok("*:8443"),
+            "its port, CONNECT",
+        ),
+        (
+            &on_8443,
+            "x.example:8443",
+            H,
+            Ok("*:8443"),
+            "its port, HTTP",
+        ),
         (&on_8443, "x.example:443", C, Err(Miss::Port), "not 443"),
     ];
     for (list, authority, kind, want, name) in cases {
@@ -237,7 +276,10 @@ fn open_web_admits_names_on_its_ports_never_ip_literals() {
     assert!(any.is_open_web() && !Allowlist::default().is_open_web());
     let mut any = any;
     let (p, port) = parse_rule("example.com").unwrap();
-    assert!(!any.insert("example.com", p, port), "open web holds one rule");
+    assert!(
+        !any.insert("example.com", p, port),
+        "open web holds one rule"
+    );
 }
 
 #[test]

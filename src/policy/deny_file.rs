@@ -87,7 +87,10 @@ fn read_list(path: &Path) -> Result<DenySet, ListError> {
         Err(e) => {
             let before = &bytes[..e.valid_up_to()];
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let start = before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
             let col = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
             return Err(ListError::Lines {
                 issues: vec![LineIssue {
@@ -110,11 +113,7 @@ pub fn parse(text: &str) -> Result<DenySet, ListError> {
     let mut more = 0;
     let mut report = |line: usize, col: usize, problem: String| {
         if issues.len() < MAX_ISSUES {
-            issues.push(LineIssue {
-                line,
-                col,
-                problem,
-            });
+            issues.push(LineIssue { line, col, problem });
         } else {
             more += 1;
         }

@@ -137,7 +137,10 @@ impl DenySet {
         }
         let hash = self.hasher.hash_one(name.as_bytes());
         let at = if below { 5 } else { 1 };
-        if let Some(&off) = self.table.find(hash, |&o| name_at(&self.arena, o) == name.as_bytes()) {
+        if let Some(&off) = self
+            .table
+            .find(hash, |&o| name_at(&self.arena, o) == name.as_bytes())
+        {
             let field = off as usize + at;
             if read_u32(&self.arena, field) != 0 {
                 return Inserted::Duplicate;

@@ -19,36 +19,84 @@ fn hit(s: &DenySet, authority: &str) -> Option<(String, u32)> {
 #[test]
 fn matching_table() {
     let s = set(&[
-        "paste.example",           // 1
-        "*.drop.example",          // 2
-        "drop.example:8443",       // 3
-        "*.deep.port.example:22",  // 4
-        "203.0.113.7",             // 5
-        "[2001:db8::1]:443",       // 6
-        "*.zip",                   // 7
-        "both.example",            // 8
-        "*.both.example",          // 9
+        "paste.example",          // 1
+        "*.drop.example",         // 2
+        "drop.example:8443",      // 3
+        "*.deep.port.example:22", // 4
+        "203.0.113.7",            // 5
+        "[2001:db8::1]:443",      // 6
+        "*.zip",                  // 7
+        "both.example",           // 8
+        "*.both.example",         // 9
     ]);
     let cases: &[(&str, Option<(&str, u32)>, &str)] = &[
-        ("paste.example:443", Some(("paste.example", 1)), "exact, 443"),
-        ("paste.example:8080", Some(("paste.example", 1)), "port-less deny: every port"),
+        (
+            "paste.example:443",
+            Some(("paste.example", 1)),
+            "exact, 443",
+        ),
+        (
+            "paste.example:8080",
+            Some(("paste.example", 1)),
+            "port-less deny: every port",
+        ),
         ("www.paste.example:443", None, "exact does not cover below"),
         ("badpaste.example:443", None, "not a label boundary"),
-        ("paste.example.evil.test:443", None, "suffix of another name"),
-        ("a.drop.example:443", Some(("*.drop.example", 2)), "wildcard one label"),
-        ("a.b.c.drop.example:80", Some(("*.drop.example", 2)), "wildcard deep"),
+        (
+            "paste.example.evil.test:443",
+            None,
+            "suffix of another name",
+        ),
+        (
+            "a.drop.example:443",
+            Some(("*.drop.example", 2)),
+            "wildcard one label",
+        ),
+        (
+            "a.b.c.drop.example:80",
+            Some(("*.drop.example", 2)),
+            "wildcard deep",
+        ),
         ("drop.example:443", None, "wildcard never the apex"),
-        ("drop.example:8443", Some(("drop.example:8443", 3)), "ported exact"),
-        ("x.deep.port.example:22", Some(("*.deep.port.example:22", 4)), "ported wildcard"),
-        ("x.deep.port.example:443", None, "ported wildcard, other port"),
+        (
+            "drop.example:8443",
+            Some(("drop.example:8443", 3)),
+            "ported exact",
+        ),
+        (
+            "x.deep.port.example:22",
+            Some(("*.deep.port.example:22", 4)),
+            "ported wildcard",
+        ),
+        (
+            "x.deep.port.example:443",
+            None,
+            "ported wildcard, other port",
+        ),
         ("203.0.113.7:443", Some(("203.0.113.7", 5)), "IP literal"),
         ("203.0.113.8:443", None, "other IP"),
-        ("[2001:db8::1]:443", Some(("[2001:db8::1]:443", 6)), "IPv6 with port"),
+        (
+            "[2001:db8::1]:443",
+            Some(("[2001:db8::1]:443", 6)),
+            "IPv6 with port",
+        ),
         ("[2001:db8::1]:80", None, "IPv6, other port"),
-        ("files.zip:443", Some(("*.zip", 7)), "TLD wildcard (deny only)"),
+        (
+            "files.zip:443",
+            Some(("*.zip", 7)),
+            "TLD wildcard (deny only)",
+        ),
         ("zip:443", None, "TLD wildcard never the TLD itself"),
-        ("both.example:443", Some(("both.example", 8)), "exact and wildcard on one record"),
-        ("x.both.example:443", Some(("*.both.example", 9)), "the wildcard half"),
+        (
+            "both.example:443",
+            Some(("both.example", 8)),
+            "exact and wildcard on one record",
+        ),
+        (
+            "x.both.example:443",
+            Some(("*.both.example", 9)),
+            "the wildcard half",
+        ),
         ("unrelated.test:443", None, "miss"),
     ];
     for (authority, want, name) in cases {
@@ -118,7 +166,10 @@ fn denylist_names_the_list() {
     let list = Denylist::new(set(&["own.example"]), vec![file]);
     let t = parse_authority("y.example:443", None).unwrap();
     let h = list.check(&t).unwrap();
-    assert_eq!((h.rule.to_string(), h.source()), ("y.example".into(), "lists/exfil.txt:2".into()));
+    assert_eq!(
+        (h.rule.to_string(), h.source()),
+        ("y.example".into(), "lists/exfil.txt:2".into())
+    );
     let t = parse_authority("own.example:443", None).unwrap();
     assert_eq!(list.check(&t).unwrap().source(), "deny[0]");
     assert!(!list.is_empty());
