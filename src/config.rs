@@ -140,8 +140,11 @@ pub struct WatchedList {
 /// on every poll. Lists that can no longer be read are not kept.
 #[derive(Debug, Default)]
 pub struct DenyCache {
-    lists: parking_lot::Mutex<HashMap<PathBuf, (FileStamp, Result<Arc<DenyFile>, CachedError>)>>,
+    lists: parking_lot::Mutex<HashMap<PathBuf, (FileStamp, Loaded)>>,
 }
+
+/// A list as one load left it.
+type Loaded = Result<Arc<DenyFile>, CachedError>;
 
 /// A list problem as the cache keeps it.
 #[derive(Clone, Debug)]
@@ -171,23 +174,14 @@ impl From<ListError> for CachedError {
 
 impl DenyCache {
     /// The list loaded from `path` when it had `stamp`, if that is the one kept.
-    pub(crate) fn get(
-        &self,
-        path: &Path,
-        stamp: FileStamp,
-    ) -> Option<Result<Arc<DenyFile>, CachedError>> {
+    pub(crate) fn get(&self, path: &Path, stamp: FileStamp) -> Option<Loaded> {
         let lists = self.lists.lock();
         let (kept, result) = lists.get(path)?;
         (*kept == stamp).then(|| result.clone())
     }
 
     /// Keep what loading `path` at `stamp` gave (read errors are not kept).
-    pub(crate) fn put(
-        &self,
-        path: &Path,
-        stamp: FileStamp,
-        result: &Result<Arc<DenyFile>, CachedError>,
-    ) {
+    pub(crate) fn put(&self, path: &Path, stamp: FileStamp, result: &Loaded) {
         if matches!(result, Err(CachedError::Other(_))) {
             return;
         }

@@ -222,7 +222,8 @@ fn open_web_admits_names_on_its_ports_never_ip_literals() {
     use Kind::{Connect as C, Http as H};
     let any = Allowlist::open_web("*", None);
     let on_8443 = Allowlist::open_web("*:8443", Some(8443));
-    let cases: &[(&Allowlist, &str, Kind, Result<&str, Miss>, &str)] = &[
+    type Case<'a> = (&'a Allowlist, &'a str, Kind, Result<&'a str, Miss>, &'a str);
+    let cases: &[Case<'_>] = &[
         (&any, "anything.example:443", C, Ok("*"), "CONNECT 443"),
         (&any, "a.b.c.example:80", H, Ok("*"), "HTTP 80"),
         (

@@ -32,6 +32,9 @@ pub const MAX_FILE_RULES: usize = 2_000_000;
 /// Problems reported per list before the rest are only counted.
 const MAX_ISSUES: usize = 10;
 
+/// A parsed rule, or why the text is not one.
+type Parsed = Result<(Pattern, Option<u16>), String>;
+
 /// One problem on one line of a list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LineIssue {
@@ -128,7 +131,7 @@ pub fn parse(text: &str) -> Result<DenySet, ListError> {
             continue;
         };
         let second = tokens.next();
-        let rules: Vec<(usize, Result<(Pattern, Option<u16>), String>)> = match second {
+        let rules: Vec<(usize, Parsed)> = match second {
             None => match first.strip_prefix("||") {
                 Some(rest) => match adblock(rest) {
                     Ok(name) => vec![
@@ -202,7 +205,7 @@ fn strip_comment(line: &str) -> &str {
 
 /// Whitespace-separated tokens with their 1-based character columns.
 fn tokens(line: &str) -> impl Iterator<Item = (usize, &str)> {
-    line.split(|c: char| c == ' ' || c == '\t')
+    line.split([' ', '\t'])
         .scan(0usize, |at, tok| {
             let start = *at;
             *at += tok.len() + 1;
@@ -213,7 +216,7 @@ fn tokens(line: &str) -> impl Iterator<Item = (usize, &str)> {
 }
 
 /// One deny rule in the config grammar, normalising the name first if it needs it.
-fn rule(text: &str) -> Result<(Pattern, Option<u16>), String> {
+fn rule(text: &str) -> Parsed {
     match parse_rule_as(text, RuleUse::Deny) {
         Ok(r) => Ok(r),
         Err(first) => {
@@ -270,7 +273,7 @@ fn hosts_address(token: &str) -> Option<()> {
 }
 
 /// A name of a hosts-file line: an exact rule (hosts files have no wildcards or ports).
-fn hosts_name(name: &str) -> Result<(Pattern, Option<u16>), String> {
+fn hosts_name(name: &str) -> Parsed {
     match rule(name)? {
         (p @ (Pattern::Exact(_) | Pattern::Ip(_)), None) => Ok((p, None)),
         _ => Err(format!(

@@ -29,7 +29,8 @@ fn matching_table() {
         "both.example",           // 8
         "*.both.example",         // 9
     ]);
-    let cases: &[(&str, Option<(&str, u32)>, &str)] = &[
+    type Case<'a> = (&'a str, Option<(&'a str, u32)>, &'a str);
+    let cases: &[Case<'_>] = &[
         (
             "paste.example:443",
             Some(("paste.example", 1)),
