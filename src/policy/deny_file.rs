@@ -371,6 +371,45 @@ plain.example
         assert_eq!((issues.len(), more), (MAX_ISSUES, 15));
     }
 
+    proptest::proptest! {
+        /// Any text: never a panic; a list that loads denies every plain name it lists.
+        #[test]
+        fn any_text_loads_or_names_its_lines(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    "[a-z0-9-]{1,12}(\\.[a-z0-9-]{1,12}){1,3}",
+                    "\\*\\.[a-z]{1,8}\\.[a-z]{2,4}(:[0-9]{1,5})?",
+                    "(0\\.0\\.0\\.0|::1|127\\.0\\.0\\.1)[ \t]+[A-Za-z.]{1,20}",
+                    "\\|\\|[a-z.]{1,20}\\^?",
+                    "[#!@\\[ ].{0,20}",
+                    "\\PC{0,30}",
+                ],
+                0..20,
+            )
+        ) {
+            let text = lines.join("\n");
+            match parse(&text) {
+                Ok(set) => {
+                    for (i, line) in lines.iter().enumerate() {
+                        let plain = !line.is_empty() && line.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+                        if let (true, Ok(t)) = (plain, parse_authority(&format!("{line}:443"), None)) {
+                            proptest::prop_assert!(set.check(&t).is_some(), "line {}: {line:?} not denied", i + 1);
+                        }
+                    }
+                }
+                Err(ListError::Lines { issues, more }) => {
+                    proptest::prop_assert!(!issues.is_empty() && issues.len() <= MAX_ISSUES);
+                    for i in &issues {
+                        proptest::prop_assert!(i.line >= 1 && i.line <= lines.len().max(1), "{i:?}");
+                        proptest::prop_assert!(i.col >= 1, "{i:?}");
+                    }
+                    proptest::prop_assert!(more == 0 || issues.len() == MAX_ISSUES);
+                }
+                Err(e) => proptest::prop_assert!(false, "{e}"),
+            }
+        }
+    }
+
     #[test]
     fn crlf_and_no_final_newline() {
         let set = parse("a.example\r\nb.example").unwrap();
