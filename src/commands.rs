@@ -174,11 +174,19 @@ pub fn summary(config: &Config) -> String {
     let _ = writeln!(s, "policies: {}", config.policies.len());
     for p in &config.policies {
         let l = &p.limits;
+        let rules = if p.is_open_web() {
+            let ports = match p.allowlist.rules().first().and_then(|r| r.port) {
+                Some(port) => format!("port {port}"),
+                None => "443 CONNECT, 80 HTTP".to_owned(),
+            };
+            format!("open web (any public host, {ports})")
+        } else {
+            format!("{} allow rules", p.allowlist.len())
+        };
         let _ = writeln!(
             s,
-            "  {}: {} allow rules, mode {}, {} req/s burst {}, {} concurrent, body {} B, upload {} B, response {} B{}",
+            "  {}: {rules}, mode {}, {} req/s burst {}, {} concurrent, body {} B, upload {} B, response {} B{}",
             p.name,
-            p.allowlist.len(),
             p.mode.as_str(),
             l.requests_per_second,
             l.burst,
@@ -192,6 +200,18 @@ pub fn summary(config: &Config) -> String {
                 format!(", {} allow_cidrs", p.allow_cidrs.len())
             }
         );
+        if !p.deny.rules().is_empty() || !p.deny.files().is_empty() {
+            let mut parts = vec![format!("{} rules", p.deny.rules().len())];
+            for f in p.deny.files() {
+                parts.push(format!(
+                    "{}: {} rules, {:.1} MiB",
+                    f.shown,
+                    f.set.len(),
+                    f.set.heap_bytes() as f64 / (1024.0 * 1024.0)
+                ));
+            }
+            let _ = writeln!(s, "    deny: {}", parts.join("; "));
+        }
     }
     let _ = writeln!(
         s,

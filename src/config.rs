@@ -9,15 +9,19 @@ mod error;
 mod raw;
 mod validate;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ConfigError, ConfigIssue};
 
+use crate::fingerprint::FileStamp;
 use crate::identity::{Agent, Agents};
 use crate::limits::Limits;
-use crate::policy::{Mode, Policy};
+use crate::policy::deny_file::{LineIssue, ListError};
+use crate::policy::{DenyFile, Mode, Policy};
 use crate::resolve::DnsConfig;
 use crate::tls::TlsSettings;
 use crate::vet::Vetter;
@@ -109,6 +113,9 @@ pub struct Config {
     pub limits: Limits,
     /// A hash of the exact file content this config was built from (reload compares it).
     pub fingerprint: u64,
+    /// The `deny_files` lists it loaded, each once, with their stamps at load (the reload
+    /// watcher compares them, as it compares `fingerprint`).
+    pub deny_lists: Vec<WatchedList>,
     /// Problems that do not stop the config from loading (dead rules, shadowed agents, very
     /// broad exceptions); `check` prints them and the gateway logs them.
     pub warnings: Vec<ConfigIssue>,
@@ -126,6 +133,101 @@ impl Default for Timeouts {
     }
 }
 
+/// A `deny_files` list a config loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchedList {
+    /// The list's path (relative names resolved against the config file's directory).
+    pub path: PathBuf,
+    /// Its stamp when it was read (`None` if it could not be taken).
+    pub stamp: Option<FileStamp>,
+}
+
+/// Deny lists of earlier loads, by path and stamp, so a reload reads again only the lists whose
+/// files changed (a million-line list takes a fraction of a second to parse; an edit of an allow
+/// rule should not). Broken lists are kept too, so a list that stays broken is not parsed again
+/// on every poll. Lists that can no longer be read are not kept.
+#[derive(Debug, Default)]
+pub struct DenyCache {
+    lists: parking_lot::Mutex<HashMap<PathBuf, (FileStamp, Loaded)>>,
+}
+
+/// A list as one load left it.
+type Loaded = Result<Arc<DenyFile>, CachedError>;
+
+/// A list problem as the cache keeps it.
+#[derive(Clone, Debug)]
+pub(crate) enum CachedError {
+    /// Lines that are not rules (the first few) and how many more.
+    Lines {
+        issues: Arc<[LineIssue]>,
+        more: usize,
+    },
+    /// The file could not be read, or is too large; never cached.
+    Other(Arc<ListError>),
+}
+
+impl From<ListError> for CachedError {
+    fn from(e: ListError) -> Self {
+        match e {
+            ListError::Lines { issues, more } => CachedError::Lines {
+                issues: issues.into(),
+                more,
+            },
+            other => CachedError::Other(Arc::new(other)),
+        }
+    }
+}
+
+// === impl DenyCache ===
+
+impl DenyCache {
+    /// The list loaded from `path` when it had `stamp`, if that is the one kept.
+    pub(crate) fn get(&self, path: &Path, stamp: FileStamp) -> Option<Loaded> {
+        let lists = self.lists.lock();
+        let (kept, result) = lists.get(path)?;
+        (*kept == stamp).then(|| result.clone())
+    }
+
+    /// Keep what loading `path` at `stamp` gave (read errors are not kept).
+    pub(crate) fn put(&self, path: &Path, stamp: FileStamp, result: &Loaded) {
+        if matches!(result, Err(CachedError::Other(_))) {
+            return;
+        }
+        self.lists
+            .lock()
+            .insert(path.to_owned(), (stamp, result.clone()));
+    }
+
+    /// Forget every list not in `keep` (lists a config no longer names), so their memory goes.
+    pub fn retain(&self, keep: &[WatchedList]) {
+        self.lists
+            .lock()
+            .retain(|path, _| keep.iter().any(|w| w.path == *path));
+    }
+
+    /// Keep the lists `config` loaded (at start, before any reload).
+    pub fn seed(&self, config: &Config) {
+        let mut lists = self.lists.lock();
+        for p in &config.policies {
+            for file in p.deny.files() {
+                let stamp = config
+                    .deny_lists
+                    .iter()
+                    .find(|w| w.path == file.path)
+                    .and_then(|w| w.stamp);
+                if let Some(stamp) = stamp {
+                    lists.insert(file.path.clone(), (stamp, Ok(Arc::clone(file))));
+                }
+            }
+        }
+    }
+
+    /// Forget everything (SIGHUP: the operator asks for every file to be read again).
+    pub fn clear(&self) {
+        self.lists.lock().clear();
+    }
+}
+
 /// Read and validate a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -137,6 +239,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validate config text; `path` is used in messages.
 pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    parse_with(path, src, None)
+}
+
+/// Validate config text, taking unchanged deny lists from `cache` (and keeping what it reads
+/// there).
+pub fn parse_with(
+    path: &Path,
+    src: &str,
+    cache: Option<&DenyCache>,
+) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(src).map_err(|source| {
         let at = source.span().map_or(0, |s| s.start);
         let (line, col) = error::line_col(src, at);
@@ -159,6 +271,8 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         src,
         issues: Vec::new(),
         warnings: Vec::new(),
+        deny_cache: cache,
+        deny_lists: Vec::new(),
     };
     let mut config = v.build(&raw);
     config.warnings = v.warnings;

@@ -41,6 +41,10 @@ pub struct Explanation {
     pub mode: Mode,
     /// Allowed by the rule, or refused with the reason.
     pub verdict: Result<String, Deny>,
+    /// The deny rule that refused, and where it is written (`deny[2]`, `lists/exfil.txt:17`).
+    pub denied_by: Option<String>,
+    /// The policy is open-web (`allow = ["*"]`).
+    pub open_web: bool,
     /// The limits line.
     pub limits: String,
     /// With `--resolve`: each address and whether vetting keeps it.
@@ -87,6 +91,9 @@ pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, Exp
     let verdict = policy
         .check(kind, &target)
         .map(|rule| rule.text.to_string());
+    let denied_by = policy
+        .denied_by(&target)
+        .map(|hit| format!("`{}` ({})", hit.rule, hit.source()));
     Ok(Explanation {
         kind,
         target,
@@ -95,6 +102,8 @@ pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, Exp
         policy: policy.name.to_string(),
         mode: policy.mode,
         verdict,
+        denied_by,
+        open_web: policy.is_open_web(),
         limits: limits_line(policy),
         addresses: None,
     })
@@ -198,11 +207,20 @@ impl fmt::Display for Explanation {
         };
         writeln!(f, "request:  {method} {}", self.target)?;
         writeln!(f, "agent:    {} ({})", self.agent, self.matched_by)?;
-        writeln!(f, "policy:   {} (mode {})", self.policy, self.mode.as_str())?;
+        let open = if self.open_web { ", open web" } else { "" };
+        writeln!(
+            f,
+            "policy:   {} (mode {}{open})",
+            self.policy,
+            self.mode.as_str()
+        )?;
         writeln!(f, "decision: {}", self.decision())?;
         match &self.verdict {
             Ok(rule) => writeln!(f, "rule:     {rule}")?,
             Err(d) => writeln!(f, "reason:   {} ({})", d.reason, d.detail)?,
+        }
+        if let Some(deny) = &self.denied_by {
+            writeln!(f, "deny:     {deny}")?;
         }
         writeln!(f, "limits:   {}", self.limits)?;
         match &self.addresses {
@@ -310,6 +328,42 @@ allow = ["api.openai.com"]
         assert!(e
             .to_string()
             .contains("127.0.0.66: refused, in deny_cidrs range 127.0.0.64/26"));
+    }
+
+    #[test]
+    fn deny_rules_are_named_and_open_web_is_shown() {
+        let src = format!(
+            "{CFG}[[agents]]\nname = \"web\"\nsource_cidrs = [\"10.44.0.0/16\"]\npolicy = \"web\"\n[policies.web]\nallow = [\"*\"]\ndeny = [\"*.paste.test\"]\n"
+        );
+        let c = crate::config::parse(Path::new("t.toml"), &src).unwrap();
+        let web = Who::Agent("web".into());
+        let e = explain(&c, &web, "https://a.paste.test/x").unwrap();
+        assert_eq!((e.decision(), e.exit_code()), ("deny", 1));
+        let text = e.to_string();
+        assert!(
+            text.contains("policy:   web (mode enforce, open web)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "reason:   host_denied (host is denied by rule `*.paste.test` of policy web)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("deny:     `*.paste.test` (deny[0])"),
+            "{text}"
+        );
+        let e = explain(&c, &web, "https://news.test/").unwrap();
+        assert_eq!(
+            (e.decision(), e.verdict.as_deref().unwrap()),
+            ("allow", "*")
+        );
+        let e = explain(&c, &web, "http://203.0.113.7/").unwrap();
+        assert!(
+            e.to_string().contains("reason:   ip_literal_not_allowed"),
+            "{e}"
+        );
     }
 
     #[test]

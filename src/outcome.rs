@@ -61,6 +61,9 @@ pub enum Reason {
     PortNotAllowed,
     /// The target is an IP literal that no allow rule names.
     IpLiteralNotAllowed,
+    /// A deny rule of the agent's policy (`deny`, `deny_files`) names the host; it wins over
+    /// every allow rule.
+    HostDenied,
     /// Every address of the target is in a denied range (private, loopback, metadata, `deny_cidrs`).
     DeniedAddress,
     /// The name did not resolve (NXDOMAIN, SERVFAIL, no nameserver reachable).
@@ -152,7 +155,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 35] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -187,6 +190,7 @@ impl Reason {
         Reason::TlsHandshakeFailed,
         Reason::ClientCertExpired,
         Reason::Revoked,
+        Reason::HostDenied,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -210,6 +214,7 @@ impl Reason {
             Reason::HostNotAllowed => "host_not_allowed",
             Reason::PortNotAllowed => "port_not_allowed",
             Reason::IpLiteralNotAllowed => "ip_literal_not_allowed",
+            Reason::HostDenied => "host_denied",
             Reason::DeniedAddress => "denied_address",
             Reason::DnsFailed => "dns_failed",
             Reason::DnsTimeout => "dns_timeout",
@@ -256,6 +261,7 @@ impl Reason {
             | Reason::HostNotAllowed
             | Reason::PortNotAllowed
             | Reason::IpLiteralNotAllowed
+            | Reason::HostDenied
             | Reason::DeniedAddress
             | Reason::Revoked => StatusCode::FORBIDDEN,
             Reason::DnsFailed
@@ -276,6 +282,7 @@ impl Reason {
                 | Reason::HostNotAllowed
                 | Reason::PortNotAllowed
                 | Reason::IpLiteralNotAllowed
+                | Reason::HostDenied
                 | Reason::DeniedAddress
                 | Reason::BodyTooLarge
                 | Reason::SniMismatch
@@ -293,6 +300,7 @@ impl Reason {
             Reason::HostNotAllowed
                 | Reason::PortNotAllowed
                 | Reason::IpLiteralNotAllowed
+                | Reason::HostDenied
                 | Reason::RateLimited
                 | Reason::TooManyConcurrent
                 | Reason::HeaderTooLarge
@@ -330,11 +338,15 @@ impl Reason {
         }
     }
 
-    /// True for the allowlist's refusals (host, port, IP literal).
+    /// True for the refusals of the policy's host rules: the allowlist's (host, port, IP
+    /// literal) and the deny rules' (`host_denied`).
     pub const fn is_allowlist(self) -> bool {
         matches!(
             self,
-            Reason::HostNotAllowed | Reason::PortNotAllowed | Reason::IpLiteralNotAllowed
+            Reason::HostNotAllowed
+                | Reason::PortNotAllowed
+                | Reason::IpLiteralNotAllowed
+                | Reason::HostDenied
         )
     }
 

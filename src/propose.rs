@@ -1,6 +1,10 @@
 //! `chokepoint propose`: read audit lines (typically a day of report mode) and print, per policy,
 //! the smallest allowlist change that admits every `would_deny` request — exact rules only, so
 //! nothing beyond what was observed is admitted — as TOML an operator can paste.
+//!
+//! Never proposed: a host a deny rule of the current config refuses (a deny rule wins over any
+//! allow rule, so the rule would be dead, and the host was denied on purpose), and any rule for
+//! an open-web policy (its `*` must stay its only allow rule); both are counted in a comment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -32,6 +36,24 @@ struct Needs {
     limits: BTreeMap<String, u64>,
     /// would_deny lines already admitted by the current config (it changed since).
     already: u64,
+    /// would_deny lines whose host a deny rule refuses (`host_denied`, or denied by the
+    /// current config): never proposed.
+    denied: u64,
+    /// would_deny lines of an open-web policy (a port or an IP literal it does not admit):
+    /// not proposed, since `*` must stay the policy's only rule.
+    open_web: u64,
+}
+
+/// What the current config says about a would_deny line's target.
+enum Now {
+    /// Admitted by an allow rule already.
+    Admitted,
+    /// Refused by a deny rule.
+    Denied,
+    /// The policy is open-web.
+    OpenWeb,
+    /// Still refused by the allowlist (or the policy or target is unknown).
+    Refused,
 }
 
 /// Totals for the report header.
@@ -75,11 +97,23 @@ pub fn propose(
         sum.would_deny += 1;
         let needs = by_policy.entry(policy.clone()).or_default();
         match l.reason.as_str() {
+            "host_denied" => needs.denied += 1,
             "host_not_allowed" | "port_not_allowed" | "ip_literal_not_allowed" => {
                 let Some(rule) = rule_for(&l) else { continue };
-                if admitted_now(config, &policy, &l) {
-                    needs.already += 1;
-                    continue;
+                match judge_now(config, &policy, &l) {
+                    Now::Admitted => {
+                        needs.already += 1;
+                        continue;
+                    }
+                    Now::Denied => {
+                        needs.denied += 1;
+                        continue;
+                    }
+                    Now::OpenWeb => {
+                        needs.open_web += 1;
+                        continue;
+                    }
+                    Now::Refused => {}
                 }
                 let entry = needs.rules.entry(rule).or_default();
                 entry.0 += 1;
@@ -116,9 +150,9 @@ fn rule_for(l: &Line) -> Option<String> {
     })
 }
 
-fn admitted_now(config: &Config, policy: &str, l: &Line) -> bool {
+fn judge_now(config: &Config, policy: &str, l: &Line) -> Now {
     let Some(p) = config.policies.iter().find(|p| &*p.name == policy) else {
-        return false;
+        return Now::Refused;
     };
     let kind = if l.event == "http" {
         Kind::Http
@@ -126,16 +160,25 @@ fn admitted_now(config: &Config, policy: &str, l: &Line) -> bool {
         Kind::Connect
     };
     let (Some(host), Some(port)) = (l.host.as_deref(), l.port) else {
-        return false;
+        return Now::Refused;
     };
     let host = match host.parse::<std::net::IpAddr>() {
         Ok(ip) => Host::Ip(ip),
         Err(_) => match target::normalise_host(host) {
             Ok(h) => h,
-            Err(_) => return false,
+            Err(_) => return Now::Refused,
         },
     };
-    p.check(kind, &Target { host, port }).is_ok()
+    let target = Target { host, port };
+    if p.denied_by(&target).is_some() {
+        Now::Denied
+    } else if p.check(kind, &target).is_ok() {
+        Now::Admitted
+    } else if p.is_open_web() {
+        Now::OpenWeb
+    } else {
+        Now::Refused
+    }
 }
 
 fn render(config: &Config, by_policy: &BTreeMap<String, Needs>) -> String {
@@ -156,6 +199,20 @@ fn render(config: &Config, by_policy: &BTreeMap<String, Needs>) -> String {
                 out,
                 "# ({} request(s) are admitted by the current config already)",
                 needs.already
+            );
+        }
+        if needs.denied > 0 {
+            let _ = writeln!(
+                out,
+                "# {} request(s) went to hosts a deny rule refuses: not proposed (a deny rule wins over any allow rule)",
+                needs.denied
+            );
+        }
+        if needs.open_web > 0 {
+            let _ = writeln!(
+                out,
+                "# {} request(s) were refused by open-web policy {policy} (a port or an IP literal `*` does not admit): not proposed, `*` must stay its only allow rule",
+                needs.open_web
             );
         }
         for (reason, n) in &needs.limits {
@@ -281,6 +338,56 @@ allow = ["api.openai.com"]
         for r in allow {
             crate::policy::parse_rule(r.as_str().unwrap()).unwrap();
         }
+    }
+
+    #[test]
+    fn denied_hosts_and_open_web_policies_are_never_proposed() {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "{CFG}deny = [\"*.paste.test\", \"drop.test\"]\n[[agents]]\nname = \"web\"\nsource_cidrs = [\"10.44.0.0/16\"]\npolicy = \"web\"\n[policies.web]\nmode = \"report\"\nallow = [\"*\"]\n"
+            ),
+        )
+        .unwrap();
+        let input = [
+            // Denied now by a deny rule (the line predates it): not proposed.
+            line(
+                "connect",
+                "a.paste.test",
+                443,
+                "would_deny",
+                "host_not_allowed",
+            ),
+            // Reported as denied: not proposed either.
+            line("connect", "drop.test", 443, "would_deny", "host_denied"),
+            // Still a candidate.
+            line("connect", "pypi.org", 443, "would_deny", "host_not_allowed"),
+            // An open-web policy's refusals (a port, an IP literal): never a rule next to `*`.
+            line(
+                "connect",
+                "site.test",
+                8443,
+                "would_deny",
+                "port_not_allowed",
+            )
+            .replace("\"llm\"", "\"web\""),
+        ]
+        .join("\n");
+        let (text, sum) = propose(&cfg, input.as_bytes(), None).unwrap();
+        assert_eq!(sum.would_deny, 4);
+        assert!(text.contains("\"pypi.org\",  # new"), "{text}");
+        assert!(!text.contains("paste.test\","), "{text}");
+        assert!(!text.contains("drop.test\","), "{text}");
+        assert!(!text.contains("site.test"), "{text}");
+        assert!(
+            text.contains("# 2 request(s) went to hosts a deny rule refuses: not proposed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# 1 request(s) were refused by open-web policy web"),
+            "{text}"
+        );
+        assert!(!text.contains("[policies.web]"), "{text}");
     }
 
     #[test]

@@ -639,7 +639,16 @@ async fn steps(
     }
     match policy.check(kind, &target) {
         Ok(rule) => ctx.rule = Some(rule.text.clone()),
-        Err(deny) => ctx.judge(deny)?,
+        Err(deny) => {
+            // The audit line names the deny rule that refused (found again: refusals are the
+            // cold path, and the allow path stays free of it).
+            if deny.reason == Reason::HostDenied {
+                ctx.rule = policy
+                    .denied_by(&target)
+                    .map(|hit| hit.rule.to_string().into());
+            }
+            ctx.judge(deny)?
+        }
     }
     check_sizes(req, &limits).or_else(|deny| ctx.judge(deny))?;
     let lookup = Instant::now();

@@ -13,10 +13,18 @@
 //!
 //! Watching: every [`POLL`] the file is read again (through symlinks, so the `..data` swap
 //! Kubernetes does for ConfigMap volumes is seen like any edit) and compared with what was last
-//! loaded; token files are re-read on the same tick. A changed file (or token) is applied once
-//! two polls in a row read the same bytes, so one written in place (truncated, then written) is
-//! never applied half-written; SIGHUP applies at once. A file that fails to parse or validate is
-//! reported and the running snapshot stays: a config is applied whole or not at all.
+//! loaded; token files are re-read on the same tick. The `deny_files` lists are compared by
+//! their [`FileStamp`] (size, times, inode) instead of their bytes: hashing a million-line list
+//! every second would cost more than the rest of the watcher. A changed file (or token, or list)
+//! is applied once two polls in a row see the same state, so one written in place (truncated,
+//! then written) is never applied half-written; SIGHUP applies at once and reads every list
+//! again. A file that fails to parse or validate is reported and the running snapshot stays: a
+//! config is applied whole or not at all.
+//!
+//! A reload parses on a blocking thread ([`tokio::task::spawn_blocking`]): with a large deny
+//! list that takes a fraction of a second, which must not stall a runtime worker and the
+//! requests queued on it. Lists whose stamps did not change are taken from the [`DenyCache`]
+//! instead of being parsed again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +36,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, DenyCache};
+use crate::fingerprint::FileStamp;
 use crate::identity::{AgentId, Tokens};
 use crate::limits::Gate;
 use crate::metrics::{AgentMetrics, Metrics};
@@ -67,6 +76,9 @@ pub enum ReloadError {
     /// The TLS files changed between validation and use, and no longer build a TLS config.
     #[error("server.tls_cert / tls_key / client_ca: {0}")]
     Tls(#[from] TlsError),
+    /// The blocking task that parsed the new file did not finish (it panicked).
+    #[error("the reload task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// The live snapshot and where it comes from.
@@ -80,6 +92,8 @@ pub struct Live {
     /// Counts the changes that can revoke an admission (a new snapshot, a rotated token); open
     /// tunnels and client connections wait on it to check themselves again.
     changes: watch::Sender<u64>,
+    /// Deny lists by stamp, so a reload parses only the lists that changed.
+    deny_cache: DenyCache,
 }
 
 // === impl Snapshot ===
@@ -182,12 +196,15 @@ impl Live {
         if let Some(tls) = &snapshot.tls {
             metrics.tls_cert_loaded(tls.not_after());
         }
+        let deny_cache = DenyCache::default();
+        deny_cache.seed(&snapshot.config);
         Ok(Live {
             current: ArcSwap::from_pointee(snapshot),
             path,
             own,
             metrics,
             changes: watch::Sender::new(0),
+            deny_cache,
         })
     }
 
@@ -218,7 +235,7 @@ impl Live {
 
     /// Validate `src` as the config file's content and, if it is valid, swap it in.
     fn apply(&self, src: &str) -> Result<(), ReloadError> {
-        let config = config::parse(&self.path, src)?;
+        let config = config::parse_with(&self.path, src, Some(&self.deny_cache))?;
         let bound = self.own[0];
         if config.listen != bound && config.listen.port() != 0 {
             tracing::warn!(
@@ -238,9 +255,24 @@ impl Live {
         if let Some(tls) = &next.tls {
             self.metrics.tls_cert_loaded(tls.not_after());
         }
+        self.deny_cache.retain(&next.config.deny_lists);
         self.current.store(Arc::new(next));
         self.changed();
         Ok(())
+    }
+
+    /// Apply `bytes` as the config file's content on a blocking thread (see the module docs).
+    async fn apply_blocking(self: &Arc<Self>, bytes: Vec<u8>) -> Result<(), ReloadError> {
+        let src = String::from_utf8(bytes).map_err(|e| {
+            ReloadError::Config(ConfigError::Read {
+                file: self.path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+            })
+        })?;
+        let live = Arc::clone(self);
+        tokio::task::spawn_blocking(move || live.apply(&src))
+            .await
+            .map_err(ReloadError::Task)?
     }
 
     /// Re-read every token file of the current config; `at_once` (SIGHUP) applies a changed
@@ -312,8 +344,17 @@ impl Live {
                     continue;
                 }
             };
-            let seen = config::fingerprint(&now);
-            let current = self.current.load().config.fingerprint;
+            let (seen, current) = {
+                let snap = self.current.load();
+                let lists = &snap.config.deny_lists;
+                (
+                    watched_state(
+                        config::fingerprint(&now),
+                        lists.iter().map(|l| FileStamp::of(&l.path)),
+                    ),
+                    watched_state(snap.config.fingerprint, lists.iter().map(|l| l.stamp)),
+                )
+            };
             if !forced && seen == current {
                 settling = None;
                 continue;
@@ -323,13 +364,10 @@ impl Live {
                 settling = Some(seen);
                 continue;
             }
-            let applied = match String::from_utf8(now) {
-                Ok(src) => self.apply(&src),
-                Err(e) => Err(ReloadError::Config(ConfigError::Read {
-                    file: self.path.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
-                })),
-            };
+            if forced {
+                self.deny_cache.clear();
+            }
+            let applied = self.apply_blocking(now).await;
             match applied {
                 Ok(()) => {
                     failed = None;
@@ -352,6 +390,17 @@ impl Live {
             }
         }
     }
+}
+
+/// What the watcher compares: the config file's fingerprint and the stamps of its deny lists.
+fn watched_state(fingerprint: u64, lists: impl Iterator<Item = Option<FileStamp>>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    fingerprint.hash(&mut h);
+    for stamp in lists {
+        stamp.hash(&mut h);
+    }
+    h.finish()
 }
 
 fn log_warnings(config: &Config) {

@@ -250,3 +250,45 @@ allow = ["api.openai.com"]
         assert_eq!(code, 0, "{target}: {out}");
     }
 }
+
+#[test]
+fn open_web_example_checks_and_explains() {
+    let dir = root().join("config/examples");
+    let (code, out, err) = check(&dir, "open-web.toml");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("  browsing: open web (any public host, 443 CONNECT, 80 HTTP), mode enforce"),
+        "{out}"
+    );
+    assert!(
+        out.contains("    deny: 2 rules; lists/exfil.txt: "),
+        "{out}"
+    );
+    assert_eq!(err, "", "the example has no warnings");
+    let explain = |target: &str| {
+        run(
+            &dir,
+            &[
+                "explain",
+                "--config",
+                "open-web.toml",
+                "--agent",
+                "browsing-agent",
+                target,
+            ],
+        )
+    };
+    let (code, out, _) = explain("https://dl.transfer.sh/x");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason:   host_denied"), "{out}");
+    assert!(
+        out.contains("deny:     `*.transfer.sh` (lists/exfil.txt:"),
+        "the rule and its list line: {out}"
+    );
+    let (code, out, _) = explain("https://news.example.org/today");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rule:     *"), "{out}");
+    let (code, out, _) = explain("https://203.0.113.7/");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ip_literal_not_allowed"), "{out}");
+}

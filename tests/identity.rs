@@ -334,6 +334,10 @@ const TOKEN: &str = "tok-7Qx2vLp9-correct-horse-battery";
 /// One token-only agent `coder` whose policy allows the origin on `port`.
 fn coder_config(token_path: &Path, port: u16) -> ConfigBuilder {
     loopback_hosts(&["origin.test"])
+        // The rotation tests poll with a refused token until the new one applies (two watcher
+        // ticks, up to 2 s): more 407s than the default refusal budget pays for
+        // (tests/budget.rs covers the budget).
+        .refusal_budget(1000.0, 1000)
         .agent(Agent::token("coder", token_path, "coding"))
         .policy("coding", |p| p.allow = vec![format!("origin.test:{port}")])
 }

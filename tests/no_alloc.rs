@@ -30,7 +30,7 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use chokepoint::limits::Limits;
-use chokepoint::policy::{parse_rule, Allowlist, Miss, Mode, Policy};
+use chokepoint::policy::{parse_rule, Allowlist, Denylist, Miss, Mode, Policy};
 use chokepoint::target::{parse_authority, Kind};
 use chokepoint::vet::Vetter;
 /// Run `f` with the counter armed; fail if it allocated (or reallocated) anything.
@@ -65,6 +65,7 @@ fn policy(n: usize) -> Policy {
     Policy {
         name: "bench".into(),
         allowlist,
+        deny: Denylist::default(),
         limits: Limits::default(),
         mode: Mode::Enforce,
         allow_cidrs: Vec::new(),
@@ -141,4 +142,93 @@ fn address_vetting_decision_does_not_allocate() {
         });
         assert_eq!(allowed, want, "{addr}");
     }
+}
+
+#[path = "../benches/fixtures/denylist.rs"]
+mod deny_fixture;
+
+/// An open-web policy denying the synthetic list of `n` entries (`benches/allowlist.rs`'s).
+fn open_web(n: usize) -> Policy {
+    let set = chokepoint::policy::deny_file::parse(&deny_fixture::text(n)).unwrap();
+    let file = std::sync::Arc::new(chokepoint::policy::DenyFile {
+        shown: "bench.txt".into(),
+        path: "bench.txt".into(),
+        set,
+    });
+    Policy {
+        name: "web".into(),
+        allowlist: Allowlist::open_web("*", None),
+        deny: Denylist::new(Default::default(), vec![file]),
+        limits: Limits::default(),
+        mode: Mode::Enforce,
+        allow_cidrs: Vec::new(),
+    }
+}
+
+#[test]
+fn deny_lookup_does_not_allocate() {
+    assert_counting();
+    for n in [10, 10_000] {
+        let policy = open_web(n);
+        let wild = deny_fixture::name(7); // line 8 is `*.` + this name
+        let cases = [
+            (
+                "exact hit",
+                format!("{}:443", deny_fixture::name(n - 2)),
+                true,
+            ),
+            ("wildcard hit", format!("a.b.{wild}:443"), true),
+            ("wildcard apex", format!("{wild}:443"), false),
+            ("miss", "news.example.org:443".to_owned(), false),
+            (
+                "deep miss",
+                "a.b.c.d.news.example.org:443".to_owned(),
+                false,
+            ),
+        ];
+        for (case, authority, want) in cases {
+            let target = parse_authority(&authority, None).unwrap();
+            let denied = assert_no_alloc(&format!("{case} at {n} deny entries"), || {
+                policy.deny.check(black_box(&target)).is_some()
+            });
+            assert_eq!(denied, want, "{case} at {n}");
+            if !want {
+                // The whole decision of an open-web policy that admits the name.
+                let allowed = assert_no_alloc(&format!("Policy::check {case} at {n}"), || {
+                    policy.check(Kind::Connect, black_box(&target)).is_ok()
+                });
+                assert!(allowed, "{case} at {n}");
+            }
+        }
+    }
+}
+
+/// Memory per deny-list entry, as the heap bytes the loaded list keeps (the arena, the table and
+/// their growth slack; the parse's temporaries are freed and not counted). Stated in
+/// docs/benchmarks.md; the bound here is loose (the figure moves with the table's power-of-two
+/// size) and only catches a layout regression such as a heap allocation per name.
+#[test]
+fn deny_list_memory_per_entry() {
+    let n = 200_000;
+    let text = deny_fixture::text(n);
+    let mut set = None;
+    let info = allocation_counter::measure(|| {
+        set = Some(chokepoint::policy::deny_file::parse(&text).unwrap());
+    });
+    let set = set.unwrap();
+    assert_eq!(set.len(), n);
+    let per_entry = info.bytes_current as f64 / n as f64;
+    let reported = set.heap_bytes() as f64 / n as f64;
+    eprintln!(
+        "deny list of {n} entries ({} text bytes): {:.1} heap bytes per entry kept ({:.1} by heap_bytes), peak {:.1} per entry while loading",
+        text.len(),
+        per_entry,
+        reported,
+        info.bytes_max as f64 / n as f64
+    );
+    assert!(per_entry < 64.0, "{per_entry:.1} bytes per entry");
+    assert!(
+        (reported - per_entry).abs() < 4.0,
+        "heap_bytes {reported:.1} vs counted {per_entry:.1}"
+    );
 }

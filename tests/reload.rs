@@ -126,11 +126,12 @@ fn a_broken_file_keeps_the_old_config_serving() {
     let proxy = Proxy::of(&good);
     let a = format!("http://a.test:{port}/");
 
-    // Valid TOML, invalid config: every issue is logged, nothing is applied.
+    // Valid TOML, invalid config (`*` is a rule only alone): every issue is logged, nothing
+    // is applied.
     replace(
         &proxy.config_path,
         &good
-            .policy(TEST_POLICY, |p| p.allow = vec!["*".into()])
+            .policy(TEST_POLICY, |p| p.allow.insert(0, "*".into()))
             .to_toml(),
     );
     let line = proxy.wait_log("config reload failed");

@@ -16,8 +16,9 @@ pub(crate) fn config_path() -> &'static Path {
     })
 }
 
-/// True when the text names a token or TLS file outside that empty directory (`/dev/zero`,
-/// `../x`): the loader would read it, which is the operator's business, not the fuzzer's.
+/// True when the text names a token, TLS or deny-list file outside that empty directory
+/// (`/dev/zero`, `../x`): the loader would read it, which is the operator's business, not the
+/// fuzzer's.
 pub(crate) fn reads_outside(src: &str) -> bool {
     let Ok(value) = src.parse::<toml::Table>() else {
         return false;
@@ -36,6 +37,8 @@ pub(crate) fn reads_outside(src: &str) -> bool {
                     k.as_str(),
                     "token_file" | "tls_cert" | "tls_key" | "client_ca"
                 ) && outside(v))
+                    || (k == "deny_files"
+                        && v.as_array().map_or(true, |files| files.iter().any(outside)))
                     || walk(v)
             }),
             toml::Value::Array(a) => a.iter().any(walk),

@@ -100,6 +100,10 @@ pub(crate) struct RawPolicy {
     #[serde(default)]
     pub(crate) allow: Vec<Str>,
     #[serde(default)]
+    pub(crate) deny: Vec<Str>,
+    #[serde(default)]
+    pub(crate) deny_files: Vec<Str>,
+    #[serde(default)]
     pub(crate) allow_cidrs: Vec<Str>,
     pub(crate) limits: Option<Spanned<RawLimits>>,
     pub(crate) mode: Option<Str>,

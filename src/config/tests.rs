@@ -206,3 +206,198 @@ fn refusal_budget_and_admin_cap_keys_are_checked() {
         ]
     );
 }
+
+/// A config with one policy `web` whose body is `policy`, written to a temp dir with `lists`.
+fn in_dir(policy: &str, lists: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in lists {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let src = format!(
+        "[server]\nlisten = \"127.0.0.1:3128\"\n\n[[agents]]\nname = \"a\"\nsource_cidrs = [\"127.0.0.0/8\"]\npolicy = \"web\"\n\n[policies.web]\n{policy}\n"
+    );
+    let path = dir.path().join("chokepoint.toml");
+    std::fs::write(&path, &src).unwrap();
+    (dir, path, src)
+}
+
+fn issues_of(r: Result<Config, ConfigError>) -> Vec<String> {
+    match r {
+        Err(ConfigError::Invalid(issues)) => issues.iter().map(ToString::to_string).collect(),
+        Err(e) => panic!("not a validation error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
+#[test]
+fn open_web_is_the_sole_allow_rule_only() {
+    for (allow, port) in [("\"*\"", None), ("\"*:8443\"", Some(8443))] {
+        let c = parse_str(&MINIMAL.replace("[\"example.com\"]", &format!("[{allow}]"))).unwrap();
+        let p = &c.policies[0];
+        assert!(p.is_open_web(), "{allow}");
+        assert_eq!(p.allowlist.rules()[0].port, port);
+    }
+    let e = issues_of(parse_str(
+        &MINIMAL.replace("[\"example.com\"]", "[\"example.com\", \"*\"]"),
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("policies.default.allow[1]: `*` (open web: any public host) must be the only allow rule"),
+        "{e:?}"
+    );
+    let e = issues_of(parse_str(
+        &MINIMAL.replace("[\"example.com\"]", "[\"*:0\"]"),
+    ));
+    assert!(e[0].contains("invalid port"), "{e:?}");
+}
+
+#[test]
+fn deny_rules_use_the_rule_grammar_and_win() {
+    let c = parse_str(&MINIMAL.replace(
+        "allow = [\"example.com\"]",
+        "allow = [\"*.example.com\"]\ndeny = [\"paste.example.com\", \"*.zip\", \"*.drop.example.com:443\"]",
+    ))
+    .unwrap();
+    let p = &c.policies[0];
+    let t = |a: &str| crate::target::parse_authority(a, None).unwrap();
+    let d = p
+        .check(crate::target::Kind::Connect, &t("paste.example.com:443"))
+        .unwrap_err();
+    assert_eq!(d.reason, crate::outcome::Reason::HostDenied);
+    assert_eq!(
+        d.detail,
+        "host is denied by rule `paste.example.com` of policy default"
+    );
+    assert!(p
+        .check(crate::target::Kind::Connect, &t("ok.example.com:443"))
+        .is_ok());
+    assert!(p
+        .check(crate::target::Kind::Connect, &t("a.drop.example.com:443"))
+        .is_err());
+    assert!(p
+        .check(crate::target::Kind::Connect, &t("a.drop.example.com:8443"))
+        .is_err_and(|d| d.reason == crate::outcome::Reason::PortNotAllowed));
+
+    let e = issues_of(parse_str(&MINIMAL.replace(
+        "allow = [\"example.com\"]",
+        "allow = [\"example.com\"]\ndeny = [\"*\", \"Paste.example\", \"a.example\", \"a.example\"]",
+    )));
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(
+        e[0].contains("deny[0]: `*`: a deny rule `*` would refuse every host"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].contains("deny[1]: `Paste.example`: write the name normalised"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].contains("deny[3]: duplicate rule `a.example`"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn deny_files_load_relative_shared_once_with_file_line_errors() {
+    let (_dir, path, src) = in_dir(
+        "allow = [\"*\"]\ndeny_files = [\"lists/a.txt\", \"lists/b.txt\"]\n\n[policies.other]\nallow = [\"x.example\"]\ndeny_files = [\"lists/a.txt\"]",
+        &[
+            ("lists/a.txt", "# exfil\npaste.example\n0.0.0.0 drop.example\n"),
+            ("lists/b.txt", "||tracker.example^\n"),
+        ],
+    );
+    let c = parse(&path, &src).unwrap();
+    let (web, other) = (&c.policies[1], &c.policies[0]);
+    assert_eq!(&*web.name, "web");
+    assert_eq!(web.deny.files().len(), 2);
+    assert!(
+        Arc::ptr_eq(&web.deny.files()[0], &other.deny.files()[0]),
+        "one list named by two policies is loaded once"
+    );
+    assert_eq!(c.deny_lists.len(), 2);
+    let t = crate::target::parse_authority("a.tracker.example:443", None).unwrap();
+    let hit = web.denied_by(&t).unwrap();
+    assert_eq!(
+        (hit.rule.to_string(), hit.source()),
+        ("*.tracker.example".into(), "lists/b.txt:1".into())
+    );
+    let d = web.check(crate::target::Kind::Connect, &t).unwrap_err();
+    assert_eq!(
+        d.detail,
+        "host is denied by rule `*.tracker.example` of policy web (deny list lists/b.txt, line 1)"
+    );
+
+    // Problems inside a list name the list's file, line and column, under the config key.
+    std::fs::write(
+        path.parent().unwrap().join("lists/b.txt"),
+        "ok.example\n\n  bad..example\n",
+    )
+    .unwrap();
+    let e = issues_of(parse(&path, &src));
+    let list = path.parent().unwrap().join("lists/b.txt");
+    assert_eq!(
+        e,
+        [format!(
+            "{}:3:3: policies.web.deny_files[1]: `bad..example`: host is not a valid domain name",
+            list.display()
+        )]
+    );
+    // A missing list is an issue at the config's line.
+    std::fs::remove_file(&list).unwrap();
+    let e = issues_of(parse(&path, &src));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(&format!("{}:11:", path.display()))
+            && e[0].contains("policies.web.deny_files[1]: `lists/b.txt`: cannot read deny list"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_empty_list_is_a_warning() {
+    let (_dir, path, src) = in_dir(
+        "allow = [\"*\"]\ndeny_files = [\"empty.txt\"]",
+        &[("empty.txt", "# nothing yet\n")],
+    );
+    let c = parse(&path, &src).unwrap();
+    assert_eq!(c.warnings.len(), 1);
+    assert!(
+        c.warnings[0].problem.contains("holds no rules"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn the_cache_reuses_unchanged_lists_and_reads_changed_ones() {
+    let (dir, path, src) = in_dir(
+        "allow = [\"*\"]\ndeny_files = [\"l.txt\"]",
+        &[("l.txt", "a.example\n")],
+    );
+    let cache = DenyCache::default();
+    let first = parse_with(&path, &src, Some(&cache)).unwrap();
+    let again = parse_with(&path, &src, Some(&cache)).unwrap();
+    let file = |c: &Config| Arc::clone(&c.policies[0].deny.files()[0]);
+    assert!(
+        Arc::ptr_eq(&file(&first), &file(&again)),
+        "unchanged: reused"
+    );
+    // A rename over the file (the way to replace it atomically) is a new stamp.
+    let tmp = dir.path().join("l.txt.new");
+    std::fs::write(&tmp, "a.example\nb.example\n").unwrap();
+    std::fs::rename(&tmp, dir.path().join("l.txt")).unwrap();
+    let changed = parse_with(&path, &src, Some(&cache)).unwrap();
+    assert!(!Arc::ptr_eq(&file(&first), &file(&changed)));
+    assert_eq!(file(&changed).set.len(), 2);
+    // A broken list stays broken from the cache, then a fixed one is read.
+    std::fs::write(dir.path().join("l.txt"), "bad..example\n").unwrap();
+    assert_eq!(issues_of(parse_with(&path, &src, Some(&cache))).len(), 1);
+    assert_eq!(issues_of(parse_with(&path, &src, Some(&cache))).len(), 1);
+    std::fs::write(dir.path().join("l.txt"), "c.example\n").unwrap();
+    let fixed = parse_with(&path, &src, Some(&cache)).unwrap();
+    assert_eq!(file(&fixed).set.len(), 1);
+    cache.retain(&[]);
+    assert!(cache.lists.lock().is_empty());
+}

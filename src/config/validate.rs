@@ -11,10 +11,14 @@ use ipnet::IpNet;
 
 use super::error::{self, ConfigIssue};
 use super::raw::{self, RawConfig, Str};
-use super::{fingerprint, Config, SniPolicy, Timeouts};
+use super::{fingerprint, CachedError, Config, DenyCache, SniPolicy, Timeouts, WatchedList};
+use crate::fingerprint::FileStamp;
 use crate::identity::{Agent, Agents, CertId, Token};
 use crate::limits::Limits;
-use crate::policy::{self, Allowlist, Mode, Pattern, Policy};
+use crate::policy::deny_file;
+use crate::policy::{
+    self, Allowlist, DenyFile, DenySet, Denylist, Inserted, Mode, Pattern, Policy, RuleUse,
+};
 use crate::resolve::DnsConfig;
 use crate::target::{self, Host};
 use crate::tls::{TlsError, TlsFiles, TlsSettings};
@@ -26,6 +30,11 @@ pub(super) struct Validator<'a> {
     pub(super) src: &'a str,
     pub(super) issues: Vec<ConfigIssue>,
     pub(super) warnings: Vec<ConfigIssue>,
+    /// Deny lists loaded before, reused while their files are unchanged.
+    pub(super) deny_cache: Option<&'a DenyCache>,
+    /// Every deny list this load read (or reused), once each, by resolved path; `None` for one
+    /// that failed (already reported).
+    pub(super) deny_lists: Vec<(PathBuf, Option<Arc<DenyFile>>, WatchedList)>,
 }
 
 // === impl Validator ===
@@ -155,6 +164,12 @@ impl Validator<'_> {
             mode,
             limits,
             fingerprint: fingerprint(self.src.as_bytes()),
+            deny_lists: self
+                .deny_lists
+                .iter()
+                .filter(|(_, loaded, _)| loaded.is_some())
+                .map(|(_, _, w)| w.clone())
+                .collect(),
             warnings: Vec::new(),
         }
     }
@@ -521,6 +536,24 @@ impl Validator<'_> {
             let mut parsed = Vec::with_capacity(p.allow.len());
             for (i, rule) in p.allow.iter().enumerate() {
                 let rkey = format!("{key}.allow[{i}]");
+                if let Some(open) = policy::open_web_rule(rule.get_ref()) {
+                    match open {
+                        Err(problem) => {
+                            self.issue(rule, rkey, format!("`{}`: {problem}", rule.get_ref()))
+                        }
+                        Ok(_) if p.allow.len() > 1 => self.issue(
+                            rule,
+                            rkey,
+                            format!(
+                                "`{}` (open web: any public host) must be the only allow rule of its policy; remove the other rules, or the `{}`",
+                                rule.get_ref(),
+                                rule.get_ref()
+                            ),
+                        ),
+                        Ok(port) => allowlist = Allowlist::open_web(rule.get_ref(), port),
+                    }
+                    continue;
+                }
                 match policy::parse_rule(rule.get_ref()) {
                     Ok((pattern, port)) => {
                         if allowlist.insert(rule.get_ref(), pattern.clone(), port) {
@@ -535,6 +568,7 @@ impl Validator<'_> {
                 }
             }
             self.warn_dead_rules(&key, &parsed);
+            let deny = self.deny(p, &key);
             let allow_cidrs = self.cidrs(&p.allow_cidrs, &format!("{key}.allow_cidrs"));
             self.warn_broad(&p.allow_cidrs, &allow_cidrs, &format!("{key}.allow_cidrs"));
             let limits = match &p.limits {
@@ -546,12 +580,126 @@ impl Validator<'_> {
             policies.push(Policy {
                 name: name.get_ref().as_str().into(),
                 allowlist,
+                deny,
                 limits,
                 mode,
                 allow_cidrs,
             });
         }
         (policies, by_name)
+    }
+
+    /// A policy's `deny` rules and `deny_files` lists.
+    fn deny(&mut self, p: &raw::RawPolicy, key: &str) -> Denylist {
+        let mut rules = DenySet::default();
+        for (i, rule) in p.deny.iter().enumerate() {
+            let rkey = format!("{key}.deny[{i}]");
+            match policy::parse_rule_as(rule.get_ref(), RuleUse::Deny) {
+                Ok((pattern, port)) => {
+                    let origin = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    if rules.insert(pattern, port, origin) != Inserted::New {
+                        self.issue(rule, rkey, format!("duplicate rule `{}`", rule.get_ref()));
+                    }
+                }
+                Err(problem) => self.issue(rule, rkey, format!("`{}`: {problem}", rule.get_ref())),
+            }
+        }
+        let files = p
+            .deny_files
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| self.deny_file(f, &format!("{key}.deny_files[{i}]")))
+            .collect();
+        Denylist::new(rules, files)
+    }
+
+    /// One `deny_files` entry: loaded once per config load however many policies name it,
+    /// reused from the cache while its file is unchanged. Problems inside the list are
+    /// reported at the list's own file, line and column.
+    fn deny_file(&mut self, f: &Str, key: &str) -> Option<Arc<DenyFile>> {
+        let path = self.relative(f);
+        if let Some((_, loaded, _)) = self.deny_lists.iter().find(|(p, _, _)| *p == path) {
+            return loaded.clone();
+        }
+        let loaded = self.load_list(f, &path, key);
+        let watched = WatchedList {
+            path: path.clone(),
+            stamp: loaded.as_ref().and_then(|(_, s)| *s),
+        };
+        let file = loaded.map(|(file, _)| file);
+        if let Some(file) = &file {
+            if file.set.is_empty() {
+                self.warn(
+                    f.span().start,
+                    key,
+                    format!(
+                        "`{}` holds no rules (a list that failed to download?); it denies nothing",
+                        f.get_ref()
+                    ),
+                );
+            }
+        }
+        self.deny_lists.push((path, file.clone(), watched));
+        file
+    }
+
+    /// Read the list at `path` (or take it from the cache while its stamp is unchanged) and
+    /// report its problems.
+    fn load_list(
+        &mut self,
+        f: &Str,
+        path: &Path,
+        key: &str,
+    ) -> Option<(Arc<DenyFile>, Option<FileStamp>)> {
+        let cached = match (self.deny_cache, FileStamp::of(path)) {
+            (Some(cache), Some(stamp)) => cache.get(path, stamp).map(|hit| (Some(stamp), hit)),
+            _ => None,
+        };
+        let (stamp, result) = match cached {
+            Some(hit) => hit,
+            None => {
+                let (stamp, read) = deny_file::read(path);
+                let result = read
+                    .map(|set| {
+                        Arc::new(DenyFile {
+                            shown: f.get_ref().as_str().into(),
+                            path: path.to_owned(),
+                            set,
+                        })
+                    })
+                    .map_err(CachedError::from);
+                if let (Some(cache), Some(stamp)) = (self.deny_cache, stamp) {
+                    cache.put(path, stamp, &result);
+                }
+                (stamp, result)
+            }
+        };
+        match result {
+            Ok(file) => Some((file, stamp)),
+            Err(CachedError::Lines { issues, more }) => {
+                for i in issues.iter() {
+                    self.issues.push(ConfigIssue {
+                        file: path.to_owned(),
+                        line: i.line,
+                        col: i.col,
+                        key: key.to_owned(),
+                        problem: i.problem.clone(),
+                    });
+                }
+                if more > 0 {
+                    self.issue(
+                        f,
+                        key,
+                        format!("`{}`: {more} more line(s) are not rules", f.get_ref()),
+                    );
+                }
+                None
+            }
+            Err(CachedError::Other(e)) => {
+                self.issue(f, key, format!("`{}`: {e}", f.get_ref()));
+                None
+            }
+        }
     }
 
     /// A rule that a wildcard of the same policy already admits (same port) never decides

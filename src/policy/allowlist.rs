@@ -5,6 +5,12 @@
 //! trailing dot); the error says how. A rule without a port admits 443 for CONNECT and 80 for plain
 //! HTTP; with a port, exactly that port for either.
 //!
+//! `*` alone is not a rule: [`parse_rule`] refuses it everywhere. Only the validator accepts it,
+//! through [`open_web_rule`], as the *sole* allow rule of a policy (`allow = ["*"]` or
+//! `["*:PORT"]`): an open-web policy, built with [`Allowlist::open_web`], which admits every name
+//! on the rule's ports and never an IP literal. So a stray `*` among other rules stays the
+//! config error it always was.
+//!
 //! Matching is hash lookups over label-boundary suffixes of the (already normalised) name: one
 //! lookup for the exact name, then one per dot for the `*.` rules. That is O(labels), independent
 //! of the number of rules, allocation-free, and by construction a `*.example.com` rule can only
@@ -52,17 +58,44 @@ pub enum Miss {
 /// config built, so a fast seeded hash is safe here (and halves the cost of SipHash per label).
 type Map<K> = HashMap<K, Vec<usize>, foldhash::fast::RandomState>;
 
+/// What a rule is parsed for: the deny grammar accepts `*.tld` (it refuses more, not less).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleUse {
+    /// An allow rule.
+    Allow,
+    /// A deny rule (`deny`, `deny_files`).
+    Deny,
+}
+
 /// The compiled allowlist of one policy.
 #[derive(Clone, Debug, Default)]
 pub struct Allowlist {
+    /// An open-web policy: `rules` is the one `*` rule, and the maps are empty.
+    open: bool,
     rules: Vec<Rule>,
     exact: Map<Box<str>>,
     below: Map<Box<str>>,
     ips: Map<IpAddr>,
 }
 
-/// Parse one rule. The error is a sentence for the config report, with the fix when known.
+/// Parse one allow rule. The error is a sentence for the config report, with the fix when known.
 pub fn parse_rule(text: &str) -> Result<(Pattern, Option<u16>), String> {
+    parse_rule_as(text, RuleUse::Allow)
+}
+
+/// `*` or `*:PORT`, the open-web form: `Some` with the port (or the port's error) when `text`
+/// is one, `None` for any other text.
+pub fn open_web_rule(text: &str) -> Option<Result<Option<u16>, String>> {
+    if text == "*" {
+        return Some(Ok(None));
+    }
+    text.strip_prefix("*:")
+        .map(|p| parse_rule_port(p).map(Some))
+}
+
+/// Parse one rule for `use_`. The error is a sentence for the config report, with the fix when
+/// known.
+pub fn parse_rule_as(text: &str, use_: RuleUse) -> Result<(Pattern, Option<u16>), String> {
     if text.is_empty() {
         return Err("empty rule".into());
     }
@@ -88,6 +121,12 @@ pub fn parse_rule(text: &str) -> Result<(Pattern, Option<u16>), String> {
         Some((h, p)) => (h, Some(parse_rule_port(p)?)),
         None => (text, None),
     };
+    if host == "*" {
+        return Err(match use_ {
+            RuleUse::Allow => "`*` alone (any public host) is accepted only as the one allow rule of a policy: `allow = [\"*\"]` or `[\"*:PORT\"]`".into(),
+            RuleUse::Deny => "a deny rule `*` would refuse every host; give the policy no allow rule instead".into(),
+        });
+    }
     let (wild, name) = match host.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, host),
@@ -109,7 +148,7 @@ pub fn parse_rule(text: &str) -> Result<(Pattern, Option<u16>), String> {
             "write the name normalised, as `{}{n}`",
             if wild { "*." } else { "" }
         )),
-        Host::Name(n) if wild && !n.contains('.') => Err(format!(
+        Host::Name(n) if wild && !n.contains('.') && use_ == RuleUse::Allow => Err(format!(
             "`*.{n}` would admit every name under a top-level domain; name a registrable domain"
         )),
         Host::Name(n) if wild => Ok((Pattern::Below(n), port)),
@@ -127,8 +166,30 @@ fn parse_rule_port(p: &str) -> Result<u16, String> {
 // === impl Allowlist ===
 
 impl Allowlist {
-    /// Add a parsed rule. Returns false if the same pattern and port are already present.
+    /// The open-web allowlist of `allow = ["*"]` (`port` `None`: 443 for CONNECT, 80 for plain
+    /// HTTP) or `["*:PORT"]`: every name on those ports, never an IP literal.
+    pub fn open_web(text: &str, port: Option<u16>) -> Self {
+        Allowlist {
+            open: true,
+            rules: vec![Rule {
+                text: text.into(),
+                port,
+            }],
+            ..Allowlist::default()
+        }
+    }
+
+    /// True for an open-web allowlist (`allow = ["*"]`).
+    pub fn is_open_web(&self) -> bool {
+        self.open
+    }
+
+    /// Add a parsed rule. Returns false if the same pattern and port are already present, or
+    /// if the allowlist is open-web (which holds its one rule only).
     pub fn insert(&mut self, text: &str, pattern: Pattern, port: Option<u16>) -> bool {
+        if self.open {
+            return false;
+        }
         let idx = self.rules.len();
         let slot = match pattern {
             Pattern::Exact(n) => self.exact.entry(n).or_default(),
@@ -165,6 +226,9 @@ impl Allowlist {
     ///
     /// Exact names win over wildcards, and a longer wildcard suffix over a shorter one.
     pub fn check(&self, kind: Kind, target: &Target) -> Result<&Rule, Miss> {
+        if self.open {
+            return self.check_open(kind, target);
+        }
         let name = match &target.host {
             Host::Ip(ip) => {
                 return match self.ips.get(ip) {
@@ -194,6 +258,16 @@ impl Allowlist {
             }
         }
         Err(if host_known { Miss::Port } else { Miss::Host })
+    }
+
+    /// Open web: any name on the rule's ports; an IP literal is never named, so never admitted.
+    fn check_open(&self, kind: Kind, target: &Target) -> Result<&Rule, Miss> {
+        let rule = self.rules.first().ok_or(Miss::Host)?;
+        match target.host {
+            Host::Ip(_) => Err(Miss::IpLiteral),
+            Host::Name(_) if port_admits(rule.port, kind, target.port) => Ok(rule),
+            Host::Name(_) => Err(Miss::Port),
+        }
     }
 
     fn pick(&self, idx: &[usize], kind: Kind, port: u16) -> Option<&Rule> {

@@ -194,6 +194,96 @@ fn grammar_rejects() {
 }
 
 #[test]
+fn star_is_a_rule_only_in_its_open_web_form() {
+    for star in ["*", "*:443", "*.com"] {
+        assert!(parse_rule(star).is_err(), "{star} as an allow rule");
+    }
+    assert!(parse_rule("*").unwrap_err().contains("the one allow rule"));
+    // The deny grammar takes a wildcard over a TLD (it refuses more), never `*` itself.
+    assert_eq!(
+        parse_rule_as("*.zip", RuleUse::Deny).unwrap(),
+        (Pattern::Below("zip".into()), None)
+    );
+    for star in ["*", "*:443", "**.zip", "a*.zip"] {
+        assert!(
+            parse_rule_as(star, RuleUse::Deny).is_err(),
+            "{star} as a deny rule"
+        );
+    }
+    assert_eq!(open_web_rule("*"), Some(Ok(None)));
+    assert_eq!(open_web_rule("*:8443"), Some(Ok(Some(8443))));
+    assert!(matches!(open_web_rule("*:0"), Some(Err(_))));
+    assert_eq!(open_web_rule("*.example.com"), None);
+    assert_eq!(open_web_rule("example.com"), None);
+}
+
+#[test]
+fn open_web_admits_names_on_its_ports_never_ip_literals() {
+    use Kind::{Connect as C, Http as H};
+    let any = Allowlist::open_web("*", None);
+    let on_8443 = Allowlist::open_web("*:8443", Some(8443));
+    type Case<'a> = (&'a Allowlist, &'a str, Kind, Result<&'a str, Miss>, &'a str);
+    let cases: &[Case<'_>] = &[
+        (&any, "anything.example:443", C, Ok("*"), "CONNECT 443"),
+        (&any, "a.b.c.example:80", H, Ok("*"), "HTTP 80"),
+        (
+            &any,
+            "anything.example:80",
+            C,
+            Err(Miss::Port),
+            "CONNECT 80",
+        ),
+        (
+            &any,
+            "anything.example:8443",
+            C,
+            Err(Miss::Port),
+            "other port",
+        ),
+        (
+            &any,
+            "203.0.113.7:443",
+            C,
+            Err(Miss::IpLiteral),
+            "IPv4 literal",
+        ),
+        (
+            &any,
+            "[2001:db8::1]:443",
+            C,
+            Err(Miss::IpLiteral),
+            "IPv6 literal",
+        ),
+        (
+            &on_8443,
+            "x.example:8443",
+            C,
+            Ok("*:8443"),
+            "its port, CONNECT",
+        ),
+        (
+            &on_8443,
+            "x.example:8443",
+            H,
+            Ok("*:8443"),
+            "its port, HTTP",
+        ),
+        (&on_8443, "x.example:443", C, Err(Miss::Port), "not 443"),
+    ];
+    for (list, authority, kind, want, name) in cases {
+        let got = list.check(*kind, &t(authority)).map(|r| &*r.text);
+        assert_eq!(got, *want, "{name}");
+    }
+    assert!(any.is_open_web() && !Allowlist::default().is_open_web());
+    let mut any = any;
+    let (p, port) = parse_rule("example.com").unwrap();
+    assert!(
+        !any.insert("example.com", p, port),
+        "open web holds one rule"
+    );
+}
+
+#[test]
 fn duplicates_are_reported() {
     let mut a = list(&["example.com"]);
     let (p, port) = parse_rule("example.com").unwrap();

@@ -177,6 +177,11 @@ impl Agent {
 pub struct Policy {
     pub allow: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Deny lists, as the file names them (relative to the config file's directory).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_files: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allow_cidrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
