@@ -16,6 +16,7 @@ use std::time::Duration;
 pub use error::{ConfigError, ConfigIssue};
 
 use crate::identity::{Agent, Agents};
+use crate::limits::cluster::ClusterSettings;
 use crate::limits::Limits;
 use crate::policy::{Mode, Policy};
 use crate::resolve::DnsConfig;
@@ -99,6 +100,9 @@ pub struct Config {
     pub mode: Mode,
     /// The `[limits]` defaults.
     pub limits: Limits,
+    /// The `[cluster]` section: limits shared by every replica through Redis. `None`: the
+    /// limits are per process.
+    pub cluster: Option<ClusterSettings>,
     /// A hash of the exact file content this config was built from (reload compares it).
     pub fingerprint: u64,
     /// Problems that do not stop the config from loading (dead rules, shadowed agents, very

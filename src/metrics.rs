@@ -40,6 +40,14 @@ pub const AUDIT_LINES: &str = "chokepoint_audit_lines_total";
 /// When the HTTPS listener's certificate expires (Unix seconds); exported only with `tls_listen`.
 pub const TLS_CERT_EXPIRY: &str = "chokepoint_tls_cert_expiry_timestamp_seconds";
 
+/// `chokepoint_limit_store_requests_total{result}`: calls requests made to the limit store:
+/// `ok`, `error`, `timeout` (slower than `cluster.timeout`), `skipped` (the store was down).
+pub const LIMIT_STORE_REQUESTS: &str = "chokepoint_limit_store_requests_total";
+/// `chokepoint_limit_store_duration_seconds`: round trip of the calls requests made.
+pub const LIMIT_STORE_DURATION: &str = "chokepoint_limit_store_duration_seconds";
+/// `chokepoint_limit_store_fallback`: 1 while the store is unusable and `fail_mode` applies.
+pub const LIMIT_STORE_FALLBACK: &str = "chokepoint_limit_store_fallback";
+
 /// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
 /// the internet tens to hundreds of milliseconds.
 const FAST_BUCKETS: [f64; 14] = [
@@ -77,6 +85,10 @@ pub struct Metrics {
     audit_wait: Counter,
     audit_lines: IntCounter,
     tls_expiry: IntGaugeVec,
+    /// `chokepoint_limit_store_requests_total` per result, resolved once.
+    store_requests: [IntCounter; 4],
+    store_duration: Histogram,
+    store_fallback: IntGauge,
     /// `chokepoint_request_duration_seconds` per kind, resolved once.
     durations: [Histogram; 3],
     /// The handles of clients that matched no agent (`agent="unknown"`).
@@ -115,6 +127,22 @@ pub struct Done {
     /// Arrival to end.
     pub elapsed: Duration,
 }
+
+/// How a call to the limit store ended (the `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreResult {
+    /// Answered in time.
+    Ok,
+    /// Failed (connection lost, refused, a server error).
+    Error,
+    /// No answer within `cluster.timeout`.
+    Timeout,
+    /// Not asked: the store was down.
+    Skipped,
+}
+
+/// The `result` label values, indexed by `StoreResult as usize`.
+const STORE_RESULTS: [&str; 4] = ["ok", "error", "timeout", "skipped"];
 
 /// Decrements `chokepoint_active_tunnels` for its agent when dropped.
 #[derive(Debug)]
@@ -186,8 +214,29 @@ impl Metrics {
             ),
             &[],
         )?;
+        let store_requests_vec = IntCounterVec::new(
+            Opts::new(
+                LIMIT_STORE_REQUESTS,
+                "Calls requests made to the limit store, by result (ok, error, timeout, skipped).",
+            ),
+            &["result"],
+        )?;
+        let store_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                LIMIT_STORE_DURATION,
+                "Round trip of the limit store calls requests made.",
+            )
+            .buckets(FAST_BUCKETS.to_vec()),
+        )?;
+        let store_fallback = IntGauge::new(
+            LIMIT_STORE_FALLBACK,
+            "1 while the limit store is unusable and cluster.fail_mode applies.",
+        )?;
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_duration.clone()),
+            Box::new(store_fallback.clone()),
+            Box::new(requests.clone()),
             Box::new(bytes.clone()),
             Box::new(active_tunnels.clone()),
             Box::new(duration.clone()),
@@ -211,6 +260,7 @@ impl Metrics {
             reloads.with_label_values(&[result]);
         }
         let durations = KINDS.map(|k| duration.with_label_values(&[k]));
+        let store_requests = STORE_RESULTS.map(|r| store_requests_vec.with_label_values(&[r]));
         let unknown = Arc::new(AgentMetrics::new(
             UNKNOWN_AGENT.into(),
             &requests,
@@ -229,6 +279,9 @@ impl Metrics {
             audit_wait,
             audit_lines,
             tls_expiry,
+            store_requests,
+            store_duration,
+            store_fallback,
             durations,
             unknown,
         })
@@ -268,6 +321,20 @@ impl Metrics {
         self.tls_expiry
             .with_label_values::<&str>(&[])
             .set(not_after);
+    }
+
+    /// A request's call to the limit store ended with `result` after `took` (`None`: not
+    /// made).
+    pub fn store_request(&self, result: StoreResult, took: Option<Duration>) {
+        self.store_requests[result as usize].inc();
+        if let Some(d) = took {
+            self.store_duration.observe(d.as_secs_f64());
+        }
+    }
+
+    /// The limit store became unusable (`true`) or usable again.
+    pub fn store_fallback(&self, on: bool) {
+        self.store_fallback.set(i64::from(on));
     }
 
     /// A reload finished.

@@ -45,6 +45,9 @@ pub enum Reason {
     RateLimited,
     /// The agent has `max_concurrent` requests and tunnels open already.
     TooManyConcurrent,
+    /// The shared limit store (`[cluster]`) could not be asked in time and `fail_mode` is
+    /// `closed`.
+    LimitStoreUnavailable,
     /// The request body is larger than `max_request_body_bytes`.
     BodyTooLarge,
     /// A tunnel's client-to-upstream bytes passed `max_tunnel_upload_bytes`; it was closed.
@@ -148,7 +151,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -182,6 +185,7 @@ impl Reason {
         Reason::NotTls,
         Reason::TlsHandshakeFailed,
         Reason::ClientCertExpired,
+        Reason::LimitStoreUnavailable,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -199,6 +203,7 @@ impl Reason {
             Reason::AuthFailed => "auth_failed",
             Reason::RateLimited => "rate_limited",
             Reason::TooManyConcurrent => "too_many_concurrent",
+            Reason::LimitStoreUnavailable => "limit_store_unavailable",
             Reason::BodyTooLarge => "body_too_large",
             Reason::UploadCap => "upload_cap",
             Reason::ResponseCap => "response_cap",
@@ -257,6 +262,7 @@ impl Reason {
             | Reason::UpstreamError
             | Reason::ResponseCap => StatusCode::BAD_GATEWAY,
             Reason::DnsTimeout | Reason::UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -287,6 +293,7 @@ impl Reason {
                 | Reason::IpLiteralNotAllowed
                 | Reason::RateLimited
                 | Reason::TooManyConcurrent
+                | Reason::LimitStoreUnavailable
                 | Reason::HeaderTooLarge
                 | Reason::BodyTooLarge
                 | Reason::UploadCap

@@ -505,7 +505,15 @@ async fn steps(
     // Limits first: every request of an agent spends its budget, so a flood of refused requests
     // is throttled too (and cannot flood the audit log at line rate).
     let limits = policy.limits;
-    let (permit, over) = snap.gate(agent_id).admit(limits.max_concurrent);
+    let gate = snap.gate(agent_id);
+    let (permit, over) = match &snap.cluster {
+        None => gate.admit(limits.max_concurrent),
+        // Boxed: the in-process path keeps its future as small as it was.
+        Some(c) => {
+            let report = ctx.mode == Mode::Report;
+            Box::pin(c.admit(agent_id.0, gate, &limits, report)).await
+        }
+    };
     ctx.permit = Some(permit);
     if let Some(deny) = over {
         ctx.judge(deny)?;

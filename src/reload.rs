@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError};
 use crate::identity::{AgentId, Tokens};
+use crate::limits::cluster::{ClusterLimits, Store};
 use crate::limits::Gate;
 use crate::metrics::{AgentMetrics, Metrics};
 use crate::resolve::{Resolver, ResolverError};
@@ -48,6 +49,9 @@ pub struct Snapshot {
     pub tokens: Tokens,
     /// The HTTPS listener's live certificate, key and client CA (`config.tls`).
     pub tls: Option<Arc<TlsFiles>>,
+    /// The cluster-wide limits (`config.cluster`); the store is carried over while the
+    /// `[cluster]` section stays the same.
+    pub cluster: Option<Arc<ClusterLimits>>,
     /// Metric handles per agent, aligned with `config.agents`; carried over by name.
     agent_metrics: Vec<Arc<AgentMetrics>>,
 }
@@ -134,6 +138,17 @@ impl Snapshot {
                     .unwrap_or_else(|| Arc::new(metrics.agent(a.name.clone())))
             })
             .collect();
+        let prev_cluster = prev.and_then(|p| p.cluster.as_deref());
+        let cluster = config.cluster.as_ref().map(|settings| {
+            let store = match prev_cluster {
+                Some(c) if c.store().settings() == settings => c.store().clone(),
+                _ => Store::start(settings.clone(), Arc::new(metrics.clone())),
+            };
+            Arc::new(ClusterLimits::new(store, &config.agents, prev_cluster))
+        });
+        if cluster.is_none() && prev_cluster.is_some() {
+            metrics.store_fallback(false);
+        }
         let tokens = Tokens::load(&config.agents, prev.map(|p| &p.tokens));
         let tls = match (&config.tls, prev) {
             (None, _) => None,
@@ -146,6 +161,7 @@ impl Snapshot {
             resolver,
             tokens,
             tls,
+            cluster,
             agent_metrics,
         })
     }
@@ -153,6 +169,12 @@ impl Snapshot {
     /// The metric handles of an agent.
     pub fn agent_metrics(&self, agent: AgentId) -> &Arc<AgentMetrics> {
         &self.agent_metrics[agent.0]
+    }
+
+    /// False while limits cannot be applied as configured: the limit store is unusable under
+    /// `cluster.fail_mode = "closed"` (`/readyz`).
+    pub fn limits_ready(&self) -> bool {
+        self.cluster.as_ref().map_or(true, |c| c.ready())
     }
 
     /// The limit gate of an agent.

@@ -5,6 +5,10 @@
 
 mod support;
 
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
 use support::*;
 
 /// The test store itself: answers, goes away, comes back empty on the same port.
@@ -25,4 +29,269 @@ fn redis_helper_starts_stops_and_restarts_on_its_port() {
     let secured = RedisServer::with_user("gateway", "s3cret");
     assert!(secured.ping());
     assert!(secured.command(&["DBSIZE"]).starts_with(':'));
+}
+
+/// `n` gateway processes on `cfg` (which has an admin listener), each once its store is in
+/// use (its first heartbeat done).
+fn fleet(n: usize, cfg: &ConfigBuilder) -> Vec<Proxy> {
+    (0..n)
+        .map(|_| {
+            let p = Proxy::of(cfg);
+            wait_until(WAIT, "the limit store in use", || in_use(&p));
+            p
+        })
+        .collect()
+}
+
+/// `GET path` on the admin listener: (status, body).
+fn admin_get(p: &Proxy, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(p.admin.expect("an admin listener")).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status_of(head), body.to_owned())
+}
+
+/// The value of an unlabelled metric.
+fn metric(p: &Proxy, name: &str) -> f64 {
+    let (_, body) = admin_get(p, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the scrape"))
+}
+
+/// True while the gateway uses its limit store (not in fallback).
+fn in_use(p: &Proxy) -> bool {
+    metric(p, "chokepoint_limit_store_fallback") == 0.0
+}
+
+/// The standard test config with an origin (`origin.test`) and an echo server (`echo.test`)
+/// allowed, the test agent's limits set by `limits`, and `[cluster]` on `redis`.
+fn config(
+    redis: &RedisServer,
+    origin: &Origin,
+    echo: &Echo,
+    limits: impl FnOnce(&mut Limits),
+    cluster: impl FnOnce(&mut Cluster),
+) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .hosts_to_loopback(&["origin.test", "echo.test"])
+        .allow(format!("origin.test:{}", origin.addr.port()))
+        .allow(format!("echo.test:{}", echo.addr.port()))
+        .test_limits(limits)
+        .admin()
+        .cluster(&redis.url(), cluster)
+}
+
+/// One keep-alive GET through `s`; returns the response head.
+fn get(s: &mut TcpStream, port: u16) -> String {
+    s.write_all(
+        format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    read_response(s).0
+}
+
+/// Open a tunnel to the echo server; returns the socket and the response head.
+fn tunnel(proxy: &Proxy, echo: &Echo) -> (TcpStream, String) {
+    let mut s = raw(proxy);
+    let at = format!("echo.test:{}", echo.addr.port());
+    s.write_all(format!("CONNECT {at} HTTP/1.1\r\nHost: {at}\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// Item 7: one agent driven through four gateways at once is admitted at its configured rate,
+/// not four times it. Counts what was admitted over the whole run (never the timing of one
+/// request), against what GCRA allows over the same wall time: burst + rate × elapsed.
+#[test]
+fn four_gateways_admit_one_rate_between_them() {
+    const RATE: f64 = 20.0;
+    const BURST: u64 = 5;
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(RATE);
+            l.burst = Some(BURST);
+            l.max_concurrent = Some(1000);
+        },
+        |_| {},
+    );
+    let gateways = fleet(4, &cfg);
+    let run = Duration::from_secs(10);
+    let start = Instant::now();
+    let tallies: Vec<(u64, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = gateways
+            .iter()
+            .map(|g| {
+                let at = g.addr;
+                scope.spawn(move || {
+                    let mut s = TcpStream::connect(at).unwrap();
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    let (mut admitted, mut limited) = (0u64, 0u64);
+                    // Bounded in time and in count.
+                    for _ in 0..50_000 {
+                        if start.elapsed() >= run {
+                            break;
+                        }
+                        let head = get(&mut s, port);
+                        match status_of(&head) {
+                            200 => admitted += 1,
+                            429 => {
+                                assert!(head.contains("chokepoint-reason: rate_limited"), "{head}");
+                                assert!(head_header(&head, "retry-after").is_some(), "{head}");
+                                limited += 1;
+                            }
+                            other => panic!("unexpected {other}: {head}"),
+                        }
+                    }
+                    (admitted, limited)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let admitted: u64 = tallies.iter().map(|t| t.0).sum();
+    let limited: u64 = tallies.iter().map(|t| t.1).sum();
+    let expected = BURST as f64 + RATE * elapsed;
+    let off = (admitted as f64 - expected).abs() / expected;
+    eprintln!("admitted {admitted}, limited {limited} in {elapsed:.2}s; expected {expected:.0}; per gateway {tallies:?}");
+    assert!(
+        limited > admitted,
+        "the agent was driven well past its rate: {tallies:?}"
+    );
+    assert!(
+        off <= 0.05,
+        "admitted {admitted} over {elapsed:.2}s, expected {expected:.0} (±5%): {tallies:?}"
+    );
+    assert!(
+        tallies.iter().all(|t| t.0 > 0),
+        "every gateway admitted some: {tallies:?}"
+    );
+}
+
+/// Item 7: `max_concurrent = 8` holds across four gateways; beyond it 429
+/// `too_many_concurrent`; a closed tunnel's slot comes back.
+#[test]
+fn four_gateways_share_one_concurrency_cap() {
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(1000.0);
+            l.burst = Some(1000);
+            l.max_concurrent = Some(8);
+        },
+        |_| {},
+    );
+    let gateways = fleet(4, &cfg);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..12 {
+        let (s, head) = tunnel(&gateways[i % 4], &echo);
+        match status_of(&head) {
+            200 => open.push(s),
+            429 => {
+                assert!(
+                    head.contains("chokepoint-reason: too_many_concurrent"),
+                    "{head}"
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {head}"),
+        }
+    }
+    assert_eq!(
+        (open.len(), refused),
+        (8, 4),
+        "8 open across the gateways, the rest refused"
+    );
+    assert_eq!(
+        redis.command(&["ZCARD", "chokepoint:{tester}:leases"]),
+        ":8\r\n",
+        "one lease per open tunnel"
+    );
+    // Close two: their leases are given back, and two more open (through any gateway).
+    open.truncate(6);
+    wait_until(WAIT, "two slots come back", || {
+        let (s, head) = tunnel(&gateways[3], &echo);
+        if status_of(&head) == 200 {
+            open.push(s);
+        }
+        open.len() == 8
+    });
+    let (_s, head) = tunnel(&gateways[0], &echo);
+    assert_eq!(status_of(&head), 429, "{head}");
+}
+
+/// Item 7: a gateway killed with SIGKILL while holding 4 leases frees them within the lease
+/// TTL: the agent can open 8 again through the others.
+#[test]
+fn a_killed_gateway_frees_its_leases_within_the_ttl() {
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(1000.0);
+            l.burst = Some(1000);
+            l.max_concurrent = Some(8);
+        },
+        |_| {},
+    );
+    let mut gateways = fleet(3, &cfg);
+    let mut held_by_doomed = Vec::new();
+    for _ in 0..4 {
+        let (s, head) = tunnel(&gateways[0], &echo);
+        assert_eq!(status_of(&head), 200, "{head}");
+        held_by_doomed.push(s);
+    }
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (s, head) = tunnel(&gateways[1], &echo);
+        assert_eq!(status_of(&head), 200, "{head}");
+        open.push(s);
+    }
+    let (_s, head) = tunnel(&gateways[2], &echo);
+    assert_eq!(status_of(&head), 429, "at the cap: {head}");
+    let doomed = gateways.remove(0);
+    drop(doomed); // SIGKILL: no lease is given back
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "the dead gateway's leases expire",
+        || {
+            let (s, head) = tunnel(&gateways[1], &echo);
+            if status_of(&head) == 200 {
+                open.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            open.len() == 8
+        },
+    );
+    let took = killed.elapsed();
+    eprintln!("8 open again {took:?} after the kill");
+    assert!(
+        took <= Duration::from_secs(15),
+        "leases outlived the TTL: {took:?}"
+    );
+    drop(held_by_doomed);
 }

@@ -30,6 +30,7 @@ mod redis_server;
 pub use audit::*;
 pub use builder::*;
 pub use inprocess::*;
+#[allow(unused_imports)] // only tests/cluster.rs runs a store
 pub use redis_server::*;
 
 /// How long any single wait in a test may take before it fails (generous: CI is a busy 2-core box).
