@@ -295,3 +295,282 @@ fn a_killed_gateway_frees_its_leases_within_the_ttl() {
     );
     drop(held_by_doomed);
 }
+
+/// Every audit line that arrives within `quiet` of the previous one.
+fn drain(p: &Proxy, quiet: Duration) -> Vec<Audit> {
+    std::iter::from_fn(|| p.audits.next_within(quiet)).collect()
+}
+
+/// The most a request may wait on the store: `timeout` + 100 ms (item 5 and 7).
+const STORE_TIMEOUT: Duration = Duration::from_millis(50);
+const WAIT_BOUND_MS: u64 = 150;
+
+/// Item 5/7, `fail_mode = "closed"`: with the store gone every request is refused with 503
+/// `limit_store_unavailable` without waiting on it, `/readyz` says not ready (`/healthz` stays
+/// ok); once the store is back the gateway uses it again within a second, without a restart.
+#[test]
+fn closed_mode_refuses_while_the_store_is_down_and_recovers_on_its_own() {
+    let mut redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(1000.0);
+            l.burst = Some(1000);
+        },
+        |c| {
+            c.fail_mode = Some("closed".into());
+            c.timeout = Some(STORE_TIMEOUT);
+        },
+    );
+    let gw = fleet(1, &cfg).remove(0);
+    let mut s = raw(&gw);
+    assert_eq!(status_of(&get(&mut s, port)), 200);
+    assert_eq!(admin_get(&gw, "/readyz").0, 200);
+
+    redis.stop();
+    let mut refused = 0;
+    wait_until(WAIT, "requests refused with 503", || {
+        let head = get(&mut s, port);
+        if status_of(&head) == 503 {
+            assert!(
+                head.contains("chokepoint-reason: limit_store_unavailable"),
+                "{head}"
+            );
+            assert_eq!(head_header(&head, "retry-after"), Some("1"), "{head}");
+            refused += 1;
+        }
+        refused >= 20
+    });
+    assert_eq!(admin_get(&gw, "/readyz").0, 503, "not ready in closed mode");
+    assert_eq!(
+        admin_get(&gw, "/healthz").0,
+        200,
+        "a bad store never fails /healthz"
+    );
+    let lines = drain(&gw, Duration::from_millis(500));
+    let slowest = lines.iter().map(|a| a.duration_ms).max().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|a| a.reason == "limit_store_unavailable" && a.decision == "deny"),
+        "{}",
+        list(&lines)
+    );
+    assert!(
+        slowest <= WAIT_BOUND_MS,
+        "a request waited {slowest} ms on the store"
+    );
+
+    redis.restart();
+    let back = Instant::now();
+    wait_until(WAIT, "cluster-wide limits resume", || {
+        status_of(&get(&mut s, port)) == 200
+    });
+    let took = back.elapsed();
+    eprintln!("store in use again {took:?} after it came back");
+    assert!(took < Duration::from_secs(2), "recovery took {took:?}");
+    wait_until(WAIT, "ready again", || admin_get(&gw, "/readyz").0 == 200);
+}
+
+/// Item 5/7: a store that stops answering (SIGSTOP: connections open, no replies) costs a
+/// request at most `timeout`; `fail_mode = "open"` then admits what the store would refuse,
+/// and once it answers again its state (the agent's spent rate) applies again.
+#[test]
+fn open_mode_admits_while_the_store_hangs_and_no_request_waits_past_the_timeout() {
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(0.01);
+            l.burst = Some(1);
+        },
+        |c| {
+            c.fail_mode = Some("open".into());
+            c.timeout = Some(STORE_TIMEOUT);
+        },
+    );
+    let gw = fleet(1, &cfg).remove(0);
+    let mut s = raw(&gw);
+    assert_eq!(status_of(&get(&mut s, port)), 200, "the burst");
+    assert_eq!(status_of(&get(&mut s, port)), 429, "over the rate");
+    drain(&gw, Duration::from_millis(300));
+
+    redis.pause();
+    for i in 0..20 {
+        let head = get(&mut s, port);
+        assert_eq!(
+            status_of(&head),
+            200,
+            "request {i} admitted while the store hangs: {head}"
+        );
+    }
+    let lines = drain(&gw, Duration::from_millis(500));
+    assert_eq!(lines.len(), 20, "{}", list(&lines));
+    let slowest = lines.iter().map(|a| a.duration_ms).max().unwrap();
+    assert!(
+        slowest <= WAIT_BOUND_MS,
+        "a request waited {slowest} ms: {}",
+        list(&lines)
+    );
+    assert_eq!(metric(&gw, "chokepoint_limit_store_fallback"), 1.0);
+
+    redis.resume();
+    wait_until(WAIT, "the store's verdict again", || {
+        status_of(&get(&mut s, port)) == 429
+    });
+    wait_until(WAIT, "fallback gauge back to 0", || in_use(&gw));
+}
+
+/// Item 5/7, `fail_mode = "local"`: with the store gone each of the 2 live replicas enforces
+/// its share: `max_concurrent = 8` becomes 4 per replica.
+#[test]
+fn local_mode_divides_the_limits_by_the_live_replicas() {
+    let mut redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(1000.0);
+            l.burst = Some(1000);
+            l.max_concurrent = Some(8);
+        },
+        |_| {},
+    );
+    let gateways = fleet(2, &cfg);
+    // Both replicas have counted each other (heartbeats every second).
+    wait_until(WAIT, "two replicas registered", || {
+        redis.command(&["ZCARD", "chokepoint:replicas"]) == ":2\r\n"
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    redis.stop();
+    wait_until(WAIT, "fallback", || !in_use(&gateways[0]));
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let (s, head) = tunnel(&gateways[0], &echo);
+        open.push((status_of(&head), s));
+    }
+    let statuses: Vec<u16> = open.iter().map(|o| o.0).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429],
+        "8 / 2 replicas = 4"
+    );
+}
+
+/// Item 7: a reload that changes one agent's rate keeps the store's state: the other agent is
+/// still out of budget, and so is the changed one (its GCRA state is kept, not reset to a full
+/// burst).
+#[test]
+fn a_reload_keeps_the_store_state_of_agents() {
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let allow = format!("origin.test:{port}");
+    let cfg = |other_rate: f64| {
+        config(
+            &redis,
+            &origin,
+            &echo,
+            |l| {
+                l.requests_per_second = Some(0.01);
+                l.burst = Some(1);
+            },
+            |_| {},
+        )
+        .agent_first(Agent::cidrs("other", &["127.0.0.2/32"], "other"))
+        .policy("other", |p| {
+            p.allow = vec![allow.clone()];
+            p.limits().requests_per_second = Some(other_rate);
+            p.limits().burst = Some(1);
+        })
+    };
+    let gw = fleet(1, &cfg(0.01)).remove(0);
+    let mut tester = raw(&gw);
+    let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), gw.addr);
+    other.set_read_timeout(Some(WAIT)).unwrap();
+    for s in [&mut tester, &mut other] {
+        assert_eq!(status_of(&get(s, port)), 200);
+        assert_eq!(status_of(&get(s, port)), 429);
+    }
+    std::fs::write(&gw.config_path, cfg(0.02).to_toml()).unwrap();
+    gw.wait_log("config reloaded");
+    assert_eq!(
+        status_of(&get(&mut tester, port)),
+        429,
+        "unchanged agent: state kept"
+    );
+    assert_eq!(
+        status_of(&get(&mut other, port)),
+        429,
+        "changed rate: no fresh burst"
+    );
+    assert!(in_use(&gw), "the store stayed in use across the reload");
+}
+
+/// `username` + `password_file`: the gateway authenticates as an ACL user; a rotated password
+/// is read from the file and used without a restart (the store refuses the old one meanwhile).
+#[test]
+fn acl_user_password_file_is_reread_when_it_changes() {
+    let redis = RedisServer::with_user("gateway", "first-secret");
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis-password");
+    std::fs::write(&pw, "first-secret\n").unwrap();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(0.01);
+            l.burst = Some(1);
+        },
+        |c| {
+            c.username = Some("gateway".into());
+            c.password_file = Some(path_str(&pw));
+            c.fail_mode = Some("closed".into());
+        },
+    );
+    let gw = Proxy::of_in(dir, &cfg);
+    wait_until(WAIT, "the limit store in use", || in_use(&gw));
+    let mut s = raw(&gw);
+    assert_eq!(status_of(&get(&mut s, port)), 200);
+    assert_eq!(status_of(&get(&mut s, port)), 429, "the store's rate");
+
+    // Rotate: the store accepts only the new password and drops the gateway's connections.
+    let set = redis.command(&["ACL", "SETUSER", "gateway", "resetpass", ">second-secret"]);
+    assert!(set.starts_with("+OK"), "{set}");
+    let redis = RedisServer::reauth(redis, "second-secret");
+    redis.command(&["CLIENT", "KILL", "USER", "gateway"]);
+    wait_until(WAIT, "the old password fails", || !in_use(&gw));
+    std::fs::write(&pw, "second-secret\n").unwrap();
+    let rotated = Instant::now();
+    wait_until(WAIT, "the new password is used", || in_use(&gw));
+    eprintln!(
+        "in use again {:?} after the password file changed",
+        rotated.elapsed()
+    );
+    // A new connection: the old one idled past timeouts.request_header.
+    let mut s = raw(&gw);
+    assert_eq!(
+        status_of(&get(&mut s, port)),
+        429,
+        "the store's state is still there"
+    );
+    let log: Vec<String> = gw.stderr.try_iter().collect();
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("first-secret") || l.contains("second-secret")),
+        "a password was logged"
+    );
+}

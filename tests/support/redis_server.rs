@@ -53,6 +53,14 @@ impl RedisServer {
         panic!("redis-server did not start on a loopback port in 5 tries");
     }
 
+    /// The same server, whose user's password is now `password` (after an `ACL SETUSER`).
+    pub fn reauth(mut server: RedisServer, password: &str) -> RedisServer {
+        if let Some((_, p)) = server.user.as_mut() {
+            *p = password.to_owned();
+        }
+        server
+    }
+
     /// `redis://127.0.0.1:PORT/0`.
     pub fn url(&self) -> String {
         format!("redis://{}/0", self.addr)
@@ -169,6 +177,27 @@ impl RedisServer {
         self.kill();
     }
 
+    /// Freeze the server (SIGSTOP): connections stay open, nothing is answered — a store slower
+    /// than any timeout.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaw a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} redis-server");
+    }
+
     /// Start it again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
@@ -193,6 +222,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("CONT"); // a paused server would not die of SIGKILL any slower, but be tidy
+        }
         self.kill();
     }
 }
