@@ -19,7 +19,10 @@ use governor::{Quota, RateLimiter};
 
 use crate::outcome::{Deny, Reason};
 
+pub mod budget;
 pub mod cluster;
+
+use budget::Budgets;
 
 /// The `[limits]` values (defaults, or a policy's overrides applied on top).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,6 +41,8 @@ pub struct Limits {
     pub burst: u32,
     /// Open requests plus tunnels.
     pub max_concurrent: u32,
+    /// Bytes per hour and per day, each way (unset: unlimited).
+    pub budgets: Budgets,
 }
 
 impl Default for Limits {
@@ -50,6 +55,7 @@ impl Default for Limits {
             requests_per_second: 20.0,
             burst: 40,
             max_concurrent: 64,
+            budgets: Budgets::default(),
         }
     }
 }

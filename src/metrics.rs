@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::outcome::{Decision, Reason};
 use crate::target::Kind;
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// `chokepoint_requests_total{agent,kind,decision,reason}`: requests and tunnels by outcome.
@@ -48,6 +48,10 @@ pub const LIMIT_STORE_DURATION: &str = "chokepoint_limit_store_duration_seconds"
 /// `chokepoint_limit_store_fallback`: 1 while the store is unusable and `fail_mode` applies.
 pub const LIMIT_STORE_FALLBACK: &str = "chokepoint_limit_store_fallback";
 
+/// `chokepoint_byte_budget_used_ratio{agent}`: the agent's most used byte budget, as used /
+/// limit in its current window (this replica's view).
+pub const BYTE_BUDGET_USED: &str = "chokepoint_byte_budget_used_ratio";
+
 /// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
 /// the internet tens to hundreds of milliseconds.
 const FAST_BUCKETS: [f64; 14] = [
@@ -78,6 +82,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     bytes: IntCounterVec,
     active_tunnels: IntGaugeVec,
+    budget_used: GaugeVec,
     connect: Histogram,
     dns: Histogram,
     reloads: IntCounterVec,
@@ -109,6 +114,8 @@ pub struct AgentMetrics {
     bytes_up: OnceLock<IntCounter>,
     bytes_down: OnceLock<IntCounter>,
     tunnels: OnceLock<IntGauge>,
+    budget_used_vec: GaugeVec,
+    budget_used: OnceLock<Gauge>,
 }
 
 /// One finished request or tunnel, as the metrics see it.
@@ -214,6 +221,13 @@ impl Metrics {
             ),
             &[],
         )?;
+        let budget_used = GaugeVec::new(
+            Opts::new(
+                BYTE_BUDGET_USED,
+                "The agent's most used byte budget: bytes counted in the current window / the limit.",
+            ),
+            &["agent"],
+        )?;
         let store_requests_vec = IntCounterVec::new(
             Opts::new(
                 LIMIT_STORE_REQUESTS,
@@ -236,6 +250,7 @@ impl Metrics {
             Box::new(store_requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(store_duration.clone()),
             Box::new(store_fallback.clone()),
+            Box::new(budget_used.clone()),
             Box::new(requests.clone()),
             Box::new(bytes.clone()),
             Box::new(active_tunnels.clone()),
@@ -266,12 +281,14 @@ impl Metrics {
             &requests,
             &bytes,
             &active_tunnels,
+            &budget_used,
         ));
         Ok(Metrics {
             registry,
             requests,
             bytes,
             active_tunnels,
+            budget_used,
             connect,
             dns,
             reloads,
@@ -289,7 +306,13 @@ impl Metrics {
 
     /// The handle set of an agent (built once per agent, when a config is loaded).
     pub fn agent(&self, name: Arc<str>) -> AgentMetrics {
-        AgentMetrics::new(name, &self.requests, &self.bytes, &self.active_tunnels)
+        AgentMetrics::new(
+            name,
+            &self.requests,
+            &self.bytes,
+            &self.active_tunnels,
+            &self.budget_used,
+        )
     }
 
     /// Record a finished request or tunnel of `agent` (`None`: a client that matched no
@@ -410,6 +433,7 @@ impl AgentMetrics {
         requests: &IntCounterVec,
         bytes: &IntCounterVec,
         active_tunnels: &IntGaugeVec,
+        budget_used: &GaugeVec,
     ) -> Self {
         AgentMetrics {
             agent,
@@ -420,7 +444,16 @@ impl AgentMetrics {
             bytes_up: OnceLock::new(),
             bytes_down: OnceLock::new(),
             tunnels: OnceLock::new(),
+            budget_used_vec: budget_used.clone(),
+            budget_used: OnceLock::new(),
         }
+    }
+
+    /// `chokepoint_byte_budget_used_ratio{agent}`: the agent's most used budget is at `ratio`.
+    pub fn byte_budget_used(&self, ratio: f64) {
+        self.budget_used
+            .get_or_init(|| self.budget_used_vec.with_label_values(&[&*self.agent]))
+            .set(ratio);
     }
 
     /// The agent this set counts for.
@@ -494,6 +527,9 @@ impl AgentMetrics {
         }
         if self.tunnels.get().is_some_and(|g| g.get() == 0) {
             let _ = self.active_tunnels.remove_label_values(&[agent]);
+        }
+        if self.budget_used.get().is_some() {
+            let _ = self.budget_used_vec.remove_label_values(&[agent]);
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum Reason {
     /// The shared limit store (`[cluster]`) could not be asked in time and `fail_mode` is
     /// `closed`.
     LimitStoreUnavailable,
+    /// The agent has used up a byte budget (`max_{upload,download}_bytes_per_{hour,day}`):
+    /// new requests are refused until the window ends; an open tunnel that passes it is closed.
+    ByteBudget,
     /// The request body is larger than `max_request_body_bytes`.
     BodyTooLarge,
     /// A tunnel's client-to-upstream bytes passed `max_tunnel_upload_bytes`; it was closed.
@@ -151,7 +154,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 35] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -186,6 +189,7 @@ impl Reason {
         Reason::TlsHandshakeFailed,
         Reason::ClientCertExpired,
         Reason::LimitStoreUnavailable,
+        Reason::ByteBudget,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -204,6 +208,7 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::TooManyConcurrent => "too_many_concurrent",
             Reason::LimitStoreUnavailable => "limit_store_unavailable",
+            Reason::ByteBudget => "byte_budget",
             Reason::BodyTooLarge => "body_too_large",
             Reason::UploadCap => "upload_cap",
             Reason::ResponseCap => "response_cap",
@@ -242,7 +247,9 @@ impl Reason {
             Reason::AuthRequired | Reason::AuthFailed | Reason::ClientCertExpired => {
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED
             }
-            Reason::RateLimited | Reason::TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited | Reason::TooManyConcurrent | Reason::ByteBudget => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::MalformedRequest
             | Reason::TlsHandshakeFailed
@@ -294,6 +301,7 @@ impl Reason {
                 | Reason::RateLimited
                 | Reason::TooManyConcurrent
                 | Reason::LimitStoreUnavailable
+                | Reason::ByteBudget
                 | Reason::HeaderTooLarge
                 | Reason::BodyTooLarge
                 | Reason::UploadCap

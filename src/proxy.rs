@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::connect;
 use crate::identity::PeerCert;
 use crate::io::{Cap, Direction, Meter, Metered};
-use crate::limits::Limits;
+use crate::limits::{budget, Limits};
 use crate::metrics::Metrics;
 use crate::outcome::{Deny, Reason};
 use crate::policy::Mode;
@@ -518,6 +518,9 @@ async fn steps(
     if let Some(deny) = over {
         ctx.judge(deny)?;
     }
+    if limits.budgets.any() {
+        admit_budget(ctx, snap, agent_id, &limits)?;
+    }
     match policy.check(kind, &target) {
         Ok(rule) => ctx.rule = Some(rule.text.clone()),
         Err(deny) => ctx.judge(deny)?,
@@ -557,6 +560,31 @@ async fn steps(
         upstream,
         limits,
     })
+}
+
+/// The byte budget step of admission, for an agent with a budget: refuse when a budget is
+/// spent (against this process's counts without `[cluster]` or while the store is unusable;
+/// the store's own check ran in its admission script), else start counting the request's
+/// bytes.
+fn admit_budget(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    agent: crate::identity::AgentId,
+    limits: &Limits,
+) -> Result<(), Deny> {
+    if snap.budgets_local() {
+        let local = &snap.budgets[agent.0];
+        if let Some(deny) = local.check(&limits.budgets, budget::unix_now()) {
+            ctx.judge(deny)?;
+        }
+    }
+    ctx.budget = Some(budget::Flusher::start(
+        ctx.meter.clone(),
+        snap.budget_sink(agent),
+        limits.budgets,
+        ctx.agent_metrics.clone(),
+    ));
+    Ok(())
 }
 
 /// The agent's head and declared body size caps, checked before any upstream connection.

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError};
 use crate::identity::{AgentId, Tokens};
+use crate::limits::budget::{LocalBudget, Sink};
 use crate::limits::cluster::{ClusterLimits, Store};
 use crate::limits::Gate;
 use crate::metrics::{AgentMetrics, Metrics};
@@ -43,6 +44,9 @@ pub struct Snapshot {
     pub config: Config,
     /// Limit state per agent, aligned with `config.agents`.
     pub gates: Vec<Arc<Gate>>,
+    /// This process's byte budget counts per agent, aligned with `config.agents`; carried over
+    /// by name.
+    pub budgets: Vec<Arc<LocalBudget>>,
     /// The resolver for `config.dns`.
     pub resolver: Arc<Resolver>,
     /// The live proxy tokens of `config.agents`.
@@ -129,6 +133,20 @@ impl Snapshot {
             };
             gates.push(gate);
         }
+        let budgets = config
+            .agents
+            .iter()
+            .map(|a| {
+                prev.and_then(|p| {
+                    p.config
+                        .agents
+                        .iter()
+                        .position(|o| o.name == a.name)
+                        .map(|i| p.budgets[i].clone())
+                })
+                .unwrap_or_default()
+            })
+            .collect();
         let agent_metrics = config
             .agents
             .iter()
@@ -158,6 +176,7 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             gates,
+            budgets,
             resolver,
             tokens,
             tls,
@@ -175,6 +194,21 @@ impl Snapshot {
     /// `cluster.fail_mode = "closed"` (`/readyz`).
     pub fn limits_ready(&self) -> bool {
         self.cluster.as_ref().map_or(true, |c| c.ready())
+    }
+
+    /// Where an agent's bytes are counted against its byte budgets.
+    pub fn budget_sink(&self, agent: AgentId) -> Sink {
+        let local = self.budgets[agent.0].clone();
+        match &self.cluster {
+            None => Sink::Local(local),
+            Some(c) => c.sink(agent.0, local),
+        }
+    }
+
+    /// True when byte budgets are checked against this process's counts (no `[cluster]`, or
+    /// the store is unusable).
+    pub fn budgets_local(&self) -> bool {
+        self.cluster.as_ref().map_or(true, |c| !c.store().is_up())
     }
 
     /// The limit gate of an agent.

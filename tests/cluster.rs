@@ -65,6 +65,14 @@ fn metric(p: &Proxy, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in the scrape"))
 }
 
+/// The value of a series, given as it appears in the scrape (name and labels).
+fn metric_of(p: &Proxy, series: &str) -> f64 {
+    let (_, body) = admin_get(p, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the scrape"))
+}
+
 /// True while the gateway uses its limit store (not in fallback).
 fn in_use(p: &Proxy) -> bool {
     metric(p, "chokepoint_limit_store_fallback") == 0.0
@@ -573,4 +581,111 @@ fn acl_user_password_file_is_reread_when_it_changes() {
             .any(|l| l.contains("first-secret") || l.contains("second-secret")),
         "a password was logged"
     );
+}
+
+/// Send `n` bytes up a tunnel to the echo server and read them back.
+fn echo(s: &mut TcpStream, n: usize) {
+    let data = vec![b'x'; n];
+    s.write_all(&data).unwrap();
+    let mut back = vec![0; n];
+    std::io::Read::read_exact(s, &mut back).unwrap();
+}
+
+/// Wait (bounded) until the gateway closes the tunnel `s`.
+fn closed_soon(s: &mut TcpStream) {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match std::io::Read::read(s, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Item 4 without `[cluster]`: the budget is this process's; a tunnel that passes it is closed
+/// and audited `byte_budget`, and the next request is refused with 429 until the window ends.
+#[test]
+fn a_per_process_byte_budget_closes_the_tunnel_and_refuses_the_next_request() {
+    let (origin, echo_srv) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let gw = Proxy::of(
+        &ConfigBuilder::new()
+            .hosts_to_loopback(&["origin.test", "echo.test"])
+            .allow(format!("origin.test:{port}"))
+            .allow(format!("echo.test:{}", echo_srv.addr.port()))
+            .test_limits(|l| l.max_download_bytes_per_hour = Some(100_000))
+            .admin(),
+    );
+    let (mut t, head) = tunnel(&gw, &echo_srv);
+    assert_eq!(status_of(&head), 200, "{head}");
+    echo(&mut t, 60_000);
+    echo(&mut t, 60_000); // 120 000 down: past the budget
+    closed_soon(&mut t);
+    let cut = gw.find_audit(AuditMatch::of("connect", "deny", "byte_budget"));
+    assert!(cut.bytes_down >= 100_000, "{cut:?}");
+    let mut s = raw(&gw);
+    let head = get(&mut s, port);
+    assert_eq!(status_of(&head), 429, "{head}");
+    assert!(head.contains("chokepoint-reason: byte_budget"), "{head}");
+    let retry: u64 = head_header(&head, "retry-after").unwrap().parse().unwrap();
+    assert!(
+        (1..=3600).contains(&retry),
+        "to the end of the hour: {head}"
+    );
+    assert!(metric_of(&gw, "chokepoint_byte_budget_used_ratio{agent=\"tester\"}") >= 1.0);
+}
+
+/// Item 7: a budget crossed by a tunnel on one gateway and a download on another: both count
+/// (in the store), the tunnel is cut, and the next request is refused with 429 `byte_budget`.
+#[test]
+fn a_cluster_byte_budget_counts_every_gateway() {
+    let redis = RedisServer::start();
+    let (origin, echo_srv) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo_srv,
+        |l| l.max_download_bytes_per_hour = Some(200_000),
+        |_| {},
+    );
+    let gateways = fleet(2, &cfg);
+    let (mut t, head) = tunnel(&gateways[0], &echo_srv);
+    assert_eq!(status_of(&head), 200, "{head}");
+    echo(&mut t, 80_000);
+    // A download through the other gateway: the origin echoes the request body back.
+    let mut s = raw(&gateways[1]);
+    let body = vec![b'y'; 80_000];
+    s.write_all(
+        format!(
+            "POST http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let (head, got) = read_response(&mut s);
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert!(got.len() >= 80_000);
+    let key = "chokepoint:{tester}:bytes:down:hour";
+    wait_until(WAIT, "both gateways' bytes in the store", || {
+        let v = redis.command(&["GET", key]);
+        let n: u64 = v.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+        n >= 160_000
+    });
+    let ttl = redis.command(&["PTTL", key]);
+    let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!(
+        (1..=3_600_000).contains(&ttl),
+        "expires at the end of the hour: {ttl}"
+    );
+    echo(&mut t, 60_000); // 220 000 down across the gateways
+    closed_soon(&mut t);
+    gateways[0].find_audit(AuditMatch::of("connect", "deny", "byte_budget"));
+    let mut s = raw(&gateways[1]);
+    let head = get(&mut s, port);
+    assert_eq!(status_of(&head), 429, "{head}");
+    assert!(head.contains("chokepoint-reason: byte_budget"), "{head}");
 }

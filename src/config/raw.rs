@@ -114,6 +114,10 @@ pub(crate) struct RawLimits {
     pub(crate) requests_per_second: Option<Spanned<f64>>,
     pub(crate) burst: Option<Spanned<i64>>,
     pub(crate) max_concurrent: Option<Spanned<i64>>,
+    pub(crate) max_upload_bytes_per_hour: Option<Spanned<i64>>,
+    pub(crate) max_download_bytes_per_hour: Option<Spanned<i64>>,
+    pub(crate) max_upload_bytes_per_day: Option<Spanned<i64>>,
+    pub(crate) max_download_bytes_per_day: Option<Spanned<i64>>,
 }
 
 /// `[cluster]`: the shared limit store.

@@ -225,6 +225,34 @@ impl Validator<'_> {
         if let Some(n) = int(&raw.max_concurrent, "max_concurrent", 1, 1_000_000, "") {
             out.max_concurrent = n as u32;
         }
+        // Byte budgets: up to 1 PiB per window.
+        let budgets = [
+            (
+                &raw.max_upload_bytes_per_hour,
+                "max_upload_bytes_per_hour",
+                &mut out.budgets.upload_per_hour,
+            ),
+            (
+                &raw.max_download_bytes_per_hour,
+                "max_download_bytes_per_hour",
+                &mut out.budgets.download_per_hour,
+            ),
+            (
+                &raw.max_upload_bytes_per_day,
+                "max_upload_bytes_per_day",
+                &mut out.budgets.upload_per_day,
+            ),
+            (
+                &raw.max_download_bytes_per_day,
+                "max_download_bytes_per_day",
+                &mut out.budgets.download_per_day,
+            ),
+        ];
+        for (v, name, slot) in budgets {
+            if let Some(n) = int(v, name, 1, 1024 * TIB, " bytes") {
+                *slot = Some(n);
+            }
+        }
         if let Some(v) = &raw.requests_per_second {
             let r = *v.get_ref();
             if (0.001..=1_000_000.0).contains(&r) {

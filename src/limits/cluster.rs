@@ -110,6 +110,15 @@ impl ClusterLimits {
         ClusterLimits { store, agents }
     }
 
+    /// Where agent number `agent`'s bytes go: the store (and `local`, its own count).
+    pub fn sink(
+        &self,
+        agent: usize,
+        local: Arc<super::budget::LocalBudget>,
+    ) -> super::budget::Sink {
+        super::budget::Sink::Cluster(local, self.store.clone(), self.agents[agent].keys.clone())
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
@@ -139,6 +148,7 @@ impl ClusterLimits {
                 }
                 let deny = match a.verdict {
                     0 => None,
+                    3 => Some(super::budget::refusal(a.kind, &limits.budgets, a.wait)),
                     1 => Some(
                         Deny::with_detail(
                             Reason::TooManyConcurrent,

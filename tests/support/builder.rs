@@ -101,6 +101,14 @@ pub struct Limits {
     pub burst: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_hour: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_download_bytes_per_hour: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_day: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_download_bytes_per_day: Option<u64>,
 }
 
 /// `[cluster]`: the shared limit store.

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use super::scripts;
 use super::ClusterSettings;
+use crate::limits::budget::{Budgets, KINDS};
 use crate::limits::Limits;
 use crate::metrics::{Metrics, StoreResult};
 
@@ -48,6 +49,8 @@ pub struct AgentKeys {
     pub rate: String,
     /// Leases: member `replica:seq`, score = expiry (ms).
     pub leases: Arc<str>,
+    /// Byte budget counters, in the order of `budget::KINDS`.
+    pub bytes: [String; 4],
 }
 
 /// A connection: one server (multiplexed) or a Redis Cluster.
@@ -60,10 +63,12 @@ enum Conn {
 /// What the store answered for one admission.
 #[derive(Debug)]
 pub struct Admitted {
-    /// 0 admitted, 1 over `max_concurrent`, 2 over the rate.
+    /// 0 admitted, 1 over `max_concurrent`, 2 over the rate, 3 a byte budget spent.
     pub verdict: i64,
-    /// Over the rate: how long until a request would conform.
+    /// Over the rate: how long until a request would conform; a budget: until its window ends.
     pub wait: Duration,
+    /// The byte budget spent (its index in `budget::KINDS`), for verdict 3.
+    pub kind: usize,
     /// Leases the agent held across the cluster before this one.
     pub open: i64,
     /// The lease taken, if any (admitted, or report mode).
@@ -104,6 +109,7 @@ pub struct Store {
     held: parking_lot::Mutex<HashMap<u64, Arc<str>>>,
     releases: mpsc::UnboundedSender<Release>,
     admit: Script,
+    add_bytes: Script,
     renew: Script,
     heartbeat: Script,
     replica_key: String,
@@ -137,6 +143,7 @@ impl Store {
             held: parking_lot::Mutex::new(HashMap::new()),
             releases: tx,
             admit: Script::new(scripts::ADMIT),
+            add_bytes: Script::new(scripts::ADD_BYTES),
             renew: Script::new(scripts::RENEW),
             heartbeat: Script::new(scripts::HEARTBEAT),
             replica_key,
@@ -169,6 +176,8 @@ impl Store {
         AgentKeys {
             rate: format!("{p}{{{agent}}}:rate"),
             leases: format!("{p}{{{agent}}}:leases").into(),
+            bytes: ["up:hour", "down:hour", "up:day", "down:day"]
+                .map(|k| format!("{p}{{{agent}}}:bytes:{k}")),
         }
     }
 
@@ -198,13 +207,18 @@ impl Store {
             .arg(&member)
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(u8::from(report));
+        for (i, key) in keys.bytes.iter().enumerate() {
+            if let Some(max) = limits.budgets.get(i) {
+                call.key(key).arg(max).arg(i);
+            }
+        }
         let started = Instant::now();
         let answer = tokio::time::timeout(
             self.settings.timeout,
-            call.invoke_async::<(i64, i64, i64)>(&mut conn),
+            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
         )
         .await;
-        let (verdict, wait_us, open) = self.settled(answer, started)?;
+        let (verdict, wait_us, open, kind) = self.settled(answer, started)?;
         let lease = (verdict == 0 || report).then(|| {
             self.held.lock().insert(seq, keys.leases.clone());
             Lease {
@@ -215,9 +229,49 @@ impl Store {
         Ok(Admitted {
             verdict,
             wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
+            kind: usize::try_from(kind).unwrap_or(0),
             open,
             lease,
         })
+    }
+
+    /// Add a request's new bytes to the agent's byte budgets in the store (a flush, off the
+    /// request path); returns the highest used / budget ratio, `None` if the store could not
+    /// be asked.
+    pub async fn add_bytes(
+        &self,
+        keys: &AgentKeys,
+        budgets: &Budgets,
+        up: u64,
+        down: u64,
+    ) -> Option<f64> {
+        let conn = self.usable()?;
+        let mut conn = Conn::clone(&conn);
+        let mut call = self.add_bytes.prepare_invoke();
+        for (i, kind) in KINDS.iter().enumerate() {
+            let Some(max) = budgets.get(i) else { continue };
+            let n = match kind.dir {
+                crate::io::Direction::Up => up,
+                crate::io::Direction::Down => down,
+            };
+            call.key(&keys.bytes[i]).arg(n).arg(kind.window).arg(max);
+        }
+        let answer = tokio::time::timeout(
+            self.settings.timeout.max(TICK),
+            call.invoke_async::<u64>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok(permille)) => Some(permille as f64 / 1000.0),
+            Ok(Err(e)) => {
+                self.down(&e.to_string(), is_broken(&e));
+                None
+            }
+            Err(_) => {
+                self.down("byte budget update slower than cluster.timeout", false);
+                None
+            }
+        }
     }
 
     /// The connection, if the store is up.
