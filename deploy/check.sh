@@ -18,7 +18,8 @@
 #               allow (with stand-in kube-dns, Prometheus and bystander pods); the script asserts
 #               that agent pods reach only kube-dns:53 and the gateway:3128, that nothing reaches
 #               agent pods, and that the gateway alone reaches the outside, on 80/443 only, and
-#               never a private, CGNAT, link-local or loopback address
+#               never a private, CGNAT, link-local or loopback address; where the cluster-limits
+#               component is used (production), that only the gateway reaches Redis, on 6379
 #   pods        every pod template has the restricted-profile fields (runAsNonRoot,
 #               allowPrivilegeEscalation false, capabilities drop ALL, seccomp RuntimeDefault,
 #               readOnlyRootFilesystem) and resource requests and limits
@@ -308,6 +309,7 @@ report, agent_ns = sys.argv[1], set(sys.argv[2].split())
 GATEWAY = "chokepoint-system/chokepoint[Deployment]"
 DNS = "kube-system/coredns[Pod]"
 PROMETHEUS = "monitoring/prometheus[Pod]"
+REDIS = "chokepoint-system/chokepoint-redis[Deployment]"  # components/cluster-limits
 PRIVATE = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
     "127.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128")]
@@ -378,8 +380,18 @@ for s, d, c in edges:
             if net.version == r[0].version and r[0] <= net.broadcast_address and net.network_address <= r[1]:
                 errors.append(f"the gateway reaches {d}, which overlaps {net}")
 gw_pods = sorted((d, c) for s, d, c in edges if s == GATEWAY and ip_range(d) is None)
-if gw_pods != [(DNS, "TCP,UDP/53")]:
-    errors.append(f"the gateway reaches the pods {gw_pods}, expected only kube-dns on 53")
+want_pods = sorted([(DNS, "TCP,UDP/53")] + ([(REDIS, "TCP/6379")] if REDIS in endpoints else []))
+if gw_pods != want_pods:
+    errors.append(f"the gateway reaches the pods {gw_pods}, expected only {want_pods}")
+redis_note = ""
+if REDIS in endpoints:
+    into_redis = sorted((s, c) for s, d, c in edges if d == REDIS)
+    if into_redis != [(GATEWAY, "TCP/6379")]:
+        errors.append(f"the limit store is reachable from {into_redis}, expected only the gateway on 6379")
+    from_redis = sorted((d, c) for s, d, c in edges if s == REDIS)
+    if from_redis:
+        errors.append(f"the limit store reaches {from_redis}, expected nothing")
+    redis_note = "; the limit store (Redis) is reachable only from the gateway on 6379 and reaches nothing"
 for a in PUBLIC:
     if not any(lo.version == a.version and lo <= a <= hi for lo, hi in outside):
         errors.append(f"the gateway cannot reach the public address {a}")
@@ -391,7 +403,7 @@ if errors:
     sys.exit(1)
 print(f"{len(agents)} agent workloads in {sorted(agent_ns)} reach only kube-dns:53 and the gateway:3128 and "
       f"nothing reaches them; only the gateway reaches the outside (TCP 80/443, {len(outside)} public ranges, "
-      f"no private/CGNAT/link-local/loopback); gateway ingress: agents on 3128, monitoring on 9090")
+      f"no private/CGNAT/link-local/loopback); gateway ingress: agents on 3128, monitoring on 9090{redis_note}")
 PY
 
 nca_check() { # NAME RENDERED...
@@ -417,6 +429,29 @@ fi
 if [[ -f $OUT/overlays-production.yaml && -f $OUT/agent-namespace.yaml && -f $OUT/agent-class-research.yaml ]]; then
   nca_check "overlays/production+agents+research" \
     "$OUT/overlays-production.yaml" "$OUT/agent-namespace.yaml" "$OUT/agent-class-research.yaml"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The cluster-limits component's config is the base config plus its [cluster] table: nothing
+# else may drift.
+
+cat >"$WORK/cluster_config.py" <<'PY'
+import sys, tomllib
+base = tomllib.load(open(sys.argv[1], "rb"))
+comp = tomllib.load(open(sys.argv[2], "rb"))
+cluster = comp.pop("cluster", None)
+if cluster is None:
+    sys.exit("the component's chokepoint.toml has no [cluster] table")
+if comp != base:
+    keys = sorted(k for k in set(base) | set(comp) if base.get(k) != comp.get(k))
+    sys.exit(f"differs from deploy/base/chokepoint.toml beyond [cluster]: {keys}")
+print(f"components/cluster-limits/chokepoint.toml is deploy/base/chokepoint.toml plus [cluster] ({cluster['redis']}, fail_mode {cluster.get('fail_mode', 'local')})")
+PY
+if summary=$("$PY" "$WORK/cluster_config.py" deploy/base/chokepoint.toml deploy/components/cluster-limits/chokepoint.toml 2>&1); then
+  pass config "$summary"
+else
+  fail config "cluster-limits component config"
+  printf '%s\n' "$summary" | sed 's/^/    | /'
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -123,13 +123,18 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if shared.ready.load(Relaxed) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !shared.ready.load(Relaxed) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready (starting or draining)\n",
                 )
+            } else if !shared.live.load().limits_ready() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready (limit store unavailable; cluster.fail_mode is closed)\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         _ => text(

@@ -171,6 +171,14 @@ pub fn summary(config: &Config) -> String {
             by.join("; ")
         );
     }
+    let _ = match &config.cluster {
+        Some(c) => writeln!(
+            s,
+            "limits: cluster-wide (rate, concurrency) through {}",
+            c.describe()
+        ),
+        None => writeln!(s, "limits: per process (no [cluster])"),
+    };
     let _ = writeln!(s, "policies: {}", config.policies.len());
     for p in &config.policies {
         let l = &p.limits;

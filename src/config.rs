@@ -19,6 +19,7 @@ pub use error::{ConfigError, ConfigIssue};
 
 use crate::fingerprint::FileStamp;
 use crate::identity::{Agent, Agents};
+use crate::limits::cluster::ClusterSettings;
 use crate::limits::Limits;
 use crate::policy::deny_file::{LineIssue, ListError};
 use crate::policy::{DenyFile, Mode, Policy};
@@ -111,6 +112,9 @@ pub struct Config {
     pub mode: Mode,
     /// The `[limits]` defaults.
     pub limits: Limits,
+    /// The `[cluster]` section: limits shared by every replica through Redis. `None`: the
+    /// limits are per process.
+    pub cluster: Option<ClusterSettings>,
     /// A hash of the exact file content this config was built from (reload compares it).
     pub fingerprint: u64,
     /// The `deny_files` lists it loaded, each once, with their stamps at load (the reload

@@ -104,7 +104,7 @@ pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, Exp
         verdict,
         denied_by,
         open_web: policy.is_open_web(),
-        limits: limits_line(policy),
+        limits: limits_line(policy, config),
         addresses: None,
     })
 }
@@ -149,10 +149,16 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
     }
 }
 
-fn limits_line(policy: &Policy) -> String {
+fn limits_line(policy: &Policy, config: &Config) -> String {
     let l = &policy.limits;
+    // Which of them hold across replicas: with [cluster] the rate and the concurrency cap are
+    // shared through the store; the size caps are per request either way.
+    let scope = match &config.cluster {
+        Some(_) => "cluster-wide",
+        None => "per process",
+    };
     format!(
-        "{} req/s, burst {}, {} concurrent; head <= {} B, body <= {} B, tunnel upload <= {} B, response <= {} B",
+        "{} req/s, burst {}, {} concurrent ({scope}); head <= {} B, body <= {} B, tunnel upload <= {} B, response <= {} B",
         l.requests_per_second,
         l.burst,
         l.max_concurrent,

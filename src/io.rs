@@ -66,6 +66,11 @@ pub struct Meter {
     last: AtomicU64,
     /// `Reason::code` of the first cap passed or client failure seen, or `NO_CUT`.
     cut: AtomicU8,
+    /// Bytes (both ways) at which [`Meter::flush_due`] completes next; `u64::MAX`: never (no
+    /// byte budget watches this meter).
+    flush_mark: AtomicU64,
+    flush_step: AtomicU64,
+    flush: tokio::sync::Notify,
 }
 
 impl Default for Meter {
@@ -76,6 +81,9 @@ impl Default for Meter {
             base: Instant::now(),
             last: AtomicU64::new(0),
             cut: AtomicU8::new(NO_CUT),
+            flush_mark: AtomicU64::new(u64::MAX),
+            flush_step: AtomicU64::new(u64::MAX),
+            flush: tokio::sync::Notify::const_new(),
         }
     }
 }
@@ -100,6 +108,28 @@ impl Meter {
             Direction::Down => self.down.fetch_add(n, Relaxed),
         };
         self.touch();
+        // One load and a compare unless a byte budget watches this meter.
+        let mark = self.flush_mark.load(Relaxed);
+        if mark != u64::MAX {
+            let total = self.up().saturating_add(self.down());
+            if total >= mark {
+                let step = self.flush_step.load(Relaxed);
+                self.flush_mark.store(total.saturating_add(step), Relaxed);
+                self.flush.notify_one();
+            }
+        }
+    }
+
+    /// Make [`Meter::flush_due`] complete every `step` bytes (both ways together).
+    pub fn notify_every(&self, step: u64) {
+        self.flush_step.store(step, Relaxed);
+        let total = self.up().saturating_add(self.down());
+        self.flush_mark.store(total.saturating_add(step), Relaxed);
+    }
+
+    /// Completes once another `step` bytes have moved (see [`Meter::notify_every`]).
+    pub async fn flush_due(&self) {
+        self.flush.notified().await;
     }
 
     /// Record why the exchange was (or, in report mode, would have been) cut; the first one wins.

@@ -19,6 +19,11 @@ use governor::{Quota, RateLimiter};
 
 use crate::outcome::{Deny, Reason};
 
+pub mod budget;
+pub mod cluster;
+
+use budget::Budgets;
+
 /// The `[limits]` values (defaults, or a policy's overrides applied on top).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
@@ -36,6 +41,8 @@ pub struct Limits {
     pub burst: u32,
     /// Open requests plus tunnels.
     pub max_concurrent: u32,
+    /// Bytes per hour and per day, each way (unset: unlimited).
+    pub budgets: Budgets,
 }
 
 impl Default for Limits {
@@ -48,6 +55,7 @@ impl Default for Limits {
             requests_per_second: 20.0,
             burst: 40,
             max_concurrent: 64,
+            budgets: Budgets::default(),
         }
     }
 }
@@ -60,10 +68,13 @@ pub struct Gate<C: Clock = DefaultClock> {
     active: Arc<AtomicU32>,
 }
 
-/// One open request or tunnel of an agent; dropping it frees the slot.
+/// One open request or tunnel of an agent; dropping it frees the slot (and, with `[cluster]`,
+/// gives its lease in the store back).
 #[derive(Debug)]
 pub struct Permit {
     active: Arc<AtomicU32>,
+    /// The cluster-wide lease, when the store granted one.
+    lease: Option<cluster::Lease>,
 }
 
 // === impl Limits ===
@@ -116,6 +127,16 @@ impl<C: Clock + Clone> Gate<C> {
         self.active.clone()
     }
 
+    /// Count one more open request or tunnel without checking anything (the cluster-wide path:
+    /// the store decides, this process only keeps its own count for the local fallback).
+    pub fn permit(&self) -> Permit {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Permit {
+            active: self.active.clone(),
+            lease: None,
+        }
+    }
+
     /// Admit one request or tunnel. The permit is always taken (so report mode still counts
     /// what is open); the `Deny` says whether the request is over a limit. The concurrency cap is
     /// checked first so that a refused request does not spend rate budget.
@@ -123,6 +144,7 @@ impl<C: Clock + Clone> Gate<C> {
         let open = self.active.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let permit = Permit {
             active: self.active.clone(),
+            lease: None,
         };
         if open > max_concurrent {
             let deny = Deny::with_detail(
@@ -159,6 +181,14 @@ impl<C: Clock> std::fmt::Debug for Gate<C> {
 }
 
 // === impl Permit ===
+
+impl Permit {
+    /// Attach the store's lease: it is given back when the permit drops.
+    pub fn with_lease(mut self, lease: cluster::Lease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::outcome::{Decision, Reason};
 use crate::target::Kind;
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// `chokepoint_requests_total{agent,kind,decision,reason}`: requests and tunnels by outcome.
@@ -46,6 +46,18 @@ pub const CONNECTIONS_REFUSED: &str = "chokepoint_connections_refused_total";
 /// When the HTTPS listener's certificate expires (Unix seconds); exported only with `tls_listen`.
 pub const TLS_CERT_EXPIRY: &str = "chokepoint_tls_cert_expiry_timestamp_seconds";
 
+/// `chokepoint_limit_store_requests_total{result}`: calls requests made to the limit store:
+/// `ok`, `error`, `timeout` (slower than `cluster.timeout`), `skipped` (the store was down).
+pub const LIMIT_STORE_REQUESTS: &str = "chokepoint_limit_store_requests_total";
+/// `chokepoint_limit_store_duration_seconds`: round trip of the calls requests made.
+pub const LIMIT_STORE_DURATION: &str = "chokepoint_limit_store_duration_seconds";
+/// `chokepoint_limit_store_fallback`: 1 while the store is unusable and `fail_mode` applies.
+pub const LIMIT_STORE_FALLBACK: &str = "chokepoint_limit_store_fallback";
+
+/// `chokepoint_byte_budget_used_ratio{agent}`: the agent's most used byte budget, as used /
+/// limit in its current window (this replica's view).
+pub const BYTE_BUDGET_USED: &str = "chokepoint_byte_budget_used_ratio";
+
 /// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
 /// the internet tens to hundreds of milliseconds.
 const FAST_BUCKETS: [f64; 14] = [
@@ -76,6 +88,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     bytes: IntCounterVec,
     active_tunnels: IntGaugeVec,
+    budget_used: GaugeVec,
     connect: Histogram,
     dns: Histogram,
     reloads: IntCounterVec,
@@ -88,6 +101,10 @@ pub struct Metrics {
     /// of drops does not hash label strings).
     dropped: Arc<[OnceLock<IntCounter>]>,
     connections_refused: IntCounterVec,
+    /// `chokepoint_limit_store_requests_total` per result, resolved once.
+    store_requests: [IntCounter; 4],
+    store_duration: Histogram,
+    store_fallback: IntGauge,
     /// `chokepoint_request_duration_seconds` per kind, resolved once.
     durations: [Histogram; 3],
     /// The handles of clients that matched no agent (`agent="unknown"`).
@@ -108,6 +125,8 @@ pub struct AgentMetrics {
     bytes_up: OnceLock<IntCounter>,
     bytes_down: OnceLock<IntCounter>,
     tunnels: OnceLock<IntGauge>,
+    budget_used_vec: GaugeVec,
+    budget_used: OnceLock<Gauge>,
 }
 
 /// One finished request or tunnel, as the metrics see it.
@@ -126,6 +145,22 @@ pub struct Done {
     /// Arrival to end.
     pub elapsed: Duration,
 }
+
+/// How a call to the limit store ended (the `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreResult {
+    /// Answered in time.
+    Ok,
+    /// Failed (connection lost, refused, a server error).
+    Error,
+    /// No answer within `cluster.timeout`.
+    Timeout,
+    /// Not asked: the store was down.
+    Skipped,
+}
+
+/// The `result` label values, indexed by `StoreResult as usize`.
+const STORE_RESULTS: [&str; 4] = ["ok", "error", "timeout", "skipped"];
 
 /// Decrements `chokepoint_active_tunnels` for its agent when dropped.
 #[derive(Debug)]
@@ -211,8 +246,37 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let budget_used = GaugeVec::new(
+            Opts::new(
+                BYTE_BUDGET_USED,
+                "The agent's most used byte budget: bytes counted in the current window / the limit.",
+            ),
+            &["agent"],
+        )?;
+        let store_requests_vec = IntCounterVec::new(
+            Opts::new(
+                LIMIT_STORE_REQUESTS,
+                "Calls requests made to the limit store, by result (ok, error, timeout, skipped).",
+            ),
+            &["result"],
+        )?;
+        let store_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                LIMIT_STORE_DURATION,
+                "Round trip of the limit store calls requests made.",
+            )
+            .buckets(FAST_BUCKETS.to_vec()),
+        )?;
+        let store_fallback = IntGauge::new(
+            LIMIT_STORE_FALLBACK,
+            "1 while the limit store is unusable and cluster.fail_mode applies.",
+        )?;
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_duration.clone()),
+            Box::new(store_fallback.clone()),
+            Box::new(budget_used.clone()),
+            Box::new(requests.clone()),
             Box::new(bytes.clone()),
             Box::new(active_tunnels.clone()),
             Box::new(duration.clone()),
@@ -242,17 +306,20 @@ impl Metrics {
             connections_refused.with_label_values(&[listener.as_str()]);
         }
         let durations = KINDS.map(|k| duration.with_label_values(&[k]));
+        let store_requests = STORE_RESULTS.map(|r| store_requests_vec.with_label_values(&[r]));
         let unknown = Arc::new(AgentMetrics::new(
             UNKNOWN_AGENT.into(),
             &requests,
             &bytes,
             &active_tunnels,
+            &budget_used,
         ));
         Ok(Metrics {
             registry,
             requests,
             bytes,
             active_tunnels,
+            budget_used,
             connect,
             dns,
             reloads,
@@ -265,6 +332,9 @@ impl Metrics {
                 .map(|_| OnceLock::new())
                 .collect(),
             connections_refused,
+            store_requests,
+            store_duration,
+            store_fallback,
             durations,
             unknown,
         })
@@ -272,7 +342,13 @@ impl Metrics {
 
     /// The handle set of an agent (built once per agent, when a config is loaded).
     pub fn agent(&self, name: Arc<str>) -> AgentMetrics {
-        AgentMetrics::new(name, &self.requests, &self.bytes, &self.active_tunnels)
+        AgentMetrics::new(
+            name,
+            &self.requests,
+            &self.bytes,
+            &self.active_tunnels,
+            &self.budget_used,
+        )
     }
 
     /// Record a finished request or tunnel of `agent` (`None`: a client that matched no
@@ -321,6 +397,20 @@ impl Metrics {
         self.tls_expiry
             .with_label_values::<&str>(&[])
             .set(not_after);
+    }
+
+    /// A request's call to the limit store ended with `result` after `took` (`None`: not
+    /// made).
+    pub fn store_request(&self, result: StoreResult, took: Option<Duration>) {
+        self.store_requests[result as usize].inc();
+        if let Some(d) = took {
+            self.store_duration.observe(d.as_secs_f64());
+        }
+    }
+
+    /// The limit store became unusable (`true`) or usable again.
+    pub fn store_fallback(&self, on: bool) {
+        self.store_fallback.set(i64::from(on));
     }
 
     /// A reload finished.
@@ -396,6 +486,7 @@ impl AgentMetrics {
         requests: &IntCounterVec,
         bytes: &IntCounterVec,
         active_tunnels: &IntGaugeVec,
+        budget_used: &GaugeVec,
     ) -> Self {
         AgentMetrics {
             agent,
@@ -406,7 +497,16 @@ impl AgentMetrics {
             bytes_up: OnceLock::new(),
             bytes_down: OnceLock::new(),
             tunnels: OnceLock::new(),
+            budget_used_vec: budget_used.clone(),
+            budget_used: OnceLock::new(),
         }
+    }
+
+    /// `chokepoint_byte_budget_used_ratio{agent}`: the agent's most used budget is at `ratio`.
+    pub fn byte_budget_used(&self, ratio: f64) {
+        self.budget_used
+            .get_or_init(|| self.budget_used_vec.with_label_values(&[&*self.agent]))
+            .set(ratio);
     }
 
     /// The agent this set counts for.
@@ -480,6 +580,9 @@ impl AgentMetrics {
         }
         if self.tunnels.get().is_some_and(|g| g.get() == 0) {
             let _ = self.active_tunnels.remove_label_values(&[agent]);
+        }
+        if self.budget_used.get().is_some() {
+            let _ = self.budget_used_vec.remove_label_values(&[agent]);
         }
     }
 }

@@ -49,6 +49,12 @@ pub enum Reason {
     RateLimited,
     /// The agent has `max_concurrent` requests and tunnels open already.
     TooManyConcurrent,
+    /// The shared limit store (`[cluster]`) could not be asked in time and `fail_mode` is
+    /// `closed`.
+    LimitStoreUnavailable,
+    /// The agent has used up a byte budget (`max_{upload,download}_bytes_per_{hour,day}`):
+    /// new requests are refused until the window ends; an open tunnel that passes it is closed.
+    ByteBudget,
     /// The request body is larger than `max_request_body_bytes`.
     BodyTooLarge,
     /// A tunnel's client-to-upstream bytes passed `max_tunnel_upload_bytes`; it was closed.
@@ -155,7 +161,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 35] = [
+    pub const ALL: [Reason; 37] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -191,6 +197,8 @@ impl Reason {
         Reason::ClientCertExpired,
         Reason::Revoked,
         Reason::HostDenied,
+        Reason::LimitStoreUnavailable,
+        Reason::ByteBudget,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -208,6 +216,8 @@ impl Reason {
             Reason::AuthFailed => "auth_failed",
             Reason::RateLimited => "rate_limited",
             Reason::TooManyConcurrent => "too_many_concurrent",
+            Reason::LimitStoreUnavailable => "limit_store_unavailable",
+            Reason::ByteBudget => "byte_budget",
             Reason::BodyTooLarge => "body_too_large",
             Reason::UploadCap => "upload_cap",
             Reason::ResponseCap => "response_cap",
@@ -248,7 +258,9 @@ impl Reason {
             Reason::AuthRequired | Reason::AuthFailed | Reason::ClientCertExpired => {
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED
             }
-            Reason::RateLimited | Reason::TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited | Reason::TooManyConcurrent | Reason::ByteBudget => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::MalformedRequest
             | Reason::TlsHandshakeFailed
@@ -270,6 +282,7 @@ impl Reason {
             | Reason::UpstreamError
             | Reason::ResponseCap => StatusCode::BAD_GATEWAY,
             Reason::DnsTimeout | Reason::UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -303,6 +316,8 @@ impl Reason {
                 | Reason::HostDenied
                 | Reason::RateLimited
                 | Reason::TooManyConcurrent
+                | Reason::LimitStoreUnavailable
+                | Reason::ByteBudget
                 | Reason::HeaderTooLarge
                 | Reason::BodyTooLarge
                 | Reason::UploadCap

@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::connect;
 use crate::identity::PeerCert;
 use crate::io::{Cap, Direction, Meter, Metered};
-use crate::limits::Limits;
+use crate::limits::{budget, Limits};
 use crate::metrics::Metrics;
 use crate::outcome::{Deny, Reason, MAX_DETAIL_BYTES};
 use crate::policy::Mode;
@@ -632,10 +632,21 @@ async fn steps(
     // Limits first: every request of an agent spends its budget, so a flood of refused requests
     // is throttled too (and cannot flood the audit log at line rate).
     let limits = policy.limits;
-    let (permit, over) = snap.gate(agent_id).admit(limits.max_concurrent);
+    let gate = snap.gate(agent_id);
+    let (permit, over) = match &snap.cluster {
+        None => gate.admit(limits.max_concurrent),
+        // Boxed: the in-process path keeps its future as small as it was.
+        Some(c) => {
+            let report = ctx.mode == Mode::Report;
+            Box::pin(c.admit(agent_id.0, gate, &limits, report)).await
+        }
+    };
     ctx.permit = Some(permit);
     if let Some(deny) = over {
         ctx.judge(deny)?;
+    }
+    if limits.budgets.any() {
+        admit_budget(ctx, snap, agent_id, &limits)?;
     }
     match policy.check(kind, &target) {
         Ok(rule) => ctx.rule = Some(rule.text.clone()),
@@ -693,6 +704,31 @@ async fn steps(
         upstream,
         limits,
     })
+}
+
+/// The byte budget step of admission, for an agent with a budget: refuse when a budget is
+/// spent (against this process's counts without `[cluster]` or while the store is unusable;
+/// the store's own check ran in its admission script), else start counting the request's
+/// bytes.
+fn admit_budget(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    agent: crate::identity::AgentId,
+    limits: &Limits,
+) -> Result<(), Deny> {
+    if snap.budgets_local() {
+        let local = &snap.budgets[agent.0];
+        if let Some(deny) = local.check(&limits.budgets, budget::unix_now()) {
+            ctx.judge(deny)?;
+        }
+    }
+    ctx.budget = Some(budget::Flusher::start(
+        ctx.meter.clone(),
+        snap.budget_sink(agent),
+        limits.budgets,
+        ctx.agent_metrics.clone(),
+    ));
+    Ok(())
 }
 
 /// The agent's head and declared body size caps, checked before any upstream connection.

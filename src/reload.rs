@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigError, DenyCache};
 use crate::fingerprint::FileStamp;
 use crate::identity::{AgentId, Tokens};
+use crate::limits::budget::{LocalBudget, Sink};
+use crate::limits::cluster::{ClusterLimits, Store};
 use crate::limits::Gate;
 use crate::metrics::{AgentMetrics, Metrics};
 use crate::resolve::{Resolver, ResolverError};
@@ -54,12 +56,18 @@ pub struct Snapshot {
     pub config: Config,
     /// Limit state per agent, aligned with `config.agents`.
     pub gates: Vec<Arc<Gate>>,
+    /// This process's byte budget counts per agent, aligned with `config.agents`; carried over
+    /// by name.
+    pub budgets: Vec<Arc<LocalBudget>>,
     /// The resolver for `config.dns`.
     pub resolver: Arc<Resolver>,
     /// The live proxy tokens of `config.agents`.
     pub tokens: Tokens,
     /// The HTTPS listener's live certificate, key and client CA (`config.tls`).
     pub tls: Option<Arc<TlsFiles>>,
+    /// The cluster-wide limits (`config.cluster`); the store is carried over while the
+    /// `[cluster]` section stays the same.
+    pub cluster: Option<Arc<ClusterLimits>>,
     /// Metric handles per agent, aligned with `config.agents`; carried over by name.
     agent_metrics: Vec<Arc<AgentMetrics>>,
 }
@@ -145,6 +153,20 @@ impl Snapshot {
             };
             gates.push(gate);
         }
+        let budgets = config
+            .agents
+            .iter()
+            .map(|a| {
+                prev.and_then(|p| {
+                    p.config
+                        .agents
+                        .iter()
+                        .position(|o| o.name == a.name)
+                        .map(|i| p.budgets[i].clone())
+                })
+                .unwrap_or_default()
+            })
+            .collect();
         let agent_metrics = config
             .agents
             .iter()
@@ -154,6 +176,17 @@ impl Snapshot {
                     .unwrap_or_else(|| Arc::new(metrics.agent(a.name.clone())))
             })
             .collect();
+        let prev_cluster = prev.and_then(|p| p.cluster.as_deref());
+        let cluster = config.cluster.as_ref().map(|settings| {
+            let store = match prev_cluster {
+                Some(c) if c.store().settings() == settings => c.store().clone(),
+                _ => Store::start(settings.clone(), Arc::new(metrics.clone())),
+            };
+            Arc::new(ClusterLimits::new(store, &config.agents, prev_cluster))
+        });
+        if cluster.is_none() && prev_cluster.is_some() {
+            metrics.store_fallback(false);
+        }
         let tokens = Tokens::load(&config.agents, prev.map(|p| &p.tokens));
         let tls = match (&config.tls, prev) {
             (None, _) => None,
@@ -163,9 +196,11 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             gates,
+            budgets,
             resolver,
             tokens,
             tls,
+            cluster,
             agent_metrics,
         })
     }
@@ -173,6 +208,27 @@ impl Snapshot {
     /// The metric handles of an agent.
     pub fn agent_metrics(&self, agent: AgentId) -> &Arc<AgentMetrics> {
         &self.agent_metrics[agent.0]
+    }
+
+    /// False while limits cannot be applied as configured: the limit store is unusable under
+    /// `cluster.fail_mode = "closed"` (`/readyz`).
+    pub fn limits_ready(&self) -> bool {
+        self.cluster.as_ref().map_or(true, |c| c.ready())
+    }
+
+    /// Where an agent's bytes are counted against its byte budgets.
+    pub fn budget_sink(&self, agent: AgentId) -> Sink {
+        let local = self.budgets[agent.0].clone();
+        match &self.cluster {
+            None => Sink::Local(local),
+            Some(c) => c.sink(agent.0, local),
+        }
+    }
+
+    /// True when byte budgets are checked against this process's counts (no `[cluster]`, or
+    /// the store is unusable).
+    pub fn budgets_local(&self) -> bool {
+        self.cluster.as_ref().map_or(true, |c| !c.store().is_up())
     }
 
     /// The limit gate of an agent.

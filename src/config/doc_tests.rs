@@ -42,6 +42,8 @@ enum Kind {
     Boolean,
     Array,
     Table,
+    /// A string or an array of strings (`cluster.redis`: one server, or cluster nodes).
+    StringOrStrings,
 }
 
 /// Every key path `RawConfig` accepts, with its type as the doc writes it.
@@ -70,6 +72,7 @@ fn type_name(kinds: &BTreeMap<String, Kind>, path: &str) -> String {
         Some(Kind::Number) => "number".into(),
         Some(Kind::Boolean) => "boolean".into(),
         Some(Kind::Table) => "table".into(),
+        Some(Kind::StringOrStrings) => "string or array of strings".into(),
         Some(Kind::Array) => format!("array of {}s", type_name(kinds, &format!("{path}[]"))),
         None => panic!("no kind traced for {path}"),
     }
@@ -143,6 +146,12 @@ fn used_keys(
         }
         out.insert(path);
     }
+}
+
+/// True for the visitor of `raw::Nodes`, recognised by what it expects.
+fn visitor_expects_nodes<'de, V: Visitor<'de>>(visitor: &V) -> bool {
+    let expected = format!("{}", visitor as &dyn de::Expected);
+    expected == super::raw::NODES_EXPECTED
 }
 
 fn join(parent: &str, key: &str) -> String {
@@ -261,7 +270,12 @@ impl<'a> Tracer<'a> {
 impl<'de> de::Deserializer<'de> for Tracer<'_> {
     type Error = Error;
 
-    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+    /// Only `raw::Nodes` (a string or an array of strings) asks for any type.
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        if visitor_expects_nodes(&visitor) {
+            self.record(Kind::StringOrStrings);
+            return visitor.visit_str(NAME);
+        }
         Err(de::Error::custom(format!(
             "{:?}: a type the doc tracer does not know; teach it in src/config/doc_tests.rs",
             self.path

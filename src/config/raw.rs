@@ -24,6 +24,7 @@ pub(crate) struct RawConfig {
     pub(crate) sni: RawSni,
     #[serde(default)]
     pub(crate) limits: RawLimits,
+    pub(crate) cluster: Option<RawCluster>,
     #[serde(default)]
     pub(crate) agents: Vec<RawAgent>,
     #[serde(default)]
@@ -121,4 +122,56 @@ pub(crate) struct RawLimits {
     pub(crate) requests_per_second: Option<Spanned<f64>>,
     pub(crate) burst: Option<Spanned<i64>>,
     pub(crate) max_concurrent: Option<Spanned<i64>>,
+    pub(crate) max_upload_bytes_per_hour: Option<Spanned<i64>>,
+    pub(crate) max_download_bytes_per_hour: Option<Spanned<i64>>,
+    pub(crate) max_upload_bytes_per_day: Option<Spanned<i64>>,
+    pub(crate) max_download_bytes_per_day: Option<Spanned<i64>>,
+}
+
+/// `[cluster]`: the shared limit store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub(crate) redis: Spanned<Nodes>,
+    pub(crate) username: Option<Str>,
+    pub(crate) password_file: Option<Str>,
+    pub(crate) timeout: Option<Str>,
+    pub(crate) fail_mode: Option<Str>,
+    pub(crate) key_prefix: Option<Str>,
+}
+
+/// `cluster.redis`: one server URL, or a list of cluster node URLs.
+#[derive(Debug)]
+pub(crate) enum Nodes {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What the `Nodes` visitor expects (the doc tracer recognises it by this text).
+pub(crate) const NODES_EXPECTED: &str = "a redis URL or an array of cluster node URLs";
+
+impl<'de> Deserialize<'de> for Nodes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Nodes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(NODES_EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Nodes, E> {
+                Ok(Nodes::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Nodes, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(Nodes::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

@@ -14,6 +14,7 @@ use super::raw::{self, RawConfig, Str};
 use super::{fingerprint, CachedError, Config, DenyCache, SniPolicy, Timeouts, WatchedList};
 use crate::fingerprint::FileStamp;
 use crate::identity::{Agent, Agents, CertId, Token};
+use crate::limits::cluster::{self, ClusterSettings, FailMode};
 use crate::limits::Limits;
 use crate::policy::deny_file;
 use crate::policy::{
@@ -124,6 +125,7 @@ impl Validator<'_> {
             Duration::from_secs(3600),
         );
         let limits = self.limits(&raw.limits, "limits", Limits::default());
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c));
         let (policies, by_name) = self.policies(&raw.policies, mode, limits);
         let (tls_listen, tls) = self.tls(&raw.server, listen, admin_listen);
         let sni = self.sni(&raw.sni);
@@ -163,6 +165,7 @@ impl Validator<'_> {
             summary_interval,
             mode,
             limits,
+            cluster,
             fingerprint: fingerprint(self.src.as_bytes()),
             deny_lists: self
                 .deny_lists
@@ -310,6 +313,34 @@ impl Validator<'_> {
         if let Some(n) = int(&raw.max_concurrent, "max_concurrent", 1, 1_000_000, "") {
             out.max_concurrent = n as u32;
         }
+        // Byte budgets: up to 1 PiB per window.
+        let budgets = [
+            (
+                &raw.max_upload_bytes_per_hour,
+                "max_upload_bytes_per_hour",
+                &mut out.budgets.upload_per_hour,
+            ),
+            (
+                &raw.max_download_bytes_per_hour,
+                "max_download_bytes_per_hour",
+                &mut out.budgets.download_per_hour,
+            ),
+            (
+                &raw.max_upload_bytes_per_day,
+                "max_upload_bytes_per_day",
+                &mut out.budgets.upload_per_day,
+            ),
+            (
+                &raw.max_download_bytes_per_day,
+                "max_download_bytes_per_day",
+                &mut out.budgets.download_per_day,
+            ),
+        ];
+        for (v, name, slot) in budgets {
+            if let Some(n) = int(v, name, 1, 1024 * TIB, " bytes") {
+                *slot = Some(n);
+            }
+        }
         if let Some(v) = &raw.requests_per_second {
             let r = *v.get_ref();
             if (0.001..=1_000_000.0).contains(&r) {
@@ -324,6 +355,112 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// The `[cluster]` section.
+    fn cluster(&mut self, raw: &raw::RawCluster) -> ClusterSettings {
+        let (nodes, is_cluster) = match raw.redis.get_ref() {
+            raw::Nodes::One(url) => (vec![url.clone()], false),
+            raw::Nodes::Many(urls) => (urls.clone(), true),
+        };
+        let at = raw.redis.span().start;
+        if nodes.is_empty() {
+            self.issue_at(
+                at,
+                "cluster.redis",
+                "an empty list names no store; give one URL, or the cluster's nodes",
+            );
+        }
+        for (i, url) in nodes.iter().enumerate() {
+            let key = if is_cluster {
+                format!("cluster.redis[{i}]")
+            } else {
+                "cluster.redis".to_owned()
+            };
+            if let Some(problem) = redis_url_problem(url, is_cluster) {
+                self.issue_at(at, &key, &problem);
+            }
+        }
+        let username = raw.username.as_ref().map(|u| {
+            let v = u.get_ref();
+            if v.is_empty() || v.len() > 128 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                self.issue(
+                    u,
+                    "cluster.username",
+                    "the ACL user: 1 to 128 printable characters, no spaces",
+                );
+            }
+            v.clone()
+        });
+        let password_file = raw.password_file.as_ref().map(|f| {
+            let path = self.relative(f);
+            if let Err(e) = cluster::read_password(&path) {
+                // Like a token file: a Secret not mounted yet is loud, not fatal; the store is
+                // unusable (fail_mode applies) until the file holds the password.
+                self.warn(
+                    f.span().start,
+                    "cluster.password_file",
+                    format!("{e}; the gateway cannot authenticate to the store until the file holds the password"),
+                );
+            }
+            path
+        });
+        if username.is_some() && password_file.is_none() {
+            if let Some(u) = &raw.username {
+                self.issue(
+                    u,
+                    "cluster.username",
+                    "needs cluster.password_file (the user's password, from a mounted Secret)",
+                );
+            }
+        }
+        let timeout = self.duration(
+            raw.timeout.as_ref(),
+            "cluster.timeout",
+            cluster::DEFAULT_TIMEOUT,
+            Duration::from_secs(10),
+        );
+        let fail_mode = match &raw.fail_mode {
+            None => FailMode::default(),
+            Some(v) => FailMode::parse(v.get_ref()).unwrap_or_else(|| {
+                self.issue(
+                    v,
+                    "cluster.fail_mode",
+                    format!(
+                        "`{}` is not a fail mode: use \"local\", \"closed\" or \"open\"",
+                        v.get_ref()
+                    ),
+                );
+                FailMode::default()
+            }),
+        };
+        let key_prefix = match &raw.key_prefix {
+            None => cluster::DEFAULT_KEY_PREFIX.to_owned(),
+            Some(v) => {
+                let p = v.get_ref();
+                let ok = (1..=64).contains(&p.len())
+                    && p.bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+                if !ok {
+                    self.issue(v, "cluster.key_prefix", "1 to 64 printable characters, without spaces, `{` or `}` (braces are the keys' cluster hash tags)");
+                }
+                p.clone()
+            }
+        };
+        ClusterSettings {
+            nodes,
+            cluster: is_cluster,
+            username,
+            password_file,
+            timeout,
+            fail_mode,
+            key_prefix,
+        }
+    }
+
+    fn issue_at(&mut self, offset: usize, key: &str, problem: &str) {
+        let issue = self.at(offset, key.to_owned(), problem.to_owned());
+        self.issues.push(issue);
     }
 
     /// Exceptions so broad that they switch the built-in protection off for whole networks.
@@ -1050,6 +1187,45 @@ impl Validator<'_> {
                 format!("agent `{}` can never match: agent `{}` comes first and accepts every certificate it accepts (same spiffe_id / cert_subject) from its addresses", agent.name, e.name),
             );
         }
+    }
+}
+
+/// What is wrong with a `cluster.redis` URL, if anything.
+fn redis_url_problem(url: &str, is_cluster: bool) -> Option<String> {
+    use redis::IntoConnectionInfo;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Some(format!(
+            "`{}` is not a redis URL: write redis://HOST:PORT/DB, or rediss:// for TLS",
+            redact(url)
+        ));
+    }
+    let info = match url.into_connection_info() {
+        Ok(info) => info,
+        Err(e) => return Some(format!("`{}` is not a usable redis URL: {e}", redact(url))),
+    };
+    if info.redis.password.is_some() {
+        return Some("the URL carries a password: put it in cluster.password_file (a mounted Secret), never in the config".to_owned());
+    }
+    if info.redis.username.is_some() {
+        return Some(format!(
+            "`{}` carries a user name: use cluster.username",
+            redact(url)
+        ));
+    }
+    if is_cluster && info.redis.db != 0 {
+        return Some(format!(
+            "`{}`: Redis Cluster has only database 0",
+            redact(url)
+        ));
+    }
+    None
+}
+
+/// A URL for a message, with anything before an `@` (credentials) left out.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
     }
 }
 

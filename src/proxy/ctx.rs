@@ -19,6 +19,7 @@ use tokio_util::sync::PollSender;
 
 use crate::audit::{self, AuditRecord, AuditSink, SCHEMA_VERSION};
 use crate::io::Meter;
+use crate::limits::budget::Flusher;
 use crate::limits::Permit;
 use crate::metrics::{AgentMetrics, Done, Metrics};
 use crate::outcome::{Deny, Outcome, Reason, Verdict};
@@ -67,6 +68,9 @@ pub struct RequestCtx {
     pub mode: Mode,
     /// The agent's concurrency slot, held until the audit line is written.
     pub permit: Option<Permit>,
+    /// Counts this request's bytes against the agent's byte budgets (agents with one only);
+    /// dropped with the context, which adds the last bytes.
+    pub budget: Option<Flusher>,
     /// The client connection's slot under `server.max_connections`, held as long as the request
     /// (a tunnel outlives the HTTP connection it came from).
     pub connection: Option<Arc<OwnedSemaphorePermit>>,
@@ -101,6 +105,7 @@ impl RequestCtx {
             meter: Arc::new(Meter::default()),
             mode: Mode::Enforce,
             permit: None,
+            budget: None,
             connection: None,
             client_conn: None,
         }

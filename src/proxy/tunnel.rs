@@ -114,6 +114,12 @@ pub async fn run(
         send_prefix(&mut upstream, prefix, &meter, upload).await?;
         relay(io, upstream, &meter, upload).await
     };
+    // Cancelled by the byte budget flusher once the agent passes a budget.
+    // Report mode lets the tunnel go on (the next request's check records the budget).
+    let budget = match audited.ctx().mode {
+        crate::policy::Mode::Enforce => audited.ctx().budget.as_ref().map(|b| b.cut.clone()),
+        crate::policy::Mode::Report => None,
+    };
     let reason = tokio::select! {
         r = relay => {
             if let Err(e) = r {
@@ -125,6 +131,12 @@ pub async fn run(
         }
         () = meter.idle_for(idle) => Reason::IdleTimeout,
         () = abort.cancelled() => Reason::Shutdown,
+        () = spent(&budget) => {
+            tracing::info!("byte budget spent; tunnel closed");
+            let ctx = audited.ctx_mut();
+            ctx.outcome.refuse(ctx.mode, Reason::ByteBudget);
+            Reason::ByteBudget
+        }
         () = until(identity_ends) => {
             tracing::info!("client certificate expired; tunnel closed");
             let ctx = audited.ctx_mut();
@@ -140,6 +152,14 @@ pub async fn run(
     };
     audited.ctx_mut().outcome.ended(reason);
     audited.finish().await;
+}
+
+/// Completes when the agent passes a byte budget; never without one.
+async fn spent(cut: &Option<tokio_util::sync::CancellationToken>) {
+    match cut {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Completes at `deadline`; never without one.

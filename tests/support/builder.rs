@@ -109,6 +109,30 @@ pub struct Limits {
     pub burst: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_hour: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_download_bytes_per_hour: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_day: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_download_bytes_per_day: Option<u64>,
+}
+
+/// `[cluster]`: the shared limit store.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub redis: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    #[serde(serialize_with = "human", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
 }
 
 /// One `[[agents]]` entry.
@@ -207,6 +231,8 @@ pub struct ConfigBuilder {
     pub sni: Option<Sni>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<Agent>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -265,6 +291,7 @@ impl ConfigBuilder {
             destinations: Destinations::default(),
             sni: None,
             limits: None,
+            cluster: None,
             agents: Vec::new(),
             policies: BTreeMap::new(),
         }
@@ -403,6 +430,21 @@ impl ConfigBuilder {
     /// Change the global `[limits]` (created empty if absent).
     pub fn limits(mut self, f: impl FnOnce(&mut Limits)) -> ConfigBuilder {
         f(self.limits.get_or_insert_with(Limits::default));
+        self
+    }
+
+    /// `[cluster]` on the store at `redis` (a URL), changed by `f`.
+    pub fn cluster(mut self, redis: &str, f: impl FnOnce(&mut Cluster)) -> ConfigBuilder {
+        let mut c = Cluster {
+            redis: redis.into(),
+            username: None,
+            password_file: None,
+            timeout: None,
+            fail_mode: None,
+            key_prefix: None,
+        };
+        f(&mut c);
+        self.cluster = Some(c);
         self
     }
 

@@ -26,9 +26,12 @@ use std::time::{Duration, Instant};
 mod audit;
 mod builder;
 mod inprocess;
+mod redis_server;
 pub use audit::*;
 pub use builder::*;
 pub use inprocess::*;
+#[allow(unused_imports)] // only tests/cluster.rs runs a store
+pub use redis_server::*;
 
 /// How long any single wait in a test may take before it fails (generous: CI is a busy 2-core box).
 pub const WAIT: Duration = Duration::from_secs(20);

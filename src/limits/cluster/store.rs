@@ -1,0 +1,583 @@
+//! The connection to the limit store, its health, and the calls the request path makes.
+//!
+//! One [`Store`] per `[cluster]` setting (kept across reloads while the section is unchanged).
+//! A background task keeps it usable: it connects (and reconnects after a failure or a password
+//! rotation), sends this replica's heartbeat every second (which also counts the live replicas),
+//! renews the leases this replica holds, and gives back released ones in batches. Requests never
+//! connect: while the store is down they do not call it at all (the `fail_mode` applies at once),
+//! and the task's next successful heartbeat, at most [`TICK`] later, brings it back.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value};
+use tokio::sync::mpsc;
+
+use super::scripts;
+use super::ClusterSettings;
+use crate::limits::budget::{Budgets, KINDS};
+use crate::limits::Limits;
+use crate::metrics::{Metrics, StoreResult};
+
+/// How often the background task looks at the store (and so the longest a recovered store
+/// waits to be used again).
+pub const TICK: Duration = Duration::from_millis(250);
+/// How often a healthy replica sends its heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a replica counts as live after its last heartbeat.
+pub const REPLICA_TTL: Duration = Duration::from_secs(10);
+/// How long a lease lives without renewal: a replica that dies (kill -9) frees its agents'
+/// slots within this.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often held leases are renewed (well inside [`LEASE_TTL`], so a slow round survives).
+const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// Bound on establishing a connection (the background task's, never a request's).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the password file is read again.
+const PASSWORD_EVERY: Duration = Duration::from_secs(1);
+
+/// The keys of one agent; they share the hash tag `{agent}`, so one slot on a Redis Cluster.
+#[derive(Clone, Debug)]
+pub struct AgentKeys {
+    /// GCRA state.
+    pub rate: String,
+    /// Leases: member `replica:seq`, score = expiry (ms).
+    pub leases: Arc<str>,
+    /// Byte budget counters, in the order of `budget::KINDS`.
+    pub bytes: [String; 4],
+}
+
+/// A connection: one server (multiplexed) or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// What the store answered for one admission.
+#[derive(Debug)]
+pub struct Admitted {
+    /// 0 admitted, 1 over `max_concurrent`, 2 over the rate, 3 a byte budget spent.
+    pub verdict: i64,
+    /// Over the rate: how long until a request would conform; a budget: until its window ends.
+    pub wait: Duration,
+    /// The byte budget spent (its index in `budget::KINDS`), for verdict 3.
+    pub kind: usize,
+    /// Leases the agent held across the cluster before this one.
+    pub open: i64,
+    /// The lease taken, if any (admitted, or report mode).
+    pub lease: Option<Lease>,
+}
+
+/// The store could not be asked (down, not connected, an error, or slower than `timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable;
+
+/// One request's or tunnel's slot in the store; given back (in a batch) when dropped, and
+/// renewed by the store's task while held.
+#[derive(Debug)]
+pub struct Lease {
+    store: Arc<Store>,
+    seq: u64,
+}
+
+/// A released lease on its way to the batch that removes it.
+struct Release {
+    key: Arc<str>,
+    seq: u64,
+}
+
+/// The shared limit store.
+pub struct Store {
+    settings: ClusterSettings,
+    /// This process's id: lease members and the replica set use it.
+    replica: String,
+    conn: ArcSwapOption<Conn>,
+    /// Usable: the last call succeeded in time. Requests skip the store while false.
+    up: AtomicBool,
+    /// Live replicas at the last heartbeat (at least 1).
+    replicas: AtomicU32,
+    metrics: Arc<Metrics>,
+    seq: AtomicU64,
+    /// Leases held by this replica (seq → lease set), renewed by the task.
+    held: parking_lot::Mutex<HashMap<u64, Arc<str>>>,
+    releases: mpsc::UnboundedSender<Release>,
+    admit: Script,
+    add_bytes: Script,
+    renew: Script,
+    heartbeat: Script,
+    replica_key: String,
+}
+
+/// The background task's own state.
+struct Upkeep {
+    password: Option<String>,
+    password_read: Instant,
+    beat: Instant,
+    renewed: Instant,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Make the store and start its background tasks (they end when the store is dropped).
+    /// Must run inside the tokio runtime.
+    pub fn start(settings: ClusterSettings, metrics: Arc<Metrics>) -> Arc<Store> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let replica = ulid::Ulid::new().to_string();
+        let replica_key = format!("{}replicas", settings.key_prefix);
+        let store = Arc::new(Store {
+            settings,
+            replica,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            replicas: AtomicU32::new(1),
+            metrics,
+            seq: AtomicU64::new(0),
+            held: parking_lot::Mutex::new(HashMap::new()),
+            releases: tx,
+            admit: Script::new(scripts::ADMIT),
+            add_bytes: Script::new(scripts::ADD_BYTES),
+            renew: Script::new(scripts::RENEW),
+            heartbeat: Script::new(scripts::HEARTBEAT),
+            replica_key,
+        });
+        // Until the first heartbeat the store counts as failing: the fallback applies.
+        store.metrics.store_fallback(true);
+        tokio::spawn(upkeep(Arc::downgrade(&store)));
+        tokio::spawn(give_back(Arc::downgrade(&store), rx));
+        store
+    }
+
+    /// The settings this store was made from.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// True while requests use the store.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// Live replicas at the last heartbeat (at least 1): the `local` fallback's divisor.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Relaxed).max(1)
+    }
+
+    /// The keys of `agent` under this store's prefix.
+    pub fn keys(&self, agent: &str) -> AgentKeys {
+        let p = &self.settings.key_prefix;
+        AgentKeys {
+            rate: format!("{p}{{{agent}}}:rate"),
+            leases: format!("{p}{{{agent}}}:leases").into(),
+            bytes: ["up:hour", "down:hour", "up:day", "down:day"]
+                .map(|k| format!("{p}{{{agent}}}:bytes:{k}")),
+        }
+    }
+
+    /// Ask the store to admit one request or tunnel of the agent with `keys` under `limits`
+    /// (concurrency, then rate), in one round trip bounded by `cluster.timeout`.
+    pub async fn admit(
+        self: &Arc<Self>,
+        keys: &AgentKeys,
+        limits: &Limits,
+        report: bool,
+    ) -> Result<Admitted, Unavailable> {
+        let Some(conn) = self.usable() else {
+            self.metrics.store_request(StoreResult::Skipped, None);
+            return Err(Unavailable);
+        };
+        let mut conn = Conn::clone(&conn);
+        let seq = self.seq.fetch_add(1, Relaxed);
+        let member = self.member(seq);
+        // The GCRA emission interval in microseconds (validation keeps the rate at most 10⁶/s).
+        let emission = (1e6 / limits.requests_per_second).round().max(1.0) as u64;
+        let mut call = self.admit.prepare_invoke();
+        call.key(&keys.rate)
+            .key(&*keys.leases)
+            .arg(emission)
+            .arg(limits.burst)
+            .arg(limits.max_concurrent)
+            .arg(&member)
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(u8::from(report));
+        for (i, key) in keys.bytes.iter().enumerate() {
+            if let Some(max) = limits.budgets.get(i) {
+                call.key(key).arg(max).arg(i);
+            }
+        }
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            self.settings.timeout,
+            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+        )
+        .await;
+        let (verdict, wait_us, open, kind) = self.settled(answer, started)?;
+        let lease = (verdict == 0 || report).then(|| {
+            self.held.lock().insert(seq, keys.leases.clone());
+            Lease {
+                store: self.clone(),
+                seq,
+            }
+        });
+        Ok(Admitted {
+            verdict,
+            wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
+            kind: usize::try_from(kind).unwrap_or(0),
+            open,
+            lease,
+        })
+    }
+
+    /// Add a request's new bytes to the agent's byte budgets in the store (a flush, off the
+    /// request path); returns the highest used / budget ratio, `None` if the store could not
+    /// be asked.
+    pub async fn add_bytes(
+        &self,
+        keys: &AgentKeys,
+        budgets: &Budgets,
+        up: u64,
+        down: u64,
+    ) -> Option<f64> {
+        let conn = self.usable()?;
+        let mut conn = Conn::clone(&conn);
+        let mut call = self.add_bytes.prepare_invoke();
+        for (i, kind) in KINDS.iter().enumerate() {
+            let Some(max) = budgets.get(i) else { continue };
+            let n = match kind.dir {
+                crate::io::Direction::Up => up,
+                crate::io::Direction::Down => down,
+            };
+            call.key(&keys.bytes[i]).arg(n).arg(kind.window).arg(max);
+        }
+        let answer = tokio::time::timeout(
+            self.settings.timeout.max(TICK),
+            call.invoke_async::<u64>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok(permille)) => Some(permille as f64 / 1000.0),
+            Ok(Err(e)) => {
+                self.down(&e.to_string(), is_broken(&e));
+                None
+            }
+            Err(_) => {
+                self.down("byte budget update slower than cluster.timeout", false);
+                None
+            }
+        }
+    }
+
+    /// The connection, if the store is up.
+    fn usable(&self) -> Option<Arc<Conn>> {
+        if !self.up.load(Relaxed) {
+            return None;
+        }
+        self.conn.load_full()
+    }
+
+    fn member(&self, seq: u64) -> String {
+        format!("{}:{seq}", self.replica)
+    }
+
+    /// Record a call's result and turn it into the value or `Unavailable`, marking the store
+    /// down on an error or a timeout.
+    fn settled<T>(
+        &self,
+        answer: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
+        started: Instant,
+    ) -> Result<T, Unavailable> {
+        let took = started.elapsed();
+        match answer {
+            Ok(Ok(v)) => {
+                self.metrics.store_request(StoreResult::Ok, Some(took));
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.metrics.store_request(StoreResult::Error, Some(took));
+                self.down(&e.to_string(), is_broken(&e));
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.metrics.store_request(StoreResult::Timeout, Some(took));
+                self.down("slower than cluster.timeout", false);
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Stop using the store until the task's next successful heartbeat; `broken` drops the
+    /// connection too, so the task makes a new one.
+    fn down(&self, why: &str, broken: bool) {
+        if broken {
+            self.conn.store(None);
+        }
+        if self.up.swap(false, Relaxed) {
+            let mode = self.settings.fail_mode.as_str();
+            tracing::warn!(error = %why, fail_mode = mode, "limit store unavailable; fail_mode applies");
+            self.metrics.store_fallback(true);
+        }
+    }
+
+    /// Connect, with the current password.
+    async fn connect(&self, password: Option<&str>) -> Result<Conn, RedisError> {
+        let s = &self.settings;
+        let mut infos = Vec::with_capacity(s.nodes.len());
+        for url in &s.nodes {
+            let mut info = url.as_str().into_connection_info()?;
+            info.redis.username.clone_from(&s.username);
+            info.redis.password = password.map(str::to_owned);
+            infos.push(info);
+        }
+        if s.cluster {
+            let mut b = redis::cluster::ClusterClientBuilder::new(infos)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(s.timeout.max(TICK))
+                .retries(1);
+            if let Some(u) = &s.username {
+                b = b.username(u.clone());
+            }
+            if let Some(p) = password {
+                b = b.password(p.to_owned());
+            }
+            Ok(Conn::Cluster(b.build()?.get_async_connection().await?))
+        } else {
+            let info = infos.pop().ok_or_else(|| {
+                RedisError::from((redis::ErrorKind::InvalidClientConfig, "no URL"))
+            })?;
+            let client = redis::Client::open(info)?;
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(s.timeout.max(TICK));
+            Ok(Conn::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
+        }
+    }
+
+    /// One round of upkeep: password, connection, heartbeat, lease renewal.
+    async fn upkeep(&self, st: &mut Upkeep) {
+        if let Some(path) = &self.settings.password_file {
+            if st.password_read.elapsed() >= PASSWORD_EVERY {
+                st.password_read = Instant::now();
+                self.reread_password(path, st);
+            }
+        }
+        if self.conn.load().is_none() {
+            let made =
+                tokio::time::timeout(CONNECT_TIMEOUT, self.connect(st.password.as_deref())).await;
+            match made {
+                Ok(Ok(c)) => self.conn.store(Some(Arc::new(c))),
+                Ok(Err(e)) => return self.down(&e.to_string(), true),
+                Err(_) => return self.down("no connection within 1s", true),
+            }
+        }
+        if !self.is_up() || st.beat.elapsed() >= HEARTBEAT_EVERY {
+            st.beat = Instant::now();
+            self.beat().await;
+        }
+        if self.is_up() && st.renewed.elapsed() >= RENEW_EVERY {
+            st.renewed = Instant::now();
+            self.renew_held().await;
+        }
+    }
+
+    fn reread_password(&self, path: &Path, st: &mut Upkeep) {
+        match super::read_password(path) {
+            Ok(pw) if st.password.as_deref() != Some(pw.as_str()) => {
+                if st.password.is_some() {
+                    tracing::info!(file = %path.display(), "limit store password changed; reconnecting");
+                }
+                st.password = Some(pw);
+                // The next round connects with it.
+                self.conn.store(None);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "limit store password unreadable; keeping the previous one")
+            }
+        }
+    }
+
+    /// The heartbeat: register this replica and count the live ones. Its success is what
+    /// brings a store that was down back into use.
+    async fn beat(&self) {
+        let Some(conn) = self.conn.load_full() else {
+            return;
+        };
+        let mut conn = Conn::clone(&conn);
+        let mut call = self.heartbeat.prepare_invoke();
+        call.key(&self.replica_key)
+            .arg(&self.replica)
+            .arg(REPLICA_TTL.as_millis() as u64);
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            self.settings.timeout.max(TICK),
+            call.invoke_async::<u32>(&mut conn),
+        )
+        .await;
+        // Not counted in the request metrics: those are the calls requests make.
+        match answer {
+            Ok(Ok(n)) => {
+                self.replicas.store(n.max(1), Relaxed);
+                if !self.up.swap(true, Relaxed) {
+                    tracing::info!(replicas = n, took = ?started.elapsed(), "limit store available; cluster-wide limits apply");
+                    self.metrics.store_fallback(false);
+                }
+            }
+            Ok(Err(e)) => self.down(&e.to_string(), is_broken(&e)),
+            Err(_) => self.down("heartbeat slower than cluster.timeout", false),
+        }
+    }
+
+    /// Renew every lease this replica holds (re-adding any the store lost), one call per agent.
+    async fn renew_held(&self) {
+        let mut by_key: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+        for (seq, key) in self.held.lock().iter() {
+            by_key.entry(key.clone()).or_default().push(*seq);
+        }
+        let Some(conn) = self.conn.load_full() else {
+            return;
+        };
+        for (key, seqs) in by_key {
+            let mut conn = Conn::clone(&conn);
+            let mut call = self.renew.prepare_invoke();
+            call.key(&*key).arg(LEASE_TTL.as_millis() as u64);
+            for seq in seqs {
+                call.arg(self.member(seq));
+            }
+            let answer = tokio::time::timeout(
+                TICK.max(self.settings.timeout),
+                call.invoke_async::<u64>(&mut conn),
+            )
+            .await;
+            match answer {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return self.down(&e.to_string(), is_broken(&e)),
+                Err(_) => return self.down("lease renewal slower than cluster.timeout", false),
+            }
+        }
+    }
+
+    /// Give released leases back: one pipeline of ZREMs per agent (a pipeline stays within one
+    /// hash slot on a Redis Cluster).
+    async fn remove(&self, batch: &[Release]) {
+        let Some(conn) = self.conn.load_full() else {
+            return; // the leases expire on their own
+        };
+        let mut by_key: HashMap<&str, Vec<u64>> = HashMap::new();
+        for r in batch {
+            by_key.entry(&*r.key).or_default().push(r.seq);
+        }
+        for (key, seqs) in by_key {
+            let mut conn = Conn::clone(&conn);
+            let members: Vec<String> = seqs.into_iter().map(|s| self.member(s)).collect();
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(key).arg(members);
+            let bound = TICK.max(self.settings.timeout);
+            let answer = tokio::time::timeout(bound, cmd.query_async::<()>(&mut conn)).await;
+            if let Ok(Err(e)) = &answer {
+                tracing::debug!(error = %e, "giving leases back failed; they expire on their own");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("nodes", &self.settings.nodes)
+            .field("up", &self.is_up())
+            .field("replicas", &self.replicas())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The upkeep task: every [`TICK`] while the store exists.
+async fn upkeep(store: Weak<Store>) {
+    let long_ago = Instant::now()
+        .checked_sub(Duration::from_secs(60))
+        .unwrap_or_else(Instant::now);
+    let mut st = Upkeep {
+        password: None,
+        password_read: long_ago,
+        beat: long_ago,
+        renewed: Instant::now(),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        store.upkeep(&mut st).await;
+    }
+}
+
+/// The release task: takes every lease released since its last round and gives them back in
+/// one pipeline, so a burst of finished requests costs one round trip.
+async fn give_back(store: Weak<Store>, mut rx: mpsc::UnboundedReceiver<Release>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let Some(store) = store.upgrade() else { return };
+        store.remove(&batch).await;
+        batch.clear();
+    }
+}
+
+// === impl Lease ===
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let key = self.store.held.lock().remove(&self.seq);
+        if let Some(key) = key {
+            let _ = self.store.releases.send(Release { key, seq: self.seq });
+        }
+    }
+}
+
+/// True for errors after which the connection is not worth keeping.
+fn is_broken(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || e.kind() == redis::ErrorKind::AuthenticationFailed
+}
+
+// === impl Conn ===
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
