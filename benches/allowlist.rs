@@ -98,6 +98,7 @@ fn open_web(text: &str) -> Policy {
         limits: Limits::default(),
         mode: Mode::Enforce,
         allow_cidrs: Vec::new(),
+        intercept: Default::default(),
     }
 }
 

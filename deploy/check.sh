@@ -5,10 +5,15 @@
 #   CHOKEPOINT_BIN=target/release/chokepoint bash deploy/check.sh
 #
 # What it checks (one line per check, PASS or FAIL; exit status 1 if any check failed):
-#   render      every overlay (deploy/overlays/*), the agent-namespace base, and a second agent
-#               class made from that base, with `kubectl kustomize`
+#   render      every overlay (deploy/overlays/*), the agent-namespace base, a second agent
+#               class made from that base, and the interception components (production with
+#               components/intercept, an agent class with components/intercept-agent), with
+#               `kubectl kustomize`
 #   schema      each rendered bundle (and the example Secret) against the Kubernetes OpenAPI schemas
 #               with `kubernetes-validate --strict`, for the oldest and a current supported version
+#   crs         the interception component's cert-manager and trust-manager resources (which the
+#               schemas above do not cover): a PKCS#8 CA in chokepoint-system, its Issuer, a
+#               Bundle that publishes the certificate (never the key) with the public roots
 #   hadolint    the Dockerfile
 #   checkov     each rendered bundle (framework kubernetes) and the Dockerfile (framework
 #               dockerfile); every skipped check is named and justified where it is skipped:
@@ -151,6 +156,28 @@ resources:
   - $(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$ROOT/deploy/agent-namespace" "$WORK/research")
 EOF
 
+# Interception: the production overlay with components/intercept, and an agent class with
+# components/intercept-agent, composed the way docs/deploy.md tells an operator to.
+rel() { python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$1" "$2"; }
+mkdir -p "$WORK/intercept" "$WORK/intercepted-agents"
+cat >"$WORK/intercept/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(rel "$ROOT/deploy/overlays/production" "$WORK/intercept")
+components:
+  - $(rel "$ROOT/deploy/components/intercept" "$WORK/intercept")
+EOF
+cat >"$WORK/intercepted-agents/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: intercepted
+resources:
+  - $(rel "$ROOT/deploy/agent-namespace" "$WORK/intercepted-agents")
+components:
+  - $(rel "$ROOT/deploy/components/intercept-agent" "$WORK/intercepted-agents")
+EOF
+
 render() { # NAME DIR
   local file=$OUT/${1//\//-}.yaml
   if offline kubectl kustomize "$2" >"$file" 2>"$WORK/render.log" && [[ -s $file ]]; then
@@ -165,6 +192,8 @@ for b in "${bundles[@]}"; do
   render "$b" "deploy/$b"
 done
 render agent-class-research "$WORK/research"
+render overlays/production+intercept "$WORK/intercept"
+render agent-class-intercepted "$WORK/intercepted-agents"
 
 rendered=()
 for f in "$OUT"/*.yaml; do
@@ -178,12 +207,72 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Schemas.
 
+# kubernetes-validate knows the built-in kinds only: the cert-manager and trust-manager custom
+# resources of the interception component are set aside (into $WORK/crs) and checked below.
+cat >"$WORK/split_crs.py" <<'PY'
+import sys, yaml
+src, native, crs = sys.argv[1:4]
+docs = [d for d in yaml.safe_load_all(open(src)) if d]
+custom = [d for d in docs if d["apiVersion"].split("/")[0].endswith("cert-manager.io")]
+keep = [d for d in docs if d not in custom]
+yaml.safe_dump_all(keep, open(native, "w"), sort_keys=False)
+if custom:
+    yaml.safe_dump_all(custom, open(crs, "w"), sort_keys=False)
+PY
+mkdir -p "$WORK/native" "$WORK/crs"
+for f in "${rendered[@]}"; do
+  "$PY" "$WORK/split_crs.py" "$f" "$WORK/native/$(basename "$f")" "$WORK/crs/$(basename "$f")"
+done
 for v in "${KUBE_VERSIONS[@]}"; do
   for f in "${rendered[@]}" deploy/agent-namespace/proxy-token-secret.example.yaml; do
+    native=$f
+    [[ -f $WORK/native/$(basename "$f") ]] && native=$WORK/native/$(basename "$f")
     run_check schema "$(basename "$f" .yaml) against Kubernetes $v (strict)" "$WORK/schema.log" \
-      offline "$TOOLS/checkov/bin/kubernetes-validate" --strict --quiet -k "$v" "$f"
+      offline "$TOOLS/checkov/bin/kubernetes-validate" --strict --quiet -k "$v" "$native"
   done
 done
+
+# The interception custom resources: the fields the gateway and the agents depend on.
+cat >"$WORK/crs.py" <<'PY'
+import sys, yaml
+docs = [d for f in sys.argv[1:] for d in yaml.safe_load_all(open(f)) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+problems = []
+def need(cond, what):
+    if not cond:
+        problems.append(what)
+cert = by.get(("Certificate", "chokepoint-intercept-ca"))
+need(cert is not None, "Certificate chokepoint-intercept-ca is missing")
+if cert:
+    spec = cert["spec"]
+    need(spec.get("isCA") is True, "the interception Certificate must be a CA (isCA: true)")
+    need(spec.get("secretName") == "chokepoint-intercept-ca", "its secretName must be chokepoint-intercept-ca (the gateway mounts it)")
+    need(spec.get("privateKey", {}).get("encoding") == "PKCS8", "its key must be PKCS8 (the gateway signs with PKCS#8 keys)")
+    ref = spec.get("issuerRef", {})
+    need(("Issuer", ref.get("name")) in by or ref.get("kind") == "ClusterIssuer", f"its issuer {ref.get('name')} is not in the bundle")
+    need(cert["metadata"].get("namespace") == "chokepoint-system", "the CA must live in chokepoint-system, next to the gateway only")
+bundle = by.get(("Bundle", "chokepoint-intercept-ca"))
+need(bundle is not None, "Bundle chokepoint-intercept-ca is missing")
+if bundle:
+    srcs = bundle["spec"]["sources"]
+    need(any(s.get("secret", {}).get("key") == "tls.crt" for s in srcs), "the Bundle must publish the CA certificate (tls.crt)")
+    need(not any("tls.key" in str(s) for s in srcs), "the Bundle must never publish the CA key")
+    need(any(s.get("useDefaultCAs") for s in srcs), "the Bundle must include the public roots (agents' SSL_CERT_FILE replaces their trust store)")
+    need("namespace" not in bundle["metadata"], "the Bundle is cluster-scoped")
+for p in problems:
+    print("    | " + p, file=sys.stderr)
+kinds = sorted({d["kind"] for d in docs})
+print(f"{len(docs)} custom resources ({', '.join(kinds)})")
+sys.exit(1 if problems else 0)
+PY
+crs_files=()
+for f in "$WORK"/crs/*.yaml; do [[ -e $f ]] && crs_files+=("$f"); done
+if summary=$("$PY" "$WORK/crs.py" "${crs_files[@]}" deploy/components/intercept/trust-bundle.yaml 2>"$WORK/crs.log"); then
+  pass crs "interception: $summary"
+else
+  fail crs "interception: ${summary:-no result}"
+  cat "$WORK/crs.log"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Dockerfile lint.

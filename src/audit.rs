@@ -73,6 +73,11 @@ pub struct AuditRecord<'a> {
     pub upstream: Option<SocketAddr>,
     /// For tunnels to `[sni] ports`: the server name of the client's TLS ClientHello.
     pub sni: Option<&'a str>,
+    /// True for an intercepted tunnel (`connect`) and each request inside one (`http`).
+    pub intercepted: bool,
+    /// The name of the credential injected into an intercepted request (its `value_file` as the
+    /// config writes it; several comma-separated), never its value.
+    pub credential: Option<&'a str>,
     /// The status sent to the client (for tunnels: the CONNECT response); null if none was sent.
     pub status: Option<u16>,
     /// Bytes from client to upstream (request body or tunnel payload).
@@ -301,6 +306,13 @@ impl AuditRecord<'_> {
         }
         out.push_str(",\"sni\":");
         push_opt_str(out, self.sni);
+        out.push_str(if self.intercepted {
+            ",\"intercepted\":true"
+        } else {
+            ",\"intercepted\":false"
+        });
+        out.push_str(",\"credential\":");
+        push_opt_str(out, self.credential);
         out.push_str(",\"status\":");
         push_opt_u64(out, self.status.map(u64::from));
         out.push_str(",\"bytes_up\":");
@@ -588,6 +600,8 @@ mod tests {
             mode: "enforce",
             upstream: Some("[2001:db8::1]:443".parse().unwrap()),
             sni: Some("api.example.com"),
+            intercepted: true,
+            credential: None,
             status: Some(200),
             bytes_up: 1,
             bytes_down: 2,
@@ -604,7 +618,7 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.contains(r#""upstream":"[2001:db8::1]:443","sni":"api.example.com""#),
+            line.contains(r#""upstream":"[2001:db8::1]:443","sni":"api.example.com","intercepted":true,"credential":null"#),
             "{line}"
         );
         assert!(
@@ -638,6 +652,8 @@ mod tests {
             mode: "report",
             upstream: None,
             sni: Some(text),
+            intercepted: n % 2 == 0,
+            credential: Some(text),
             status: None,
             bytes_up: n,
             bytes_down: u64::MAX,

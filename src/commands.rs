@@ -134,6 +134,18 @@ pub fn summary(config: &Config) -> String {
         };
         let _ = writeln!(s, "https listen: {at} ({}; {clients})", t.cert.display());
     }
+    if let Some(i) = &config.intercept {
+        let _ = writeln!(
+            s,
+            "intercept: CA {} (key {}); upstream roots: web{}",
+            i.ca_cert.display(),
+            i.ca_key.display(),
+            i.upstream_ca
+                .iter()
+                .map(|p| format!(" + {}", p.display()))
+                .collect::<String>()
+        );
+    }
     let ports: Vec<String> = config.sni.ports.iter().map(u16::to_string).collect();
     let _ = writeln!(
         s,
@@ -219,6 +231,9 @@ pub fn summary(config: &Config) -> String {
                 ));
             }
             let _ = writeln!(s, "    deny: {}", parts.join("; "));
+        }
+        for i in p.intercept.iter() {
+            let _ = writeln!(s, "    {}", crate::explain::intercept_line(i));
         }
     }
     let _ = writeln!(

@@ -87,6 +87,9 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// The `[sni]` section: which tunnels must carry a ClientHello for the CONNECT host.
     pub sni: SniPolicy,
+    /// The `[intercept]` section: the CA files and extra upstream roots (checked at load; the
+    /// reload snapshot holds the live `Interceptor` that re-reads them).
+    pub intercept: Option<crate::intercept::InterceptSettings>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// DNS settings.

@@ -49,6 +49,8 @@ pub struct Explanation {
     pub limits: String,
     /// With `--resolve`: each address and whether vetting keeps it.
     pub addresses: Option<Result<Vetted, Deny>>,
+    /// For a CONNECT the policy intercepts: what interception does to it.
+    pub intercept: Option<String>,
 }
 
 /// Why a question could not be answered (usage errors: exit 64).
@@ -94,7 +96,12 @@ pub fn explain(config: &Config, who: &Who, arg: &str) -> Result<Explanation, Exp
     let denied_by = policy
         .denied_by(&target)
         .map(|hit| format!("`{}` ({})", hit.rule, hit.source()));
+    let intercept = match kind {
+        Kind::Connect => policy.intercept.find(&target).map(intercept_line),
+        Kind::Http => None,
+    };
     Ok(Explanation {
+        intercept,
         kind,
         target,
         agent: agent.name.to_string(),
@@ -147,6 +154,31 @@ fn find_agent(agents: &Agents, who: &Who) -> Result<(AgentId, String), ExplainEr
             }
         }
     }
+}
+
+/// What interception does to a host: the leaf, the injected headers (by secret name) and the
+/// rules.
+pub fn intercept_line(i: &crate::intercept::Intercept) -> String {
+    let inject: Vec<String> = i
+        .inject
+        .iter()
+        .map(|j| format!("{} from {}", j.header, j.name))
+        .collect();
+    let rules: Vec<&str> = i.rules.iter().map(|r| &*r.text).collect();
+    format!(
+        "TLS intercepted as `{}`; injects {}; allows {}",
+        i.host,
+        if inject.is_empty() {
+            "nothing".to_owned()
+        } else {
+            inject.join(", ")
+        },
+        if rules.is_empty() {
+            "any method and path".to_owned()
+        } else {
+            rules.join(", ")
+        }
+    )
 }
 
 fn limits_line(policy: &Policy, config: &Config) -> String {
@@ -229,6 +261,9 @@ impl fmt::Display for Explanation {
             writeln!(f, "deny:     {deny}")?;
         }
         writeln!(f, "limits:   {}", self.limits)?;
+        if let Some(i) = &self.intercept {
+            writeln!(f, "intercept: {i}")?;
+        }
         match &self.addresses {
             None => {}
             Some(Err(d)) => writeln!(f, "resolve:  {} ({})", d.reason, d.detail)?,

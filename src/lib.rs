@@ -16,7 +16,9 @@
 //!        ─► resolve (static hosts, then DNS; timed) ─► vet addresses (deny ranges, exceptions)
 //!        ─► connect (timed, only to a vetted address)
 //!        ─► CONNECT: 200, SNI check on TLS ports, then tunnel bytes both ways
-//!                    (counted, upload-capped, idle-timed)
+//!                    (counted, upload-capped, idle-timed); to a host the policy intercepts:
+//!                    TLS with the agent, then per request rules, injected credentials and
+//!                    verified TLS upstream (`proxy::intercept`)
 //!           HTTP:    forward request (hop-by-hop stripped, body capped), stream the response
 //!                    back (counted, capped)
 //!        ─► audit line + metrics, from the request's one Outcome (always: allow, deny,
@@ -50,6 +52,7 @@
 //! | [`reload`] | the live config snapshot; file watch, SIGHUP, token refresh |
 //! | [`shutdown`] | signals |
 //! | [`tls`] | the HTTPS listener's rustls config (rotated files), client certificate identity |
+//! | [`intercept`] | opt-in TLS interception: intercepted hosts, path rules, the CA and leaf cache, injected secrets |
 //! | [`sni`] | the TLS ClientHello reader behind the tunnels' SNI check |
 //! | [`explain`], [`propose`], [`probe`], [`commands`] | the operator subcommands |
 
@@ -62,6 +65,7 @@ pub mod connect;
 pub mod explain;
 pub mod fingerprint;
 pub mod identity;
+pub mod intercept;
 pub mod io;
 pub mod limits;
 pub mod metrics;
@@ -180,6 +184,10 @@ where
         shared.pool.clone(),
         shared.draining.clone(),
     ));
+    let intercept_reaper = tokio::spawn(proxy::pool::reap(
+        shared.intercept_pool.clone(),
+        shared.draining.clone(),
+    ));
     // Announced only now: signal handlers are installed and every part is ready. The HTTPS
     // listener first: tools wait for the `listen=` line and then expect everything up.
     if let Some(l) = &tls {
@@ -229,6 +237,7 @@ where
     }
     let _ = watcher.await;
     let _ = reaper.await;
+    let _ = intercept_reaper.await;
     admin_stop.cancel();
     if let Some(t) = admin_task {
         let _ = t.await;

@@ -58,6 +58,18 @@ pub const LIMIT_STORE_FALLBACK: &str = "chokepoint_limit_store_fallback";
 /// limit in its current window (this replica's view).
 pub const BYTE_BUDGET_USED: &str = "chokepoint_byte_budget_used_ratio";
 
+/// `chokepoint_intercepted_tunnels_total{result}`: intercepted tunnels by the agent's TLS
+/// handshake with the gateway: `ok` or `handshake_failed`.
+pub const INTERCEPTED_TUNNELS: &str = "chokepoint_intercepted_tunnels_total";
+/// `chokepoint_intercept_certificates_minted_total`: leaf certificates minted for intercepted
+/// hosts.
+pub const INTERCEPT_MINTS: &str = "chokepoint_intercept_certificates_minted_total";
+/// `chokepoint_intercept_certificates_cached`: leaf certificates in the cache now.
+pub const INTERCEPT_CACHED: &str = "chokepoint_intercept_certificates_cached";
+/// `chokepoint_intercept_upstream_tls_failures_total`: upstream TLS connections of intercepted
+/// hosts that failed (untrusted or wrong-name certificate, handshake error or timeout).
+pub const INTERCEPT_TLS_FAILURES: &str = "chokepoint_intercept_upstream_tls_failures_total";
+
 /// Sub-millisecond to seconds: DNS and connects on loopback take tens of microseconds, across
 /// the internet tens to hundreds of milliseconds.
 const FAST_BUCKETS: [f64; 14] = [
@@ -105,6 +117,10 @@ pub struct Metrics {
     store_requests: [IntCounter; 4],
     store_duration: Histogram,
     store_fallback: IntGauge,
+    intercepted: [IntCounter; 2],
+    mints: IntCounter,
+    cached: IntGauge,
+    upstream_tls_failures: IntCounter,
     /// `chokepoint_request_duration_seconds` per kind, resolved once.
     durations: [Histogram; 3],
     /// The handles of clients that matched no agent (`agent="unknown"`).
@@ -271,11 +287,34 @@ impl Metrics {
             LIMIT_STORE_FALLBACK,
             "1 while the limit store is unusable and cluster.fail_mode applies.",
         )?;
+        let intercepted = IntCounterVec::new(
+            Opts::new(
+                INTERCEPTED_TUNNELS,
+                "Intercepted tunnels by the result of the agent's TLS handshake (ok, handshake_failed).",
+            ),
+            &["result"],
+        )?;
+        let mints = IntCounter::new(
+            INTERCEPT_MINTS,
+            "Leaf certificates minted for intercepted hosts.",
+        )?;
+        let cached = IntGauge::new(
+            INTERCEPT_CACHED,
+            "Leaf certificates for intercepted hosts cached now.",
+        )?;
+        let upstream_tls_failures = IntCounter::new(
+            INTERCEPT_TLS_FAILURES,
+            "Upstream TLS connections of intercepted hosts that failed.",
+        )?;
         for c in [
             Box::new(store_requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(store_duration.clone()),
             Box::new(store_fallback.clone()),
             Box::new(budget_used.clone()),
+            Box::new(intercepted.clone()),
+            Box::new(mints.clone()),
+            Box::new(cached.clone()),
+            Box::new(upstream_tls_failures.clone()),
             Box::new(requests.clone()),
             Box::new(bytes.clone()),
             Box::new(active_tunnels.clone()),
@@ -307,6 +346,7 @@ impl Metrics {
         }
         let durations = KINDS.map(|k| duration.with_label_values(&[k]));
         let store_requests = STORE_RESULTS.map(|r| store_requests_vec.with_label_values(&[r]));
+        let intercepted = ["ok", "handshake_failed"].map(|r| intercepted.with_label_values(&[r]));
         let unknown = Arc::new(AgentMetrics::new(
             UNKNOWN_AGENT.into(),
             &requests,
@@ -335,6 +375,10 @@ impl Metrics {
             store_requests,
             store_duration,
             store_fallback,
+            intercepted,
+            mints,
+            cached,
+            upstream_tls_failures,
             durations,
             unknown,
         })
@@ -411,6 +455,27 @@ impl Metrics {
     /// The limit store became unusable (`true`) or usable again.
     pub fn store_fallback(&self, on: bool) {
         self.store_fallback.set(i64::from(on));
+    }
+
+    /// An intercepted tunnel's TLS handshake with the agent completed (`ok`) or failed.
+    pub fn intercepted(&self, ok: bool) {
+        self.intercepted[usize::from(!ok)].inc();
+    }
+
+    /// A leaf certificate was minted; `cached` leaves are held now.
+    pub fn leaf_minted(&self, cached: usize) {
+        self.mints.inc();
+        self.leaves_cached(cached);
+    }
+
+    /// `cached` leaves are held now (after a mint, or a CA rotation that emptied the cache).
+    pub fn leaves_cached(&self, cached: usize) {
+        self.cached.set(i64::try_from(cached).unwrap_or(i64::MAX));
+    }
+
+    /// An upstream TLS connection of an intercepted host failed.
+    pub fn upstream_tls_failed(&self) {
+        self.upstream_tls_failures.inc();
     }
 
     /// A reload finished.

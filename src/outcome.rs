@@ -96,8 +96,19 @@ pub enum Reason {
     SniMissing,
     /// A tunnel to a TLS port did not start with a TLS ClientHello (or a malformed one).
     NotTls,
-    /// A client of the TLS listener failed the handshake (e.g. an untrusted client certificate).
+    /// A client of the TLS listener failed the handshake (e.g. an untrusted client certificate),
+    /// or an agent failed the handshake of an intercepted tunnel (it does not trust the
+    /// interception CA, or pins the host's certificate).
     TlsHandshakeFailed,
+    /// A request inside an intercepted tunnel used a method or path that no rule of the host
+    /// admits (or a path that could be read as another one).
+    PathNotAllowed,
+    /// The upstream of an intercepted host failed TLS verification (untrusted or wrong-name
+    /// certificate) or the TLS handshake.
+    UpstreamTlsFailed,
+    /// A credential to inject into an intercepted request is unavailable (its secret file is
+    /// missing or unreadable): the request is refused rather than sent without it.
+    CredentialUnavailable,
 }
 
 /// The outcome of the policy decision for one request or tunnel.
@@ -161,7 +172,7 @@ pub struct Deny {
 
 impl Reason {
     /// Every reason, in declaration order (for docs and tests).
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 40] = [
         Reason::Allowed,
         Reason::MalformedRequest,
         Reason::NotProxyRequest,
@@ -199,6 +210,9 @@ impl Reason {
         Reason::HostDenied,
         Reason::LimitStoreUnavailable,
         Reason::ByteBudget,
+        Reason::PathNotAllowed,
+        Reason::UpstreamTlsFailed,
+        Reason::CredentialUnavailable,
     ];
 
     /// The snake_case token used by the `chokepoint-reason` header and the audit line.
@@ -241,6 +255,9 @@ impl Reason {
             Reason::TlsHandshakeFailed => "tls_handshake_failed",
             Reason::ClientCertExpired => "client_cert_expired",
             Reason::Revoked => "revoked",
+            Reason::PathNotAllowed => "path_not_allowed",
+            Reason::UpstreamTlsFailed => "upstream_tls_failed",
+            Reason::CredentialUnavailable => "credential_unavailable",
         }
     }
 
@@ -275,7 +292,10 @@ impl Reason {
             | Reason::IpLiteralNotAllowed
             | Reason::HostDenied
             | Reason::DeniedAddress
-            | Reason::Revoked => StatusCode::FORBIDDEN,
+            | Reason::Revoked
+            | Reason::PathNotAllowed => StatusCode::FORBIDDEN,
+            Reason::UpstreamTlsFailed => StatusCode::BAD_GATEWAY,
+            Reason::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reason::DnsFailed
             | Reason::DnsNoAddresses
             | Reason::UpstreamConnectFailed
@@ -302,6 +322,7 @@ impl Reason {
                 | Reason::SniMissing
                 | Reason::NotTls
                 | Reason::Revoked
+                | Reason::PathNotAllowed
         )
     }
 
@@ -325,6 +346,7 @@ impl Reason {
                 | Reason::SniMismatch
                 | Reason::SniMissing
                 | Reason::NotTls
+                | Reason::PathNotAllowed
         )
     }
 

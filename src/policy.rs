@@ -42,6 +42,8 @@ pub struct Policy {
     pub mode: Mode,
     /// Exceptions to the built-in deny set that hold only for this policy's agents.
     pub allow_cidrs: Vec<IpNet>,
+    /// The hosts this policy's CONNECTs are intercepted for (`[[policies.NAME.intercept]]`).
+    pub intercept: crate::intercept::Intercepts,
 }
 
 // === impl Policy ===

@@ -10,6 +10,7 @@
 pub mod ctx;
 pub mod forward;
 pub mod hello;
+pub mod intercept;
 pub mod pool;
 pub mod respond;
 pub mod revoke;
@@ -96,6 +97,9 @@ pub struct Shared {
     pub budget: Budget,
     /// Connections refused at a connection cap, for the next summary.
     pub refused: Refused,
+    /// Idle upstream TLS connections of intercepted tunnels (never mixed with `pool`: a plain
+    /// connection must not carry an intercepted request, nor the reverse).
+    pub intercept_pool: Arc<pool::Pool>,
     timer: TokioTimer,
 }
 
@@ -121,6 +125,7 @@ impl Shared {
             pool: Arc::new(pool::Pool::new()),
             budget: Budget::new(),
             refused: Refused::default(),
+            intercept_pool: Arc::new(pool::Pool::new()),
             timer: TokioTimer::new(),
         }
     }
@@ -146,7 +151,7 @@ impl Shared {
     }
 
     /// The HTTP/1.1 server settings for a new connection under `config`.
-    fn http(&self, config: &Config) -> http1::Builder {
+    pub(crate) fn http(&self, config: &Config) -> http1::Builder {
         let mut http = http1::Builder::new();
         // Without a timer hyper silently skips the header timeout (and panics on a configured one).
         // The read buffer bounds the request head: the largest any policy allows, plus room for
@@ -436,6 +441,8 @@ struct Admitted {
     identity_ends: Option<tokio::time::Instant>,
     /// What admitted the request, to check again when the config or a token changes.
     grant: Grant,
+    /// CONNECT to a host the agent's policy intercepts: the vetted address dialled.
+    intercept: Option<crate::vet::VettedAddr>,
 }
 
 /// Where an admitted request goes next.
@@ -524,6 +531,17 @@ async fn handle(
                 enforce,
                 reason: Reason::UploadCap,
             };
+            let intercept = admitted.intercept.and_then(|peer| {
+                let ctx = audited.ctx();
+                Some(intercept::Session {
+                    shared: shared.clone(),
+                    agent: ctx.agent.clone()?,
+                    target: ctx.target.clone()?,
+                    peer,
+                    client: conn.peer,
+                    handshake: timeouts.request_header,
+                })
+            });
             shared.tracker.spawn(tunnel::run(
                 on_upgrade,
                 upstream,
@@ -534,6 +552,7 @@ async fn handle(
                 watch,
                 timeouts.idle,
                 shared.abort.clone(),
+                intercept,
             ));
             Ok(Response::new(Either::Left(Full::new(Bytes::new()))))
         }
@@ -661,6 +680,10 @@ async fn steps(
             ctx.judge(deny)?
         }
     }
+    if kind == Kind::Http {
+        // The method/path rules of an intercepted host hold for its plain HTTP too.
+        intercept::check_plain(policy, &target, req).or_else(|deny| ctx.judge(deny))?;
+    }
     check_sizes(req, &limits).or_else(|deny| ctx.judge(deny))?;
     let lookup = Instant::now();
     let resolved = snap.resolver.resolve(&target.host).await;
@@ -671,6 +694,7 @@ async fn steps(
     }
     let addrs = resolved?.addrs;
     let vetted = cfg.vetter.vet(&addrs, target.port, &policy.allow_cidrs)?;
+    let mut intercept = None;
     let upstream = match kind {
         // The pool is asked only now, with this request's own vetted addresses.
         Kind::Http => Upstream::Http(forward::Route {
@@ -683,6 +707,12 @@ async fn steps(
         Kind::Connect => {
             let (upstream, addr) = connect::dial(&vetted, cfg.timeouts.connect, metrics).await?;
             ctx.upstream = Some(addr.addr());
+            // Interception only for a host the policy lists (and admits: checked at load), and
+            // only with the CA loaded.
+            if snap.intercept.is_some() && policy.intercept.find(&target).is_some() {
+                ctx.intercepted = true;
+                intercept = Some(addr);
+            }
             Upstream::Tunnel(upstream)
         }
     };
@@ -703,6 +733,7 @@ async fn steps(
         ),
         upstream,
         limits,
+        intercept,
     })
 }
 
@@ -732,7 +763,7 @@ fn admit_budget(
 }
 
 /// The agent's head and declared body size caps, checked before any upstream connection.
-fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
+pub(crate) fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
     let head = target::head_bytes(req);
     if head > limits.max_request_header_bytes {
         return Err(Deny::with_detail(
@@ -756,7 +787,11 @@ fn check_sizes(req: &Request<Incoming>, limits: &Limits) -> Result<(), Deny> {
 }
 
 /// Turn a refusal into its response and write the audit line.
-async fn refuse(mut audited: Audited, deny: &Deny, uri: &http::Uri) -> Response<ProxyBody> {
+pub(crate) async fn refuse(
+    mut audited: Audited,
+    deny: &Deny,
+    uri: &http::Uri,
+) -> Response<ProxyBody> {
     let ctx = audited.ctx_mut();
     // Whatever the mode: report mode's refusals were recorded by `judge` and never get here.
     ctx.outcome.refuse(ctx.mode, deny.reason);

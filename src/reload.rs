@@ -41,6 +41,7 @@ use crate::fingerprint::FileStamp;
 use crate::identity::{AgentId, Tokens};
 use crate::limits::budget::{LocalBudget, Sink};
 use crate::limits::cluster::{ClusterLimits, Store};
+use crate::intercept::{CaError, Interceptor, Secrets};
 use crate::limits::Gate;
 use crate::metrics::{AgentMetrics, Metrics};
 use crate::resolve::{Resolver, ResolverError};
@@ -68,6 +69,10 @@ pub struct Snapshot {
     /// The cluster-wide limits (`config.cluster`); the store is carried over while the
     /// `[cluster]` section stays the same.
     pub cluster: Option<Arc<ClusterLimits>>,
+    /// The live interception CA, leaf cache and upstream roots (`config.intercept`).
+    pub intercept: Option<Arc<Interceptor>>,
+    /// The live secrets that interception injects, one store per file the policies name.
+    pub secrets: Secrets,
     /// Metric handles per agent, aligned with `config.agents`; carried over by name.
     agent_metrics: Vec<Arc<AgentMetrics>>,
 }
@@ -87,6 +92,9 @@ pub enum ReloadError {
     /// The blocking task that parsed the new file did not finish (it panicked).
     #[error("the reload task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The interception CA files changed between validation and use.
+    #[error("intercept.ca_cert / ca_key / upstream_ca: {0}")]
+    Intercept(#[from] CaError),
 }
 
 /// The live snapshot and where it comes from.
@@ -193,6 +201,19 @@ impl Snapshot {
             (Some(settings), Some(p)) if p.config.tls.as_ref() == Some(settings) => p.tls.clone(),
             (Some(settings), _) => Some(Arc::new(TlsFiles::load(settings.clone())?)),
         };
+        let intercept = match (&config.intercept, prev) {
+            (None, _) => None,
+            (Some(settings), Some(p))
+                if p.intercept.as_ref().map(|i| i.settings()) == Some(settings) =>
+            {
+                p.intercept.clone()
+            }
+            (Some(settings), _) => Some(Arc::new(Interceptor::load(settings.clone())?)),
+        };
+        let secrets = Secrets::load(
+            crate::intercept::secret_files(&config.policies),
+            prev.map(|p| &p.secrets),
+        );
         Ok(Snapshot {
             config,
             gates,
@@ -201,6 +222,8 @@ impl Snapshot {
             tokens,
             tls,
             cluster,
+            intercept,
+            secrets,
             agent_metrics,
         })
     }
@@ -353,6 +376,38 @@ impl Live {
         }
     }
 
+    /// Re-read the secret files interception injects, and the interception CA files; `at_once`
+    /// (SIGHUP) applies a changed secret on its first read. A secret's value is never logged.
+    fn refresh_intercept(&self, at_once: bool) {
+        let snap = self.current.load();
+        for secret in snap.secrets.iter() {
+            match secret.refresh(at_once) {
+                Ok(true) => {
+                    tracing::info!(file = %secret.path().display(), "injected secret changed")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "secret file unreadable; keeping the previous value for now")
+                }
+            }
+        }
+        let Some(i) = &snap.intercept else { return };
+        match i.refresh() {
+            Ok(true) => {
+                self.metrics.leaves_cached(i.cached());
+                tracing::info!(
+                    ca = %i.settings().ca_cert.display(),
+                    "interception CA files changed; new connections get leaves from them"
+                )
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "interception CA files unusable; the previous CA keeps signing"
+            ),
+        }
+    }
+
     /// Re-read the HTTPS listener's certificate, key and client CA files of the current config.
     fn refresh_tls(&self) {
         let snap = self.current.load();
@@ -392,6 +447,7 @@ impl Live {
             };
             self.refresh_tokens(forced);
             self.refresh_tls();
+            self.refresh_intercept(forced);
             let now = match std::fs::read(&self.path) {
                 Ok(bytes) => bytes,
                 Err(e) => {

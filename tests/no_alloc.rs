@@ -69,6 +69,7 @@ fn policy(n: usize) -> Policy {
         limits: Limits::default(),
         mode: Mode::Enforce,
         allow_cidrs: Vec::new(),
+        intercept: Default::default(),
     }
 }
 
@@ -162,6 +163,7 @@ fn open_web(n: usize) -> Policy {
         limits: Limits::default(),
         mode: Mode::Enforce,
         allow_cidrs: Vec::new(),
+        intercept: Default::default(),
     }
 }
 

@@ -29,6 +29,37 @@ pub(crate) struct RawConfig {
     pub(crate) agents: Vec<RawAgent>,
     #[serde(default)]
     pub(crate) policies: BTreeMap<Str, RawPolicy>,
+    pub(crate) intercept: Option<Spanned<RawIntercept>>,
+}
+
+/// `[intercept]`: the CA that interception leaves are signed with, and extra upstream roots.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIntercept {
+    pub(crate) ca_cert: Str,
+    pub(crate) ca_key: Str,
+    #[serde(default)]
+    pub(crate) upstream_ca: Vec<Str>,
+}
+
+/// One `[[policies.NAME.intercept]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInterceptHost {
+    pub(crate) host: Str,
+    #[serde(default)]
+    pub(crate) inject: Vec<RawInject>,
+    #[serde(default)]
+    pub(crate) rules: Vec<Str>,
+}
+
+/// One `inject = [{ header, value_file, format }]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInject {
+    pub(crate) header: Str,
+    pub(crate) value_file: Str,
+    pub(crate) format: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +139,8 @@ pub(crate) struct RawPolicy {
     pub(crate) allow_cidrs: Vec<Str>,
     pub(crate) limits: Option<Spanned<RawLimits>>,
     pub(crate) mode: Option<Str>,
+    #[serde(default)]
+    pub(crate) intercept: Vec<RawInterceptHost>,
 }
 
 /// `[limits]` and a policy's `limits = { … }`: every key optional (a policy overrides only what

@@ -299,6 +299,163 @@ fn deny_rules_use_the_rule_grammar_and_win() {
     );
 }
 
+/// A config in `dir` with the interception CA and one secret written next to it.
+fn intercept_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    crate::intercept::ca::tests::write_ca(dir.path(), "ca");
+    std::fs::write(dir.path().join("openai"), "sk-test\n").unwrap();
+    dir
+}
+
+const INTERCEPTING: &str = r#"
+[server]
+listen = "127.0.0.1:3128"
+
+[intercept]
+ca_cert = "ca.crt"
+ca_key = "ca.key"
+
+[[agents]]
+name = "local"
+source_cidrs = ["127.0.0.0/8"]
+policy = "p"
+
+[policies.p]
+allow = ["api.openai.com", "*.example.com"]
+
+[[policies.p.intercept]]
+host = "api.openai.com"
+inject = [{ header = "authorization", value_file = "openai", format = "Bearer {}" }]
+rules = ["POST /v1/chat/completions", "GET /v1/models/*"]
+
+[[policies.p.intercept]]
+host = "*.example.com"
+"#;
+
+#[test]
+fn interception_compiles_hosts_injections_and_rules() {
+    let dir = intercept_dir();
+    let c = parse(&dir.path().join("c.toml"), INTERCEPTING).unwrap();
+    let s = c.intercept.as_ref().unwrap();
+    assert_eq!(s.ca_cert, dir.path().join("ca.crt"));
+    let p = &c.policies[0];
+    let t = |s: &str| crate::target::parse_authority(s, None).unwrap();
+    let openai = p.intercept.find(&t("api.openai.com:443")).unwrap();
+    assert_eq!(openai.credential.as_deref(), Some("openai"));
+    assert_eq!(openai.inject[0].header, "authorization");
+    assert_eq!(openai.inject[0].value_file, dir.path().join("openai"));
+    assert_eq!(
+        openai.inject[0].value(b"sk-x").unwrap(),
+        "Bearer sk-x",
+        "format applied"
+    );
+    assert!(openai.inject[0].value(b"sk-x").unwrap().is_sensitive());
+    assert!(openai
+        .rules
+        .check(&http::Method::POST, "/v1/chat/completions")
+        .unwrap()
+        .is_some());
+    assert!(p
+        .intercept
+        .find(&t("a.example.com:443"))
+        .unwrap()
+        .rules
+        .is_empty());
+    assert!(p.intercept.find(&t("api.openai.com:8443")).is_none());
+    assert!(p.intercept.find(&t("example.com:443")).is_none());
+}
+
+#[test]
+fn interception_issues_name_line_and_key() {
+    let dir = intercept_dir();
+    std::fs::write(dir.path().join("big"), vec![b'k'; 9000]).unwrap();
+    let src = r#"
+[server]
+listen = "127.0.0.1:3128"
+
+[intercept]
+ca_cert = "ca.crt"
+ca_key = "ca.key"
+upstream_ca = ["missing.pem"]
+
+[[agents]]
+name = "local"
+source_cidrs = ["127.0.0.0/8"]
+policy = "p"
+
+[policies.p]
+allow = ["api.openai.com", "only.example.com"]
+
+[[policies.p.intercept]]
+host = "api.openai.com"
+inject = [
+  { header = "Authorization", value_file = "openai" },
+  { header = "content-length", value_file = "openai" },
+  { header = "x api key", value_file = "openai" },
+  { header = "x-key", value_file = "none" },
+  { header = "x-big", value_file = "big" },
+  { header = "x-fmt", value_file = "openai", format = "Bearer" },
+]
+rules = ["post /v1", "GET /v1/**/x", "GET /v1/../admin"]
+
+[[policies.p.intercept]]
+host = "*.example.com"
+
+[[policies.p.intercept]]
+host = "elsewhere.test"
+
+[[policies.p.intercept]]
+host = "10.0.0.1"
+"#;
+    let ConfigError::Invalid(issues) = parse(&dir.path().join("c.toml"), src).unwrap_err() else {
+        panic!("expected validation issues");
+    };
+    let keys: Vec<(usize, &str)> = issues.iter().map(|i| (i.line, i.key.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            (21, "policies.p.intercept[0].inject[0].header"),
+            (22, "policies.p.intercept[0].inject[1].header"),
+            (23, "policies.p.intercept[0].inject[2].header"),
+            (24, "policies.p.intercept[0].inject[3].value_file"),
+            (25, "policies.p.intercept[0].inject[4].value_file"),
+            (26, "policies.p.intercept[0].inject[5].format"),
+            (28, "policies.p.intercept[0].rules[0]"),
+            (28, "policies.p.intercept[0].rules[1]"),
+            (28, "policies.p.intercept[0].rules[2]"),
+            (31, "policies.p.intercept[1].host"),
+            (34, "policies.p.intercept[2].host"),
+            (37, "policies.p.intercept[3].host"),
+            (8, "intercept.upstream_ca[0]"),
+        ]
+    );
+    let text = ConfigError::Invalid(issues).to_string();
+    assert!(
+        text.contains("is not allowed by this policy's allow rules"),
+        "{text}"
+    );
+    assert!(
+        text.contains("write the header name in lower case"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sk-test"),
+        "a secret never appears in a message"
+    );
+    // Interception without [intercept].
+    let bare = INTERCEPTING.replace(
+        "[intercept]\nca_cert = \"ca.crt\"\nca_key = \"ca.key\"\n",
+        "",
+    );
+    let e = parse(&dir.path().join("c.toml"), &bare)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("interception needs an [intercept] section"),
+        "{e}"
+    );
+}
+
 #[test]
 fn deny_files_load_relative_shared_once_with_file_line_errors() {
     let (_dir, path, src) = in_dir(
@@ -400,4 +557,27 @@ fn the_cache_reuses_unchanged_lists_and_reads_changed_ones() {
     assert_eq!(file(&fixed).set.len(), 1);
     cache.retain(&[]);
     assert!(cache.lists.lock().is_empty());
+}
+
+#[test]
+fn check_and_explain_show_interception() {
+    use crate::explain::{explain, Who};
+    let dir = intercept_dir();
+    let c = parse(&dir.path().join("c.toml"), INTERCEPTING).unwrap();
+    let summary = crate::commands::summary(&c);
+    assert!(summary.contains("intercept: CA "), "{summary}");
+    assert!(
+        summary.contains("TLS intercepted as `api.openai.com`; injects authorization from openai; allows POST /v1/chat/completions, GET /v1/models/*"),
+        "{summary}"
+    );
+    let who = Who::Agent("local".into());
+    let e = explain(&c, &who, "https://api.openai.com/v1/models").unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("intercept: TLS intercepted as `api.openai.com`"),
+        "{text}"
+    );
+    let e = explain(&c, &who, "http://api.openai.com/").unwrap();
+    assert!(e.intercept.is_none(), "plain HTTP is not intercepted");
+    assert!(!summary.contains("sk-test") && !text.contains("sk-test"));
 }

@@ -12,8 +12,13 @@ use ipnet::IpNet;
 use super::error::{self, ConfigIssue};
 use super::raw::{self, RawConfig, Str};
 use super::{fingerprint, CachedError, Config, DenyCache, SniPolicy, Timeouts, WatchedList};
+use http::header::HeaderName;
+
 use crate::fingerprint::FileStamp;
 use crate::identity::{Agent, Agents, CertId, Token};
+use crate::intercept::{
+    self, CaError, Inject, Intercept, InterceptSettings, Interceptor, Intercepts,
+};
 use crate::limits::cluster::{self, ClusterSettings, FailMode};
 use crate::limits::Limits;
 use crate::policy::deny_file;
@@ -129,6 +134,7 @@ impl Validator<'_> {
         let (policies, by_name) = self.policies(&raw.policies, mode, limits);
         let (tls_listen, tls) = self.tls(&raw.server, listen, admin_listen);
         let sni = self.sni(&raw.sni);
+        let intercept = self.intercept(raw);
         let agents = self.agents(&raw.agents, &by_name);
         if let Some((_, at)) = agents
             .iter()
@@ -154,6 +160,7 @@ impl Validator<'_> {
             tls_listen,
             tls,
             sni,
+            intercept,
             timeouts,
             dns,
             vetter: Vetter::new(deny, allow, vec![listen]),
@@ -713,6 +720,7 @@ impl Validator<'_> {
                 None => defaults,
             };
             let mode = self.mode(p.mode.as_ref(), &format!("{key}.mode"), mode);
+            let intercept = self.intercepts(&p.intercept, &key, &allowlist);
             by_name.insert(name.get_ref().clone(), policies.len());
             policies.push(Policy {
                 name: name.get_ref().as_str().into(),
@@ -721,6 +729,7 @@ impl Validator<'_> {
                 limits,
                 mode,
                 allow_cidrs,
+                intercept,
             });
         }
         (policies, by_name)
@@ -982,6 +991,177 @@ impl Validator<'_> {
                 (Some(addr), None)
             }
         }
+    }
+
+    /// The `[intercept]` section: the CA pair is read and checked now (a leaf it signs must
+    /// verify against it), and so are the upstream roots; the reload snapshot re-reads them.
+    /// A policy that intercepts a host needs it.
+    fn intercept(&mut self, raw: &RawConfig) -> Option<InterceptSettings> {
+        let Some(section) = &raw.intercept else {
+            let first = raw
+                .policies
+                .iter()
+                .find_map(|(name, p)| p.intercept.first().map(|i| (name, i)));
+            if let Some((name, i)) = first {
+                self.issue(
+                    &i.host,
+                    format!("policies.{}.intercept[0].host", name.get_ref()),
+                    "interception needs an [intercept] section with ca_cert and ca_key (the CA agents trust for intercepted hosts)",
+                );
+            }
+            return None;
+        };
+        let s = section.get_ref();
+        let settings = InterceptSettings {
+            ca_cert: self.relative(&s.ca_cert),
+            ca_key: self.relative(&s.ca_key),
+            upstream_ca: s.upstream_ca.iter().map(|f| self.relative(f)).collect(),
+        };
+        match Interceptor::load(settings.clone()) {
+            Ok(_) => Some(settings),
+            Err(e) => {
+                let (at, key) = match &e {
+                    CaError::Read { path, .. } | CaError::Bad { path, .. } => {
+                        if *path == settings.ca_key {
+                            (&s.ca_key, "intercept.ca_key".to_owned())
+                        } else if let Some(i) = settings.upstream_ca.iter().position(|p| p == path)
+                        {
+                            (&s.upstream_ca[i], format!("intercept.upstream_ca[{i}]"))
+                        } else {
+                            (&s.ca_cert, "intercept.ca_cert".to_owned())
+                        }
+                    }
+                    CaError::Mismatch { .. } | CaError::Mint { .. } => {
+                        (&s.ca_key, "intercept.ca_key".to_owned())
+                    }
+                };
+                self.issue(at, key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A policy's `[[policies.NAME.intercept]]` entries, each host also admitted by `allowlist`.
+    fn intercepts(
+        &mut self,
+        raw: &[raw::RawInterceptHost],
+        key: &str,
+        allowlist: &Allowlist,
+    ) -> Intercepts {
+        let mut out = Intercepts::default();
+        for (i, h) in raw.iter().enumerate() {
+            let key = format!("{key}.intercept[{i}]");
+            let hkey = format!("{key}.host");
+            let text = h.host.get_ref();
+            let (pattern, port) = match policy::parse_rule(text) {
+                Ok((Pattern::Ip(_), _)) => {
+                    self.issue(&h.host, hkey, "intercept host names, not IP addresses (a leaf certificate names the host)");
+                    continue;
+                }
+                Ok(p) => p,
+                Err(problem) => {
+                    self.issue(&h.host, hkey, format!("`{text}`: {problem}"));
+                    continue;
+                }
+            };
+            if !allowlist.admits_all(&pattern, port) {
+                self.issue(
+                    &h.host,
+                    &hkey,
+                    format!("`{text}` is not allowed by this policy's allow rules: add `{text}` to its allow list (interception never widens what an agent may reach)"),
+                );
+            }
+            let mut inject = Vec::with_capacity(h.inject.len());
+            for (j, inj) in h.inject.iter().enumerate() {
+                if let Some(x) = self.inject(inj, &format!("{key}.inject[{j}]")) {
+                    if inject.iter().any(|o: &Inject| o.header == x.header) {
+                        self.issue(
+                            &inj.header,
+                            format!("{key}.inject[{j}].header"),
+                            format!("`{}` is injected twice", x.header),
+                        );
+                    }
+                    inject.push(x);
+                }
+            }
+            let mut rules = Vec::with_capacity(h.rules.len());
+            for (j, r) in h.rules.iter().enumerate() {
+                match intercept::rules::parse_rule(r.get_ref()) {
+                    Ok(rule) if rules.contains(&rule) => self.issue(
+                        r,
+                        format!("{key}.rules[{j}]"),
+                        format!("duplicate rule `{}`", r.get_ref()),
+                    ),
+                    Ok(rule) => rules.push(rule),
+                    Err(problem) => self.issue(
+                        r,
+                        format!("{key}.rules[{j}]"),
+                        format!("`{}`: {problem}", r.get_ref()),
+                    ),
+                }
+            }
+            let credential = (!inject.is_empty()).then(|| {
+                let names: Vec<&str> = inject.iter().map(|j| &*j.name).collect();
+                Arc::<str>::from(names.join(","))
+            });
+            let entry = Intercept {
+                host: text.as_str().into(),
+                inject,
+                rules: intercept::Rules::new(rules),
+                credential,
+            };
+            if !out.insert(pattern, port, entry) {
+                self.issue(&h.host, hkey, format!("`{text}` is intercepted twice"));
+            }
+        }
+        out
+    }
+
+    /// One `inject` entry: a header name fit to set, a readable secret, a format with one `{}`.
+    fn inject(&mut self, raw: &raw::RawInject, key: &str) -> Option<Inject> {
+        let name = raw.header.get_ref();
+        let header = match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) if intercept::RESERVED_HEADERS.contains(&h.as_str()) => {
+                self.issue(
+                    &raw.header,
+                    format!("{key}.header"),
+                    format!("`{name}` cannot be injected: the gateway sets the framing, connection and host headers itself"),
+                );
+                None
+            }
+            Ok(h) if h.as_str() != name => {
+                self.issue(
+                    &raw.header,
+                    format!("{key}.header"),
+                    format!("write the header name in lower case, as `{}`", h.as_str()),
+                );
+                None
+            }
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.issue(
+                    &raw.header,
+                    format!("{key}.header"),
+                    format!("`{name}` is not a header name (letters, digits and `-`, e.g. \"authorization\", \"x-api-key\")"),
+                );
+                None
+            }
+        };
+        let path = self.relative(&raw.value_file);
+        if let Err(e) = intercept::secrets::read_secret(&path) {
+            self.issue(&raw.value_file, format!("{key}.value_file"), e.to_string());
+        }
+        let format = raw.format.as_ref().map_or("{}", |f| f.get_ref().as_str());
+        if intercept::split_format(format).is_none() {
+            let at = raw.format.as_ref().unwrap_or(&raw.value_file);
+            self.issue(
+                at,
+                format!("{key}.format"),
+                format!("`{format}` must hold exactly one `{{}}` (where the secret goes), e.g. \"Bearer {{}}\", and otherwise printable characters"),
+            );
+            return None;
+        }
+        Inject::new(header?, path, raw.value_file.get_ref(), format)
     }
 
     /// The `[sni]` section.

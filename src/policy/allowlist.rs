@@ -270,6 +270,48 @@ impl Allowlist {
         }
     }
 
+    /// True when every CONNECT that `pattern` (with `port`, 443 when `None`) describes is
+    /// admitted: an exact name by any rule, `*.suffix` only by a `*.` rule for the suffix or
+    /// one of its parents (an exact rule admits one name, not the names below it).
+    pub fn admits_all(&self, pattern: &Pattern, port: Option<u16>) -> bool {
+        let port = port.unwrap_or(443);
+        if self.open {
+            // Open web: every name on the rule's ports; an IP literal only where named, never.
+            return !matches!(pattern, Pattern::Ip(_))
+                && self
+                    .rules
+                    .first()
+                    .is_some_and(|r| port_admits(r.port, Kind::Connect, port));
+        }
+        match pattern {
+            Pattern::Exact(n) => {
+                let t = Target {
+                    host: Host::Name(n.clone()),
+                    port,
+                };
+                self.check(Kind::Connect, &t).is_ok()
+            }
+            Pattern::Below(suffix) => {
+                let mut rest: &str = suffix;
+                loop {
+                    if let Some(idx) = self.below.get(rest) {
+                        if self.pick(idx, Kind::Connect, port).is_some() {
+                            return true;
+                        }
+                    }
+                    match rest.split_once('.') {
+                        Some((_, parent)) => rest = parent,
+                        None => return false,
+                    }
+                }
+            }
+            Pattern::Ip(ip) => self
+                .ips
+                .get(ip)
+                .is_some_and(|idx| self.pick(idx, Kind::Connect, port).is_some()),
+        }
+    }
+
     fn pick(&self, idx: &[usize], kind: Kind, port: u16) -> Option<&Rule> {
         idx.iter()
             .map(|&i| &self.rules[i])

@@ -60,6 +60,10 @@ pub struct RequestCtx {
     /// For a refusal whose response withholds its cause (`Reason::withholds_detail`): the
     /// cause, for the audit line only.
     pub detail: Option<Box<str>>,
+    /// An intercepted tunnel, or a request inside one.
+    pub intercepted: bool,
+    /// The name of the credential injected into an intercepted request.
+    pub credential: Option<std::sync::Arc<str>>,
     /// Decision, reason and the status sent: changed only through [`Outcome`]'s methods.
     pub outcome: Outcome,
     /// Bytes both ways, and the first cap passed.
@@ -101,6 +105,8 @@ impl RequestCtx {
             upstream: None,
             sni: None,
             detail: None,
+            intercepted: false,
+            credential: None,
             outcome: Outcome::ALLOWED,
             meter: Arc::new(Meter::default()),
             mode: Mode::Enforce,
@@ -194,6 +200,8 @@ impl RequestCtx {
             mode: self.mode.as_str(),
             upstream: self.upstream,
             sni: self.sni.as_deref(),
+            intercepted: self.intercepted,
+            credential: self.credential.as_deref(),
             status: self.outcome.status(),
             bytes_up: self.meter.up(),
             bytes_down: self.meter.down(),

@@ -284,7 +284,7 @@ fn peer_closed(e: &hyper::Error) -> bool {
 
 /// Whether the server leaves the connection open after this response: HTTP/1.1, no
 /// `Connection: close`, not a protocol switch.
-fn keeps_alive(resp: &Response<Incoming>) -> bool {
+pub(super) fn keeps_alive(resp: &Response<Incoming>) -> bool {
     resp.version() == Version::HTTP_11
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
         && !resp.headers().get_all(CONNECTION).iter().any(|v| {
@@ -296,7 +296,7 @@ fn keeps_alive(resp: &Response<Incoming>) -> bool {
 
 /// The refusal for a failed exchange: the request body decides what it was (over its cap, or
 /// the client gone); anything else is the upstream.
-fn exchange_error(meter: &Meter, caps: Caps, e: &hyper::Error) -> Deny {
+pub(super) fn exchange_error(meter: &Meter, caps: Caps, e: &hyper::Error) -> Deny {
     match meter.cut_reason() {
         // Report mode records a body over its cap without cutting it: then the failure is the
         // upstream's, and the cap is folded in as `would_deny` when the line is written.

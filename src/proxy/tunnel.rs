@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ctx::Audited;
 use super::hello;
+use super::intercept::{Ended, Session};
 use super::revoke::Watch;
 use super::ServerIo;
 use crate::io::{copy_bidirectional, Cap, CapReached, Direction, Meter, Metered};
@@ -73,6 +74,7 @@ pub async fn run(
     mut watch: Watch,
     idle: Duration,
     abort: CancellationToken,
+    intercept: Option<Session>,
 ) {
     let upgraded = match tokio::time::timeout(idle, on_upgrade).await {
         Ok(Ok(u)) => u,
@@ -109,10 +111,15 @@ pub async fn run(
     }
     let relay = async {
         let mut upstream = upstream;
+        if let Some(session) = intercept {
+            // Intercepted: TLS with the agent, HTTP inside (`proxy::intercept`).
+            return session.serve(io, prefix, upstream, &meter, upload).await;
+        }
         // Consumed: an empty prefix still holds hyper's whole read buffer (8 KiB and up), which
         // an idle tunnel must not keep.
         send_prefix(&mut upstream, prefix, &meter, upload).await?;
-        relay(io, upstream, &meter, upload).await
+        relay(io, upstream, &meter, upload).await?;
+        Ok(Ended::Served)
     };
     // Cancelled by the byte budget flusher once the agent passes a budget.
     // Report mode lets the tunnel go on (the next request's check records the budget).
@@ -121,14 +128,20 @@ pub async fn run(
         crate::policy::Mode::Report => None,
     };
     let reason = tokio::select! {
-        r = relay => {
-            if let Err(e) = r {
+        r = relay => match r {
+            Ok(Ended::Served) => Reason::Allowed,
+            Ok(Ended::Handshake(reason)) => {
+                let ctx = audited.ctx_mut();
+                ctx.outcome.refuse(ctx.mode, reason);
+                reason
+            }
+            Err(e) => {
                 // A reset from either side is how many tunnels end; it is not a refusal. An
                 // upload cap shows up here too, and is recorded on the meter.
                 tracing::debug!(error = %e, "tunnel ended with an I/O error");
+                Reason::Allowed
             }
-            Reason::Allowed
-        }
+        },
         () = meter.idle_for(idle) => Reason::IdleTimeout,
         () = abort.cancelled() => Reason::Shutdown,
         () = spent(&budget) => {

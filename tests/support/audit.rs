@@ -36,6 +36,8 @@ pub struct Audit {
     pub mode: String,
     pub upstream: Option<String>,
     pub sni: Option<String>,
+    pub intercepted: bool,
+    pub credential: Option<String>,
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,

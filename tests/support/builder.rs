@@ -211,6 +211,36 @@ pub struct Policy {
     pub mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<InterceptHost>,
+}
+
+/// `[intercept]`: the interception CA and extra upstream roots.
+#[derive(Debug, Clone, Serialize)]
+pub struct Intercept {
+    pub ca_cert: String,
+    pub ca_key: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream_ca: Vec<String>,
+}
+
+/// One `[[policies.NAME.intercept]]` entry.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InterceptHost {
+    pub host: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject: Vec<Inject>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
+}
+
+/// One `inject` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inject {
+    pub header: String,
+    pub value_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 impl Policy {
@@ -237,6 +267,8 @@ pub struct ConfigBuilder {
     pub agents: Vec<Agent>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, Policy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<Intercept>,
 }
 
 /// The agent and policy of the standard test config.
@@ -294,6 +326,7 @@ impl ConfigBuilder {
             cluster: None,
             agents: Vec::new(),
             policies: BTreeMap::new(),
+            intercept: None,
         }
     }
 

@@ -11,8 +11,8 @@ use serde::Serialize;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::http::{
-    connect_request, get_origin_form, invalid, post_head, within, Wire, BULK_CHUNK, BULK_TIMEOUT,
-    IO_TIMEOUT, MAX_EXCHANGES, SMALL_BUF,
+    connect_request, get_origin_form, invalid, post_head, within, Stream, Wire, BULK_CHUNK,
+    BULK_TIMEOUT, IO_TIMEOUT, MAX_EXCHANGES, SMALL_BUF,
 };
 use crate::machine::{Spent, Usage};
 use crate::origin::Origin;
@@ -40,6 +40,8 @@ pub(crate) struct Script {
     pub(crate) request: Arc<[u8]>,
     /// A new connection (and preface) for every exchange, timed with it.
     pub(crate) reconnect: bool,
+    /// TLS after the preface (scenarios i and j): the client config and the server name.
+    pub(crate) tls: Option<(Arc<rustls::ClientConfig>, &'static str)>,
 }
 
 #[derive(Clone, Copy)]
@@ -182,7 +184,7 @@ async fn drive(
         }
         let mut wire = match kept.take() {
             Some(w) => w,
-            None => open(addr, script.preface.as_deref()).await?,
+            None => open(addr, script.preface.as_deref(), script.tls.as_ref()).await?,
         };
         within(IO_TIMEOUT, wire.exchange(&script.request)).await?;
         let done = Instant::now();
@@ -200,14 +202,26 @@ async fn drive(
     Ok(())
 }
 
-/// A new connection to `addr`, with the CONNECT `preface` answered if there is one.
-async fn open(addr: SocketAddr, preface: Option<&[u8]>) -> io::Result<Wire> {
+/// A new connection to `addr`, with the CONNECT `preface` answered if there is one, then TLS
+/// if the script asks for it.
+async fn open(
+    addr: SocketAddr,
+    preface: Option<&[u8]>,
+    tls: Option<&(Arc<rustls::ClientConfig>, &'static str)>,
+) -> io::Result<Wire> {
     within(IO_TIMEOUT, async {
         let mut wire = Wire::connect(addr, SMALL_BUF).await?;
         if let Some(p) = preface {
             wire.exchange(p).await?;
         }
-        Ok(wire)
+        let Some((config, name)) = tls else {
+            return Ok(wire);
+        };
+        let Stream::Tcp(tcp) = wire.stream else {
+            return Err(invalid("TLS over TLS"));
+        };
+        let stream = crate::tls::connect(config, name, tcp).await?;
+        Ok(Wire::over(stream, SMALL_BUF))
     })
     .await
 }
@@ -347,7 +361,7 @@ async fn open_tunnels(addr: SocketAddr, connect: &[u8], n: usize) -> io::Result<
         let batch: Vec<_> = (0..(n - all.len()).min(CONNS))
             .map(|_| {
                 let connect = connect.clone();
-                tokio::spawn(async move { open(addr, Some(&connect)).await })
+                tokio::spawn(async move { open(addr, Some(&connect), None).await })
             })
             .collect();
         for handle in batch {

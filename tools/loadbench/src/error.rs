@@ -23,6 +23,9 @@ pub(crate) enum Error {
     /// The proxy never printed `listen=ADDR` on stderr.
     #[error("chokepoint did not report its listen address within {0:?}")]
     NoListenAddr(Duration),
+    /// The certificates or TLS settings of scenarios i and j could not be made.
+    #[error("TLS setup: {0}")]
+    Tls(String),
     /// A scenario's own traffic failed (d, e): its row says so and the run goes on.
     #[error(transparent)]
     Exchange(#[from] io::Error),

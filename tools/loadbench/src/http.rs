@@ -7,7 +7,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -39,9 +42,59 @@ pub(crate) struct Head {
     pub(crate) content_length: Option<u64>,
 }
 
-/// A TCP stream with a read buffer holding `buf[start..end]`.
+/// A connection: plain TCP, or TLS on either side (scenarios i and j).
+pub(crate) enum Stream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// The load client's TLS session.
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// The origin's TLS session.
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Client(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Server(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, b),
+            Stream::Client(s) => Pin::new(s).poll_write(cx, b),
+            Stream::Server(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Client(s) => Pin::new(s).poll_flush(cx),
+            Stream::Server(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Client(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Server(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream with a read buffer holding `buf[start..end]`.
 pub(crate) struct Wire {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -52,6 +105,11 @@ impl Wire {
     pub(crate) fn new(stream: TcpStream, capacity: usize) -> Wire {
         // Requests and responses go out in one write each; Nagle would only add delay.
         let _ = stream.set_nodelay(true);
+        Wire::over(Stream::Tcp(stream), capacity)
+    }
+
+    /// A wire over any stream (a TLS session).
+    pub(crate) fn over(stream: Stream, capacity: usize) -> Wire {
         Wire {
             stream,
             buf: vec![0; capacity],
@@ -194,7 +252,7 @@ pub(crate) fn invalid(what: &str) -> io::Error {
 }
 
 /// `n` zero bytes to `stream`.
-pub(crate) async fn write_zeros(stream: &mut TcpStream, n: u64) -> io::Result<()> {
+pub(crate) async fn write_zeros<W: AsyncWrite + Unpin>(stream: &mut W, n: u64) -> io::Result<()> {
     let mut left = n;
     while left > 0 {
         let k = left.min(BULK_CHUNK as u64) as usize;

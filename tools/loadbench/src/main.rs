@@ -46,6 +46,7 @@ mod proxy;
 mod report;
 mod scenarios;
 mod settings;
+mod tls;
 
 use std::process::ExitCode;
 

@@ -3,15 +3,19 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::time::{sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::http::{within, write_zeros, Head, Wire, BULK_TIMEOUT, MAX_EXCHANGES, SMALL_BUF};
+use crate::http::{
+    within, write_zeros, Head, Stream, Wire, BULK_TIMEOUT, IO_TIMEOUT, MAX_EXCHANGES, SMALL_BUF,
+};
 
 /// The origin's answer to every request that is not `/bulk/N`: 100 bytes of body.
 const SMALL_RESPONSE: &[u8] = concat!(
@@ -35,6 +39,11 @@ impl Origin {
     /// Bind 127.0.0.1:0 and serve until dropped; the listener is kept, so the port is never
     /// free for anyone else meanwhile.
     pub(crate) async fn start() -> Result<Origin, Error> {
+        Origin::start_with(None).await
+    }
+
+    /// The same origin speaking TLS with `tls` (scenarios i and j).
+    pub(crate) async fn start_with(tls: Option<Arc<ServerConfig>>) -> Result<Origin, Error> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(Error::io("bind the origin on 127.0.0.1"))?;
@@ -42,7 +51,8 @@ impl Origin {
             .local_addr()
             .map_err(Error::io("the origin's address"))?;
         let stop = CancellationToken::new();
-        tokio::spawn(origin_accept(listener, stop.clone()));
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(origin_accept(listener, stop.clone(), tls));
         Ok(Origin { addr, stop })
     }
 }
@@ -54,16 +64,32 @@ impl Drop for Origin {
 }
 
 /// Accept until `stop`.
-async fn origin_accept(listener: TcpListener, stop: CancellationToken) {
+async fn origin_accept(
+    listener: TcpListener,
+    stop: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                tokio::spawn(origin_serve(Wire::new(stream, SMALL_BUF), stop.clone()));
-            }
+            Ok((stream, _)) => match &tls {
+                None => {
+                    tokio::spawn(origin_serve(Wire::new(stream, SMALL_BUF), stop.clone()));
+                }
+                Some(acceptor) => {
+                    let (acceptor, stop) = (acceptor.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        if let Ok(Ok(tls)) = timeout(IO_TIMEOUT, acceptor.accept(stream)).await {
+                            let wire = Wire::over(Stream::Server(Box::new(tls)), SMALL_BUF);
+                            origin_serve(wire, stop).await;
+                        }
+                    });
+                }
+            },
             // Out of descriptors, most likely: the load side sees the failures.
             Err(_) => sleep(Duration::from_millis(10)).await,
         }

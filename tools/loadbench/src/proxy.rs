@@ -19,6 +19,7 @@ use crate::http::HOST;
 use crate::machine::{cpu_ticks, descendants, rss_kib};
 use crate::peers::Peer;
 use crate::settings::Settings;
+use crate::tls::{Pki, SECURE_HOST};
 
 /// How long a proxy may take to say where it listens, or to exit after SIGTERM.
 pub(crate) const PROCESS_WAIT: Duration = Duration::from_secs(20);
@@ -55,9 +56,51 @@ impl Proxy {
     /// The release binary with a config for this bench in a temp dir, pinned to CPU 0 when the
     /// bench is pinned; returns once it has logged where it listens.
     pub(crate) fn start(origin_port: u16, s: &Settings) -> Result<Proxy, Error> {
+        Proxy::start_with(&config_toml(origin_port, &[], ""), &[], s)
+    }
+
+    /// The proxy with interception (scenarios i and j): `SECURE_HOST:tls_port` intercepted
+    /// (no credential injected, no rules: the cost of the path itself), `HOST:tls_port` a
+    /// plain tunnel to the same TLS origin, whose CA is the proxy's `upstream_ca`.
+    pub(crate) fn start_intercepting(
+        origin_port: u16,
+        tls_port: u16,
+        pki: &Pki,
+        s: &Settings,
+    ) -> Result<Proxy, Error> {
+        let rules = [
+            format!("{HOST}:{tls_port}"),
+            format!("{SECURE_HOST}:{tls_port}"),
+        ];
+        let extra = format!(
+            r#"
+[[policies.bench.intercept]]
+host = "{SECURE_HOST}:{tls_port}"
+
+[intercept]
+ca_cert = "gateway-ca.crt"
+ca_key = "gateway-ca.key"
+upstream_ca = ["origin-ca.crt"]
+"#
+        );
+        let files = [
+            ("gateway-ca.crt", pki.gateway_ca.0.as_str()),
+            ("gateway-ca.key", pki.gateway_ca.1.as_str()),
+            ("origin-ca.crt", pki.origin_ca.as_str()),
+        ];
+        Proxy::start_with(&config_toml(origin_port, &rules, &extra), &files, s)
+    }
+
+    /// The release binary on `config_text`, with `files` (name, content) beside the config.
+    fn start_with(config_text: &str, files: &[(&str, &str)], s: &Settings) -> Result<Proxy, Error> {
         let dir = tempfile::tempdir().map_err(Error::io("create a temp dir"))?;
+        for (name, content) in files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content)
+                .map_err(Error::io(format!("write {}", path.display())))?;
+        }
         let config = dir.path().join("chokepoint.toml");
-        std::fs::write(&config, config_toml(origin_port))
+        std::fs::write(&config, config_text)
             .map_err(Error::io(format!("write {}", config.display())))?;
         let audit = dir.path().join("audit.jsonl");
         let audit_out =
@@ -193,7 +236,7 @@ fn listen_addr(stderr: ChildStderr) -> mpsc::Receiver<SocketAddr> {
 
 /// Production-like: audit on, one agent with 1,000 allow rules (999 fillers, exact and
 /// wildcard, plus the origin), limits that never bind.
-fn config_toml(origin_port: u16) -> String {
+fn config_toml(origin_port: u16, more_rules: &[String], extra: &str) -> String {
     let mut rules: Vec<String> = (0..FILLER_RULES)
         .map(|i| {
             if i % 10 == 0 {
@@ -204,6 +247,7 @@ fn config_toml(origin_port: u16) -> String {
         })
         .collect();
     rules.push(format!("\"{HOST}:{origin_port}\""));
+    rules.extend(more_rules.iter().map(|r| format!("\"{r}\"")));
     let big = GIB * 1024;
     format!(
         r#"[server]
@@ -219,7 +263,7 @@ shutdown_grace = "1s"
 
 [dns]
 nameservers = ["127.0.0.1:9"]
-hosts = {{ "{HOST}" = ["127.0.0.1"] }}
+hosts = {{ "{HOST}" = ["127.0.0.1"], "{SECURE_HOST}" = ["127.0.0.1"] }}
 
 [destinations]
 allow_cidrs = ["127.0.0.1/32"]
@@ -241,7 +285,7 @@ policy = "bench"
 allow = [
   {rules}
 ]
-"#,
+{extra}"#,
         rules = rules.join(",\n  ")
     )
 }

@@ -5,17 +5,20 @@
 //! - b: 64 CONNECT tunnels, keep-alive GETs inside them;
 //! - c: a new tunnel and one GET per exchange, 64 at a time;
 //! - d: one tunnel, 1 GiB down then 1 GiB up; d3: a plain-HTTP GET of 1 GiB;
-//! - e: proxy memory per idle tunnel (`LOAD_IDLE_TUNNELS` of them).
+//! - e: proxy memory per idle tunnel (`LOAD_IDLE_TUNNELS` of them);
+//! - i, j: TLS interception, per request in an established intercepted connection and per new
+//!   one (only when `LOAD_SCENARIOS` names them).
 
 use crate::client::{closed_loop, down_and_up, idle_rss, plain_download, Script, GIB};
 use crate::error::Error;
-use crate::http::{connect_request, get_absolute, get_origin_form};
+use crate::http::{connect_request, get_absolute, get_origin_form, HOST};
 use crate::machine::installed;
 use crate::origin::Origin;
 use crate::peers::{run_peer, Peer};
 use crate::proxy::Proxy;
 use crate::report::Report;
 use crate::settings::Settings;
+use crate::tls::{Pki, SECURE_HOST};
 
 /// Every selected scenario through chokepoint, then through each installed peer. `Err` only
 /// for what the run cannot go on without (the origin, starting chokepoint); a scenario's own
@@ -39,6 +42,9 @@ pub(crate) async fn run(s: &Settings) -> Result<Report, Error> {
     if s.wants('e') {
         let done = idle_tunnels(s, &origin, &mut report).await;
         row_unless_fatal(&mut report, "e", done)?;
+    }
+    if s.wants('i') || s.wants('j') {
+        intercepted(s, &origin, &mut report).await?;
     }
     for peer in [Peer::Squid, Peer::TrafficServer] {
         let name = peer.name();
@@ -75,11 +81,13 @@ pub(crate) fn via_script(id: char, port: u16) -> Script {
             preface: None,
             request: get_absolute(port, "/").into(),
             reconnect: false,
+            tls: None,
         },
         _ => Script {
             preface: Some(connect_request(port).into()),
             request: get_origin_form(port, "/").into(),
             reconnect: id == 'c',
+            tls: None,
         },
     }
 }
@@ -91,6 +99,7 @@ async fn plain_http(s: &Settings, origin: &Origin, report: &mut Report) -> Resul
         preface: None,
         request: get_origin_form(port, "/").into(),
         reconnect: false,
+        tls: None,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s)?;
@@ -120,6 +129,7 @@ async fn tunnelled_requests(
         preface: None,
         request: get_origin_form(port, "/").into(),
         reconnect: false,
+        tls: None,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s)?;
@@ -145,6 +155,7 @@ async fn new_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> Resu
         preface: None,
         request: get_origin_form(port, "/").into(),
         reconnect: true,
+        tls: None,
     };
     let direct = closed_loop(origin.addr, &direct, s, None, "").await;
     let proxy = Proxy::start(port, s)?;
@@ -205,6 +216,97 @@ async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), 
     }
     let ratio = plain.gb_per_s() / direct_down.gb_per_s();
     report.check("d3: ≥ 0.6× no-proxy", format!("{ratio:.2}×"), ratio >= 0.6);
+    Ok(())
+}
+
+/// i and j: TLS interception, against the same TLS load through a plain tunnel (the cost the
+/// proxy had before: splice, no TLS of its own) and straight to the origin.
+///
+/// - i: 64 intercepted connections, keep-alive GETs inside (TLS with the client, HTTP parsed,
+///   an audit line per request, verified TLS upstream on a pooled connection);
+/// - j: a new intercepted connection and one GET per exchange (CONNECT, a TLS handshake on
+///   each side with a cached leaf, the upstream connection, one request).
+///
+/// Issue #15's targets: i at most 2× the proxy CPU per request of scenario b, j at most 2× that
+/// of scenario c plus one TLS handshake each side. The b and c rows of the same run (plain
+/// HTTP in the tunnel) are the reference; the TLS-in-a-plain-tunnel rows show what TLS alone
+/// costs the load side.
+async fn intercepted(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
+    let pki = Pki::new()?;
+    let tls_origin = Origin::start_with(Some(pki.origin.clone())).await?;
+    let tls_port = tls_origin.addr.port();
+    let proxy = Proxy::start_intercepting(origin.addr.port(), tls_port, &pki, s)?;
+    for (id, reconnect) in [('i', false), ('j', true)] {
+        if !s.wants(id) {
+            continue;
+        }
+        let direct = Script {
+            preface: None,
+            request: get_origin_form(tls_port, "/").into(),
+            reconnect,
+            tls: Some((pki.to_origin.clone(), HOST)),
+        };
+        let direct = closed_loop(tls_origin.addr, &direct, s, None, "").await;
+        let plain = Script {
+            preface: Some(connect_request(tls_port).into()),
+            request: get_origin_form(tls_port, "/").into(),
+            reconnect,
+            tls: Some((pki.to_origin.clone(), HOST)),
+        };
+        let plain_id = format!("{id}-tunnel");
+        let plain = closed_loop(proxy.addr, &plain, s, Some(&proxy), &plain_id).await;
+        let secure = format!(
+            "CONNECT {SECURE_HOST}:{tls_port} HTTP/1.1\r\nHost: {SECURE_HOST}:{tls_port}\r\n\r\n"
+        );
+        let request = format!("GET / HTTP/1.1\r\nHost: {SECURE_HOST}:{tls_port}\r\n\r\n");
+        let via = Script {
+            preface: Some(secure.into_bytes().into()),
+            request: request.into_bytes().into(),
+            reconnect,
+            tls: Some((pki.to_gateway.clone(), SECURE_HOST)),
+        };
+        let id_str = id.to_string();
+        let via = closed_loop(proxy.addr, &via, s, Some(&proxy), &id_str).await;
+        let (title, tunnel_title, unit) = if reconnect {
+            (
+                "j: new intercepted connection + 1 GET",
+                "j: new TLS tunnel + 1 GET (not intercepted)",
+                "conns/s",
+            )
+        } else {
+            (
+                "i: GETs in intercepted connections",
+                "i: TLS GETs in plain tunnels (not intercepted)",
+                "req/s",
+            )
+        };
+        report.closed(&plain_id, tunnel_title, unit, &plain, &direct);
+        report.closed(&id_str, title, unit, &via, &direct);
+        let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
+        let tunnel_cpu = plain.cpu_per_op().unwrap_or(f64::NAN);
+        if reconnect {
+            // "One TLS handshake each side": what the client and the origin spend together on
+            // a new TLS connection and its GET when they talk straight to each other.
+            let handshakes = direct.load_per_op().unwrap_or(f64::NAN);
+            let bound = 2.0 * tunnel_cpu + handshakes;
+            report.check(
+                "j (#15): ≤ 2× CPU of a new plain TLS tunnel + one handshake each side",
+                format!("{cpu:.1} µs ≤ 2 × {tunnel_cpu:.1} + {handshakes:.1} = {bound:.1} µs"),
+                cpu <= bound,
+            );
+        } else {
+            report.check(
+                "i (#15): ≤ 2× CPU/req of TLS GETs in a plain tunnel",
+                format!(
+                    "{cpu:.1} µs vs {tunnel_cpu:.1} µs ({:.2}×)",
+                    cpu / tunnel_cpu
+                ),
+                cpu <= 2.0 * tunnel_cpu,
+            );
+        }
+    }
+    let audit = proxy.stop().await;
+    report.notes.push(audit.note("i/j"));
     Ok(())
 }
 
