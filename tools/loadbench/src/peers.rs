@@ -97,7 +97,7 @@ impl Peer {
     }
 
     /// Write the peer's config into `dir`: listen on 127.0.0.1:`port`, forward to
-    /// `origin.test:origin_port` only (and, for `squid-bump`, to `tls`'s origin).
+    /// `origin.test:origin_port` only (and, for the peers that bump, to `tls`'s origin).
     fn prepare(
         self,
         dir: &Path,
@@ -692,5 +692,57 @@ mod tests {
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         assert_eq!(client.unwrap().peer_addr().unwrap(), addr);
         assert_eq!(accepted.unwrap().1.ip(), addr.ip());
+    }
+
+    /// Every Squid config listens on loopback only, asks only 127.0.0.1 for names and ends its
+    /// access rules with a denial; a bumping one verifies the origin against the origin's CA
+    /// alone and never turns verification off, and peeks only when asked to.
+    #[test]
+    fn squid_configs_stay_on_loopback_and_verify_the_origin() {
+        let dir = Path::new("/tmp/bench");
+        let bump = |peek| BumpFiles {
+            certgen: PathBuf::from("/usr/lib/squid/security_file_certgen"),
+            tls_port: 8443,
+            peek,
+        };
+        let (client_first, peeking) = (bump(false), bump(true));
+        for (name, conf, peeks) in [
+            ("plain", squid_conf(3128, 8080, dir, None), None),
+            (
+                "bump",
+                squid_conf(3128, 8080, dir, Some(&client_first)),
+                Some(false),
+            ),
+            (
+                "peek",
+                squid_conf(3128, 8080, dir, Some(&peeking)),
+                Some(true),
+            ),
+        ] {
+            assert!(conf.starts_with("http_port 127.0.0.1:3128"), "{name}");
+            assert!(conf.contains("\ndns_nameservers 127.0.0.1\n"), "{name}");
+            let last_access = conf.lines().filter(|l| l.starts_with("http_access")).last();
+            assert_eq!(last_access, Some("http_access deny all"), "{name}");
+            for lax in ["DONT_VERIFY", "sslproxy_cert_error", "NO_DEFAULT_CA"] {
+                assert!(!conf.contains(lax), "{name}: {lax}");
+            }
+            let Some(peeks) = peeks else {
+                assert!(!conf.contains("ssl"), "{name}");
+                continue;
+            };
+            assert!(
+                conf.contains(" ssl-bump generate-host-certificates=on "),
+                "{name}"
+            );
+            assert!(
+                conf.contains(
+                    "\ntls_outgoing_options cafile=/tmp/bench/origin-ca.crt default-ca=off\n"
+                ),
+                "{name}"
+            );
+            assert!(conf.contains("\nacl bench_tls_port port 8443\n"), "{name}");
+            assert_eq!(conf.contains("ssl_bump peek"), peeks, "{name}");
+            assert!(conf.ends_with("http_access deny all\n"), "{name}");
+        }
     }
 }
