@@ -721,7 +721,7 @@ mod tests {
         ] {
             assert!(conf.starts_with("http_port 127.0.0.1:3128"), "{name}");
             assert!(conf.contains("\ndns_nameservers 127.0.0.1\n"), "{name}");
-            let last_access = conf.lines().filter(|l| l.starts_with("http_access")).last();
+            let last_access = conf.lines().rfind(|l| l.starts_with("http_access"));
             assert_eq!(last_access, Some("http_access deny all"), "{name}");
             for lax in ["DONT_VERIFY", "sslproxy_cert_error", "NO_DEFAULT_CA"] {
                 assert!(!conf.contains(lax), "{name}: {lax}");
