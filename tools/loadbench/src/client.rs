@@ -57,6 +57,16 @@ struct Outcome {
     samples: Vec<u32>,
     first_error: Option<String>,
     errors: u64,
+    tls: Handshakes,
+}
+
+/// The load client's TLS handshakes of a closed-loop run (warm-up included).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Handshakes {
+    /// Handshakes completed.
+    pub(crate) done: u64,
+    /// Of those, how many resumed an earlier session.
+    pub(crate) resumed: u64,
 }
 
 /// A closed-loop run: exchanges completed in the window, their sorted latencies, CPU spent.
@@ -70,6 +80,8 @@ pub(crate) struct Closed {
     pub(crate) errors: u64,
     /// Why the first of them failed.
     pub(crate) first_error: Option<String>,
+    /// The client's TLS handshakes (i, j).
+    pub(crate) tls: Handshakes,
 }
 
 impl Closed {
@@ -127,6 +139,7 @@ pub(crate) async fn closed_loop(
         spent,
         errors: 0,
         first_error: None,
+        tls: Handshakes::default(),
     };
     for w in workers {
         let abort = w.abort_handle();
@@ -142,6 +155,8 @@ pub(crate) async fn closed_loop(
         out.samples.extend_from_slice(&r.samples);
         out.errors += r.errors;
         out.first_error = out.first_error.or(r.first_error);
+        out.tls.done += r.tls.done;
+        out.tls.resumed += r.tls.resumed;
     }
     out.samples.sort_unstable();
     out
@@ -184,7 +199,14 @@ async fn drive(
         }
         let mut wire = match kept.take() {
             Some(w) => w,
-            None => open(addr, script.preface.as_deref(), script.tls.as_ref()).await?,
+            None => {
+                let wire = open(addr, script.preface.as_deref(), script.tls.as_ref()).await?;
+                if let Some(resumed) = wire.stream.resumed() {
+                    out.tls.done += 1;
+                    out.tls.resumed += u64::from(resumed);
+                }
+                wire
+            }
         };
         within(IO_TIMEOUT, wire.exchange(&script.request)).await?;
         let done = Instant::now();

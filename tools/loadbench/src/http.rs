@@ -52,6 +52,19 @@ pub(crate) enum Stream {
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+impl Stream {
+    /// Whether the load client's TLS handshake resumed an earlier session (`None` for a plain
+    /// or origin-side stream): a resumed handshake skips the certificate and its signature.
+    pub(crate) fn resumed(&self) -> Option<bool> {
+        match self {
+            Stream::Client(s) => {
+                Some(s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+            }
+            Stream::Tcp(_) | Stream::Server(_) => None,
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -14,7 +14,8 @@
 //! or a count, every socket operation by a timeout.
 //!
 //! Peers: when `squid` or `traffic_server` is on `PATH`, the selected scenarios run again
-//! through each, after chokepoint's, with the same load code (see [`peers`]).
+//! through each, after chokepoint's, with the same load code; i and j through Squid with
+//! ssl-bump, when it is built with OpenSSL (see [`peers`]).
 //!
 //! Usage and the `LOAD_…` settings: `tools/loadbench/README.md`.
 //!

@@ -50,6 +50,12 @@ struct Record {
     idle: Option<Idle>,
     /// Why the scenario has no figures.
     error: Option<String>,
+    /// The load client's TLS handshakes over the run, warm-up included (i, j).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_handshakes: Option<u64>,
+    /// Of those, how many resumed an earlier session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_resumed: Option<u64>,
     /// A peer's row: the proxy measured instead of chokepoint (`squid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     peer: Option<&'static str>,
@@ -87,6 +93,8 @@ impl Record {
             load_per_op: via.load_per_op().map(micros),
             proxy_core_pct: core_pct(via.spent.proxy, via.spent.wall),
             client_core_pct: core_pct(via.spent.own, via.spent.wall),
+            tls_handshakes: (via.tls.done > 0).then_some(via.tls.done),
+            tls_resumed: (via.tls.done > 0).then_some(via.tls.resumed),
             ..Record::default()
         }
     }
@@ -208,6 +216,7 @@ impl Report {
             [(via, name), (direct, direct_name.as_str())].map(|(run, label)| {
                 let busy = self.neighbours(label, &run.spent);
                 self.failures(label, run);
+                self.resumption(label, run);
                 busy
             });
         let ratio = via.rate() / direct.rate();
@@ -247,6 +256,8 @@ impl Report {
                 .map(|value| Quantity { value, unit: "µs" }),
             client_core_pct: core_pct(direct.spent.own, direct.spent.wall),
             busy_note: direct_busy,
+            tls_handshakes: (direct.tls.done > 0).then_some(direct.tls.done),
+            tls_resumed: (direct.tls.done > 0).then_some(direct.tls.resumed),
             ..Record::default()
         };
         self.rows.push(Row {
@@ -340,6 +351,7 @@ impl Report {
         }
         let busy = self.neighbours(&label, &via.spent);
         self.failures(&label, via);
+        self.resumption(&label, via);
         let (ours, ours_cpu, no_proxy) = self.ours(id);
         let cpu = via.cpu_per_op();
         let record = Record {
@@ -478,6 +490,19 @@ impl Report {
                 ..Record::default()
             },
         });
+    }
+
+    /// Say how many of the client's TLS handshakes resumed a session, if it made any: a
+    /// resumed handshake costs both ends less (no certificate, no signature), so the share
+    /// matters when j's rows are compared.
+    fn resumption(&mut self, label: &str, run: &Closed) {
+        let tls = run.tls;
+        if tls.done > 0 {
+            self.notes.push(format!(
+                "{label}: {} of {} client TLS handshakes resumed a session (warm-up included)",
+                tls.resumed, tls.done
+            ));
+        }
     }
 
     /// Say so when connections of a closed-loop run failed.

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::http::{connect_request, get_absolute, get_origin_form, HOST};
 use crate::machine::installed;
 use crate::origin::Origin;
-use crate::peers::{run_peer, Peer};
+use crate::peers::{run_bump_peer, run_peer, Interception, Peer};
 use crate::proxy::Proxy;
 use crate::report::Report;
 use crate::settings::Settings;
@@ -43,11 +43,35 @@ pub(crate) async fn run(s: &Settings) -> Result<Report, Error> {
         let done = idle_tunnels(s, &origin, &mut report).await;
         row_unless_fatal(&mut report, "e", done)?;
     }
-    if s.wants('i') || s.wants('j') {
-        intercepted(s, &origin, &mut report).await?;
+    // The TLS side of i and j, minted once: chokepoint and the peer that intercepts (Squid's
+    // ssl-bump) get the same interception CA and the same TLS origin.
+    let tls = if s.wants('i') || s.wants('j') {
+        let pki = Pki::new()?;
+        let tls_origin = Origin::start_with(Some(pki.origin.clone())).await?;
+        Some((pki, tls_origin))
+    } else {
+        None
+    };
+    if let Some((pki, tls_origin)) = &tls {
+        intercepted(s, &origin, pki, tls_origin, &mut report).await?;
     }
-    for peer in [Peer::Squid, Peer::TrafficServer] {
+    let peers = [
+        Peer::Squid,
+        Peer::TrafficServer,
+        Peer::SquidBump,
+        Peer::SquidPeekBump,
+    ];
+    for peer in peers {
         let name = peer.name();
+        let bump = match &tls {
+            // Squid's ssl-bump runs i and j only: not asked for, nothing to run.
+            None if peer.intercepts() => continue,
+            Some((pki, tls_origin)) if peer.intercepts() => Some(Interception {
+                pki,
+                tls_port: tls_origin.addr.port(),
+            }),
+            _ => None,
+        };
         if !installed(peer.binary()) {
             report
                 .notes
@@ -56,6 +80,8 @@ pub(crate) async fn run(s: &Settings) -> Result<Report, Error> {
             report.notes.push(format!(
                 "{name}: not run (LOAD_PERF_DIR or LOAD_CALLGRIND_DIR profile chokepoint)"
             ));
+        } else if let Some(bump) = bump {
+            run_bump_peer(s, &origin, peer, bump, &mut report).await;
         } else {
             run_peer(s, &origin, peer, &mut report).await;
         }
@@ -219,54 +245,29 @@ async fn bulk(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), 
     Ok(())
 }
 
-/// i and j: TLS interception, against the same TLS load through a plain tunnel (the cost the
-/// proxy had before: splice, no TLS of its own) and straight to the origin.
-///
-/// - i: 64 intercepted connections, keep-alive GETs inside (TLS with the client, HTTP parsed,
-///   an audit line per request, verified TLS upstream on a pooled connection);
-/// - j: a new intercepted connection and one GET per exchange (CONNECT, a TLS handshake on
-///   each side with a cached leaf, the upstream connection, one request).
-///
-/// Issue #15's targets: i at most 2× the proxy CPU per request of scenario b, j at most 2× that
-/// of scenario c plus one TLS handshake each side. The b and c rows of the same run (plain
-/// HTTP in the tunnel) are the reference; the TLS-in-a-plain-tunnel rows show what TLS alone
-/// costs the load side.
-async fn intercepted(s: &Settings, origin: &Origin, report: &mut Report) -> Result<(), Error> {
-    let pki = Pki::new()?;
-    let tls_origin = Origin::start_with(Some(pki.origin.clone())).await?;
-    let tls_port = tls_origin.addr.port();
-    let proxy = Proxy::start_intercepting(origin.addr.port(), tls_port, &pki, s)?;
-    for (id, reconnect) in [('i', false), ('j', true)] {
-        if !s.wants(id) {
-            continue;
-        }
-        let direct = Script {
-            preface: None,
-            request: get_origin_form(tls_port, "/").into(),
-            reconnect,
-            tls: Some((pki.to_origin.clone(), HOST)),
-        };
-        let direct = closed_loop(tls_origin.addr, &direct, s, None, "").await;
-        let plain = Script {
-            preface: Some(connect_request(tls_port).into()),
-            request: get_origin_form(tls_port, "/").into(),
-            reconnect,
-            tls: Some((pki.to_origin.clone(), HOST)),
-        };
-        let plain_id = format!("{id}-tunnel");
-        let plain = closed_loop(proxy.addr, &plain, s, Some(&proxy), &plain_id).await;
+/// What each connection through a proxy does in scenario i or j (`id`), and the rows' titles.
+pub(crate) struct InterceptLoad {
+    /// TLS to [`HOST`] in a plain tunnel (not intercepted): rows `i-tunnel`, `j-tunnel`.
+    pub(crate) tunnel: Script,
+    /// TLS with the proxy for [`SECURE_HOST`], which it intercepts: rows `i`, `j`.
+    pub(crate) intercepted: Script,
+    /// The title of the intercepted row.
+    pub(crate) title: &'static str,
+    /// The title of the plain-tunnel row.
+    pub(crate) tunnel_title: &'static str,
+    /// `req/s` (i) or `conns/s` (j).
+    pub(crate) unit: &'static str,
+}
+
+impl InterceptLoad {
+    /// i: keep-alive GETs on 64 connections; j: a new connection per GET. The TLS origin
+    /// listens on `tls_port`.
+    pub(crate) fn new(id: char, tls_port: u16, pki: &Pki) -> InterceptLoad {
+        let reconnect = id == 'j';
         let secure = format!(
             "CONNECT {SECURE_HOST}:{tls_port} HTTP/1.1\r\nHost: {SECURE_HOST}:{tls_port}\r\n\r\n"
         );
         let request = format!("GET / HTTP/1.1\r\nHost: {SECURE_HOST}:{tls_port}\r\n\r\n");
-        let via = Script {
-            preface: Some(secure.into_bytes().into()),
-            request: request.into_bytes().into(),
-            reconnect,
-            tls: Some((pki.to_gateway.clone(), SECURE_HOST)),
-        };
-        let id_str = id.to_string();
-        let via = closed_loop(proxy.addr, &via, s, Some(&proxy), &id_str).await;
         let (title, tunnel_title, unit) = if reconnect {
             (
                 "j: new intercepted connection + 1 GET",
@@ -280,8 +281,65 @@ async fn intercepted(s: &Settings, origin: &Origin, report: &mut Report) -> Resu
                 "req/s",
             )
         };
-        report.closed(&plain_id, tunnel_title, unit, &plain, &direct);
-        report.closed(&id_str, title, unit, &via, &direct);
+        InterceptLoad {
+            tunnel: Script {
+                preface: Some(connect_request(tls_port).into()),
+                request: get_origin_form(tls_port, "/").into(),
+                reconnect,
+                tls: Some((pki.to_origin.clone(), HOST)),
+            },
+            intercepted: Script {
+                preface: Some(secure.into_bytes().into()),
+                request: request.into_bytes().into(),
+                reconnect,
+                tls: Some((pki.to_gateway.clone(), SECURE_HOST)),
+            },
+            title,
+            tunnel_title,
+            unit,
+        }
+    }
+}
+
+/// i and j: TLS interception, against the same TLS load through a plain tunnel (the cost the
+/// proxy had before: splice, no TLS of its own) and straight to the origin.
+///
+/// - i: 64 intercepted connections, keep-alive GETs inside (TLS with the client, HTTP parsed,
+///   an audit line per request, verified TLS upstream on a pooled connection);
+/// - j: a new intercepted connection and one GET per exchange (CONNECT, a TLS handshake on
+///   each side with a cached leaf, the upstream connection, one request).
+///
+/// Issue #15's targets: i at most 2× the proxy CPU per request of scenario b, j at most 2× that
+/// of scenario c plus one TLS handshake each side. The b and c rows of the same run (plain
+/// HTTP in the tunnel) are the reference; the TLS-in-a-plain-tunnel rows show what TLS alone
+/// costs the load side.
+async fn intercepted(
+    s: &Settings,
+    origin: &Origin,
+    pki: &Pki,
+    tls_origin: &Origin,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let tls_port = tls_origin.addr.port();
+    let proxy = Proxy::start_intercepting(origin.addr.port(), tls_port, pki, s)?;
+    for (id, reconnect) in [('i', false), ('j', true)] {
+        if !s.wants(id) {
+            continue;
+        }
+        let direct = Script {
+            preface: None,
+            request: get_origin_form(tls_port, "/").into(),
+            reconnect,
+            tls: Some((pki.to_origin.clone(), HOST)),
+        };
+        let direct = closed_loop(tls_origin.addr, &direct, s, None, "").await;
+        let load = InterceptLoad::new(id, tls_port, pki);
+        let plain_id = format!("{id}-tunnel");
+        let plain = closed_loop(proxy.addr, &load.tunnel, s, Some(&proxy), &plain_id).await;
+        let id_str = id.to_string();
+        let via = closed_loop(proxy.addr, &load.intercepted, s, Some(&proxy), &id_str).await;
+        report.closed(&plain_id, load.tunnel_title, load.unit, &plain, &direct);
+        report.closed(&id_str, load.title, load.unit, &via, &direct);
         let cpu = via.cpu_per_op().unwrap_or(f64::NAN);
         let tunnel_cpu = plain.cpu_per_op().unwrap_or(f64::NAN);
         if reconnect {
