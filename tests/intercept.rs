@@ -324,42 +324,7 @@ impl Setup {
         std::fs::write(root.join("gw-ca.key"), &gateway_ca.key_pem).unwrap();
         std::fs::write(root.join("upstream-ca.crt"), &upstream_ca.cert_pem).unwrap();
         std::fs::write(root.join("openai-key"), format!("{KEY_1}\n")).unwrap();
-        let (port, bad_port) = (api.port(), bad.port());
-        let cfg = ConfigBuilder::new()
-            .admin()
-            .hosts_to_loopback(&[API, PLAIN, BAD])
-            .sni_ports(&[port, bad_port])
-            .allow(format!("{API}:{port}"))
-            .allow(format!("{PLAIN}:{port}"))
-            .allow(format!("{BAD}:{bad_port}"))
-            .policy(support::TEST_POLICY, |p| {
-                p.intercept = vec![
-                    InterceptHost {
-                        host: format!("{API}:{port}"),
-                        inject: vec![Inject {
-                            header: "authorization".into(),
-                            value_file: "openai-key".into(),
-                            format: Some("Bearer {}".into()),
-                        }],
-                        rules: vec![
-                            "POST /v1/chat/completions".into(),
-                            "GET /v1/models".into(),
-                            "GET /v1/realtime".into(),
-                        ],
-                    },
-                    InterceptHost {
-                        host: format!("{BAD}:{bad_port}"),
-                        ..InterceptHost::default()
-                    },
-                ];
-            })
-            .with(|c| {
-                c.intercept = Some(Intercept {
-                    ca_cert: "gw-ca.crt".into(),
-                    ca_key: "gw-ca.key".into(),
-                    upstream_ca: vec!["upstream-ca.crt".into()],
-                })
-            });
+        let cfg = Setup::config(api.port(), bad.port(), true);
         let proxy = Proxy::of_in(dir, &cfg);
         Setup {
             proxy,
@@ -367,6 +332,50 @@ impl Setup {
             bad,
             root,
         }
+    }
+
+    /// The gateway's config: `api.openai.test` allowed and intercepted with a credential and
+    /// rules (neither when `with_api` is false), `plain.openai.test` a plain tunnel,
+    /// `bad.openai.test` intercepted without a credential.
+    fn config(port: u16, bad_port: u16, with_api: bool) -> ConfigBuilder {
+        let mut cfg = ConfigBuilder::new()
+            .admin()
+            .hosts_to_loopback(&[API, PLAIN, BAD])
+            .sni_ports(&[port, bad_port]);
+        if with_api {
+            cfg = cfg.allow(format!("{API}:{port}"));
+        }
+        cfg.allow(format!("{PLAIN}:{port}"))
+            .allow(format!("{BAD}:{bad_port}"))
+            .policy(support::TEST_POLICY, |p| {
+                p.intercept = vec![InterceptHost {
+                    host: format!("{BAD}:{bad_port}"),
+                    ..InterceptHost::default()
+                }];
+                if !with_api {
+                    return;
+                }
+                p.intercept.push(InterceptHost {
+                    host: format!("{API}:{port}"),
+                    inject: vec![Inject {
+                        header: "authorization".into(),
+                        value_file: "openai-key".into(),
+                        format: Some("Bearer {}".into()),
+                    }],
+                    rules: vec![
+                        "POST /v1/chat/completions".into(),
+                        "GET /v1/models".into(),
+                        "GET /v1/realtime".into(),
+                    ],
+                });
+            })
+            .with(|c| {
+                c.intercept = Some(Intercept {
+                    ca_cert: "gw-ca.crt".into(),
+                    ca_key: "gw-ca.key".into(),
+                    upstream_ca: vec!["upstream-ca.crt".into()],
+                })
+            })
     }
 
     fn file(&self, name: &str) -> String {
@@ -985,4 +994,90 @@ fn a_websocket_the_rules_allow_is_relayed_with_the_credential() {
             .and("intercepted", |a| a.intercepted),
     );
     assert_eq!((line.bytes_up, line.bytes_down), (16, 16), "{line}");
+}
+
+/// Issue #14 item 1 for an intercepted session: a reload that no longer allows its host closes
+/// it within a second, with the tunnel's line audited `revoked`; a session to a host still
+/// allowed stays open and keeps working.
+#[test]
+fn a_reload_that_no_longer_allows_the_host_closes_the_intercepted_session() {
+    use std::io::{Read, Write};
+    let s = Setup::start();
+    let authority = format!("{API}:{}", s.api.port());
+    let get = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+        tls.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .unwrap();
+        let head = head_of(tls);
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .expect("a Content-Length");
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).unwrap();
+        head
+    };
+    let mut tls = tls_tunnel(&s, &authority);
+    assert!(get(&mut tls).starts_with("HTTP/1.1 200"));
+    assert_eq!(s.api.next_seen().path, "/v1/models");
+
+    // An unrelated reload (the plain host's rule dropped) leaves the session alone.
+    let with_api = Setup::config(s.api.port(), s.bad.port(), true).allow("unrelated.test:443");
+    std::fs::write(&s.proxy.config_path, with_api.to_toml()).unwrap();
+    s.proxy.signal("HUP");
+    s.proxy.wait_log("config reloaded");
+    assert!(get(&mut tls).starts_with("HTTP/1.1 200"));
+
+    // The host leaves the allowlist (and interception with it): the session is closed.
+    let without = Setup::config(s.api.port(), s.bad.port(), false);
+    std::fs::write(&s.proxy.config_path, without.to_toml()).unwrap();
+    s.proxy.signal("HUP");
+    let reloaded = Instant::now();
+    s.proxy.wait_log("config reloaded");
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match tls.sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {} // a close_notify or alert, then the end
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "the intercepted session is still open 1 s after the reload"
+                );
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "revoked session closed {:?} after the HUP",
+        reloaded.elapsed()
+    );
+    for _ in 0..2 {
+        s.proxy.expect_audit(
+            AuditMatch::of("http", "allow", "allowed")
+                .path(Some("/v1/models"))
+                .status(200),
+        );
+    }
+    s.proxy.expect_audit(
+        AuditMatch::of("connect", "deny", "revoked")
+            .host(Some(API))
+            .status(200)
+            .and("intercepted", |a| a.intercepted),
+    );
+    let seen = s.api.drain();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the request after the unrelated reload, none after the revoking one: {seen:?}"
+    );
 }
