@@ -13,7 +13,9 @@
 /// ms), 3… the agent's byte budget counters that have a limit. ARGV: 1 emission interval T
 /// (µs, ≥ 1), 2 burst, 3 max_concurrent, 4 lease member, 5 lease TTL (ms), 6 `1` in report mode
 /// (the lease is taken whatever the verdict, as the in-process permit is), then per budget key
-/// its limit and its kind number. Returns `{verdict, wait_us, open, kind}`: verdict 0 admitted,
+/// its limit and its kind number, then the members of this replica's released leases, removed
+/// before the count (so a release costs no round trip of its own). Returns
+/// `{verdict, wait_us, open, kind}`: verdict 0 admitted,
 /// 1 over `max_concurrent`, 2 over the rate, 3 a byte budget (of `kind`) spent; `wait_us` until
 /// a request would conform (the rate), or until the budget's window ends; `open` is the number
 /// of leases held before this one.
@@ -30,6 +32,10 @@ local burst = tonumber(ARGV[2])
 local maxc = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[5])
 local report = ARGV[6] == '1'
+local released = 7 + (#KEYS - 2) * 2
+if #ARGV >= released then
+  redis.call('ZREM', KEYS[2], unpack(ARGV, released))
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowms)
 local open = redis.call('ZCARD', KEYS[2])
 local verdict = 0
@@ -92,6 +98,13 @@ for i = 1, #KEYS do
   worst = math.max(worst, math.floor(used * 1000 / limit))
 end
 return worst
+";
+
+/// Give back released leases of one agent that no admission took (see `store::RELEASE_AFTER`).
+///
+/// KEYS: 1 the lease set. ARGV: the members. Returns how many were still there.
+pub(super) const RELEASE: &str = r"
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
 ";
 
 /// Renew this replica's leases of one agent (or put them back, after the store lost them).

@@ -595,7 +595,9 @@ impl Report {
                 "r: cluster-wide limits (issue #13): the same load through a proxy whose limits \
                  are in-process and one whose limits are in Redis on 127.0.0.1; \"added\" is the \
                  Redis row minus the in-process row; Redis CPU/op is redis-server's own CPU; a \
-                 round trip is a command a client sent it (not those run inside its scripts)"
+                 round trip is a command a client sent it (not those run inside its scripts); \
+                 reads: socket reads it made for them (fewer when commands come several to a \
+                 write)"
             );
             println!();
             let mut table: Vec<Vec<String>> =

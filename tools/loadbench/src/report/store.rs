@@ -30,7 +30,7 @@ pub(super) const STORE_COLUMNS: [&str; 11] = [
     "added CPU/op",
     "added p50",
     "Redis CPU/op",
-    "round trips/op",
+    "round trips (reads)/op",
     "proxy core",
     "client core",
 ];
@@ -114,7 +114,10 @@ impl Report {
                 cells[4] = added_cpu.map_or("-".into(), |c| format!("{c:+.1} µs"));
                 cells[5] = added_p50.map_or("-".into(), |ms| format!("{ms:+.3} ms"));
                 cells[6] = micros_f(pair.store_cpu());
-                cells[7] = format!("{trips:.3}");
+                cells[7] = match pair.store.reads {
+                    Some(reads) => format!("{trips:.3} ({:.2})", pair.per_op(reads)),
+                    None => format!("{trips:.3}"),
+                };
                 let micros = |value| Quantity { value, unit: "µs" };
                 let fields = &mut record.store;
                 fields.added_cpu_per_op = added_cpu.map(micros);
@@ -123,6 +126,7 @@ impl Report {
                 fields.store_cpu_per_op = pair.store_cpu().map(micros);
                 fields.store_round_trips_per_op = Some(trips);
                 fields.store_commands_per_op = pair.store.commands.map(|n| pair.per_op(n));
+                fields.store_reads_per_op = pair.store.reads.map(|n| pair.per_op(n));
                 fields.store_calls = Some(pair.store.calls.clone());
                 if let Some(e) = &pair.store.error {
                     self.notes
@@ -166,6 +170,10 @@ pub(super) struct StoreFields {
     /// Redis row: commands the store processed, those inside scripts included, per exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) store_commands_per_op: Option<f64>,
+    /// Redis row: reads from client sockets per exchange (`total_reads_processed`): below
+    /// `store_round_trips_per_op` when commands arrive several to a write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) store_reads_per_op: Option<f64>,
     /// Redis row: `INFO commandstats` calls per command over the windows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) store_calls: Option<BTreeMap<String, u64>>,

@@ -209,12 +209,10 @@ fn check(report: &mut Report, load: &Load, loaded: &StorePair, single: &StorePai
     report.check(
         &format!("r/{id} (#13): ≤ 1 store round trip per admitted {per}"),
         format!(
-            "{many:.3} at {} conns (EVALSHA {:.3}, ZREM {:.3}); {one:.3} at 1 (EVALSHA {:.3}, ZREM {:.3})",
+            "{many:.3} at {} conns (EVALSHA {:.3}); {one:.3} at 1 (EVALSHA {:.3})",
             loaded.conns,
             calls(loaded, "evalsha"),
-            calls(loaded, "zrem"),
             calls(single, "evalsha"),
-            calls(single, "zrem"),
         ),
         // The per-second upkeep (heartbeat, lease renewal) and the requests in flight at the
         // window's edges are a few per 10,000.
