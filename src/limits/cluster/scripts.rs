@@ -14,11 +14,11 @@
 /// (µs, ≥ 1), 2 burst, 3 max_concurrent, 4 lease member, 5 lease TTL (ms), 6 `1` in report mode
 /// (the lease is taken whatever the verdict, as the in-process permit is), then per budget key
 /// its limit and its kind number, then the members of this replica's released leases, removed
-/// before the count (so a release costs no round trip of its own). Returns
-/// `{verdict, wait_us, open, kind}`: verdict 0 admitted,
-/// 1 over `max_concurrent`, 2 over the rate, 3 a byte budget (of `kind`) spent; `wait_us` until
-/// a request would conform (the rate), or until the budget's window ends; `open` is the number
-/// of leases held before this one.
+/// before the count (so a release costs no round trip of its own). Returns `0` when admitted
+/// (the common reply, kept the cheapest to parse), else `{verdict, wait_us, kind}`: verdict 1
+/// over `max_concurrent`, 2 over the rate, 3 a byte budget (of `kind`) spent; `wait_us` until
+/// a request would conform (the rate), or until the budget's window ends. In report mode the
+/// lease is taken whatever the verdict.
 ///
 /// GCRA (virtual scheduling): a request at `now` conforms unless `now < TAT - T·(burst-1)`;
 /// then `TAT = max(TAT, now) + T`. The key expires when its TAT has passed: from then on a
@@ -75,7 +75,10 @@ if verdict == 0 or report then
   redis.call('ZADD', KEYS[2], nowms + ttl, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-return {verdict, wait, open, kind}
+if verdict == 0 then
+  return 0
+end
+return {verdict, wait, kind}
 ";
 
 /// Add a request's new bytes to the agent's byte budget counters.

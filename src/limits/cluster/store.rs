@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult,
+    Script, Value,
+};
 use tokio::sync::mpsc;
 
 use super::scripts;
@@ -82,11 +85,27 @@ pub struct Admitted {
     pub wait: Duration,
     /// The byte budget spent (its index in `budget::KINDS`), for verdict 3.
     pub kind: usize,
-    /// Leases the agent held across the cluster before this one.
-    pub open: i64,
     /// The lease taken, if any (admitted, or report mode).
     pub lease: Option<Lease>,
 }
+
+/// The ADMIT script's reply: `0` when admitted (most calls, and the cheapest reply to parse),
+/// else `{verdict, wait_us, kind}`.
+struct Verdict {
+    verdict: i64,
+    wait_us: i64,
+    kind: i64,
+}
+
+/// A lease's member in the lease set, `REPLICA:SEQ`, written without `format!` (once per
+/// admission).
+struct Member {
+    buf: [u8; MEMBER_MAX],
+    len: usize,
+}
+
+/// Longest member: a replica id (a ULID, 26 characters), `:` and a `u64`.
+const MEMBER_MAX: usize = 26 + 1 + 20;
 
 /// The store could not be asked (down, not connected, an error, or slower than `timeout`).
 #[derive(Debug, Clone, Copy)]
@@ -224,32 +243,12 @@ impl Store {
         };
         let mut conn = Conn::clone(&conn);
         let seq = self.seq.fetch_add(1, Relaxed);
-        let member = self.member(seq);
-        // The GCRA emission interval in microseconds (validation keeps the rate at most 10⁶/s).
-        let emission = (1e6 / limits.requests_per_second).round().max(1.0) as u64;
-        let mut call = self.admit.prepare_invoke();
-        call.key(&keys.rate)
-            .key(&*keys.leases)
-            .arg(emission)
-            .arg(limits.burst)
-            .arg(limits.max_concurrent)
-            .arg(&member)
-            .arg(LEASE_TTL.as_millis() as u64)
-            .arg(u8::from(report));
-        for (i, key) in keys.bytes.iter().enumerate() {
-            if let Some(max) = limits.budgets.get(i) {
-                call.key(key).arg(max).arg(i);
-            }
-        }
-        // After the budgets' arguments: the script finds them by the number of keys.
         let released = self.take_released(&keys.leases);
-        for seq in &released {
-            call.arg(self.member(*seq));
-        }
+        let cmd = self.admit_cmd(keys, limits, report, seq, &released);
         let started = Instant::now();
         let answer = tokio::time::timeout(
             self.settings.timeout,
-            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+            eval::<Verdict>(&self.admit, &cmd, &mut conn),
         )
         .await;
         let settled = self.settled(answer, started);
@@ -257,7 +256,11 @@ impl Store {
             // Not known to be given back: the release task tries again.
             self.release_later(&keys.leases, &released);
         }
-        let (verdict, wait_us, open, kind) = settled?;
+        let Verdict {
+            verdict,
+            wait_us,
+            kind,
+        } = settled?;
         let lease = (verdict == 0 || report).then(|| {
             self.leases.lock().held.insert(seq, keys.leases.clone());
             Lease {
@@ -269,9 +272,49 @@ impl Store {
             verdict,
             wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
             kind: usize::try_from(kind).unwrap_or(0),
-            open,
             lease,
         })
+    }
+
+    /// `EVALSHA` of the ADMIT script (see `scripts::ADMIT` for its keys and arguments), built
+    /// in one buffer: the per-request path does not go through redis-rs's `ScriptInvocation`,
+    /// which allocates every argument on its own and copies them all once more.
+    fn admit_cmd(
+        &self,
+        keys: &AgentKeys,
+        limits: &Limits,
+        report: bool,
+        seq: u64,
+        released: &[u64],
+    ) -> Cmd {
+        let budgets = || (0..keys.bytes.len()).filter_map(|i| Some((i, limits.budgets.get(i)?)));
+        let n_keys = 2 + budgets().count();
+        let n_args = 6 + 2 * (n_keys - 2) + released.len();
+        let mut cmd = Cmd::with_capacity(3 + n_keys + n_args, 256 + MEMBER_MAX * released.len());
+        // The GCRA emission interval in microseconds (validation keeps the rate at most 10⁶/s).
+        let emission = (1e6 / limits.requests_per_second).round().max(1.0) as u64;
+        cmd.arg("EVALSHA")
+            .arg(self.admit.get_hash())
+            .arg(n_keys)
+            .arg(&keys.rate)
+            .arg(&*keys.leases);
+        for (i, _) in budgets() {
+            cmd.arg(&keys.bytes[i]);
+        }
+        cmd.arg(emission)
+            .arg(limits.burst)
+            .arg(limits.max_concurrent)
+            .arg(self.member(seq).as_bytes())
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(u8::from(report));
+        for (i, max) in budgets() {
+            cmd.arg(max).arg(i);
+        }
+        // After the budgets' arguments: the script finds them by the number of keys.
+        for seq in released {
+            cmd.arg(self.member(*seq).as_bytes());
+        }
+        cmd
     }
 
     /// Add a request's new bytes to the agent's byte budgets in the store (a flush, off the
@@ -355,8 +398,8 @@ impl Store {
         self.conn.load_full()
     }
 
-    fn member(&self, seq: u64) -> String {
-        format!("{}:{seq}", self.replica)
+    fn member(&self, seq: u64) -> Member {
+        Member::new(&self.replica, seq)
     }
 
     /// Record a call's result and turn it into the value or `Unavailable`, marking the store
@@ -425,9 +468,10 @@ impl Store {
                 RedisError::from((redis::ErrorKind::InvalidClientConfig, "no URL"))
             })?;
             let client = redis::Client::open(info)?;
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(CONNECT_TIMEOUT)
-                .set_response_timeout(s.timeout.max(TICK));
+            // No response timeout of redis-rs's own: every call is bounded by a
+            // `tokio::time::timeout` here, and a second timer per request would only cost.
+            let config =
+                redis::AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
             Ok(Conn::Single(
                 client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -525,7 +569,7 @@ impl Store {
             let mut call = self.renew.prepare_invoke();
             call.key(&*key).arg(LEASE_TTL.as_millis() as u64);
             for seq in seqs {
-                call.arg(self.member(seq));
+                call.arg(self.member(seq).as_bytes());
             }
             let answer = tokio::time::timeout(
                 TICK.max(self.settings.timeout),
@@ -566,7 +610,7 @@ impl Store {
             let mut call = self.release.prepare_invoke();
             call.key(&*key);
             for seq in &seqs {
-                call.arg(self.member(*seq));
+                call.arg(self.member(*seq).as_bytes());
             }
             let bound = TICK.max(self.settings.timeout);
             let answer = tokio::time::timeout(bound, call.invoke_async::<u64>(&mut conn)).await;
@@ -627,6 +671,61 @@ async fn give_back(store: Weak<Store>, mut due: mpsc::Receiver<()>) {
     }
 }
 
+/// Run `cmd`, an `EVALSHA` of `script`; when the server does not know the script yet (a new
+/// or restarted server), load it and run `cmd` once more.
+async fn eval<T: FromRedisValue>(script: &Script, cmd: &Cmd, conn: &mut Conn) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+// === impl Verdict ===
+
+impl FromRedisValue for Verdict {
+    fn from_redis_value(v: &Value) -> RedisResult<Verdict> {
+        if let Value::Int(0) = v {
+            return Ok(Verdict {
+                verdict: 0,
+                wait_us: 0,
+                kind: -1,
+            });
+        }
+        let (verdict, wait_us, kind) = <(i64, i64, i64)>::from_redis_value(v)?;
+        Ok(Verdict {
+            verdict,
+            wait_us,
+            kind,
+        })
+    }
+}
+
+// === impl Member ===
+
+impl Member {
+    fn new(replica: &str, seq: u64) -> Member {
+        let mut m = Member {
+            buf: [0; MEMBER_MAX],
+            len: 0,
+        };
+        let mut digits = itoa::Buffer::new();
+        for part in [replica.as_bytes(), b":", digits.format(seq).as_bytes()] {
+            // A replica id longer than a ULID would be cut; it is always a ULID.
+            let n = part.len().min(MEMBER_MAX - m.len);
+            m.buf[m.len..m.len + n].copy_from_slice(&part[..n]);
+            m.len += n;
+        }
+        m
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 // === impl Lease ===
 
 impl Drop for Lease {
@@ -674,5 +773,35 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_the_replica_a_colon_and_the_sequence_number() {
+        let replica = ulid::Ulid::new().to_string();
+        for seq in [0, 7, 1_000_000, u64::MAX] {
+            let m = Member::new(&replica, seq);
+            assert_eq!(m.as_bytes(), format!("{replica}:{seq}").as_bytes());
+        }
+    }
+
+    /// The ADMIT script answers `0` when it admits, else `{verdict, wait_us, kind}`.
+    #[test]
+    fn the_admit_reply_is_zero_or_verdict_wait_and_kind() {
+        let admitted = Verdict::from_redis_value(&Value::Int(0)).unwrap();
+        assert_eq!(admitted.verdict, 0);
+        let refused = Value::Array(vec![Value::Int(2), Value::Int(1500), Value::Int(-1)]);
+        let refused = Verdict::from_redis_value(&refused).unwrap();
+        assert_eq!(
+            (refused.verdict, refused.wait_us, refused.kind),
+            (2, 1500, -1)
+        );
+        let budget = Value::Array(vec![Value::Int(3), Value::Int(9), Value::Int(1)]);
+        assert_eq!(Verdict::from_redis_value(&budget).unwrap().kind, 1);
+        assert!(Verdict::from_redis_value(&Value::Int(1)).is_err());
     }
 }

@@ -19,6 +19,8 @@ pub(crate) struct StorePair {
     pub(crate) in_redis: Closed,
     /// What the store did over the Redis windows.
     pub(crate) store: StoreUse,
+    /// Proxy CPU µs per exchange of each round's windows: (in-process, Redis).
+    pub(crate) rounds: Vec<(f64, f64)>,
 }
 
 pub(super) const STORE_COLUMNS: [&str; 11] = [
@@ -123,6 +125,8 @@ impl Report {
                 fields.added_cpu_per_op = added_cpu.map(micros);
                 fields.added_p50_ms = added_p50;
                 fields.added_p99_ms = pair.added_ms(0.99);
+                fields.round_added_cpu_per_op_us =
+                    Some(pair.rounds.iter().map(|(l, r)| r - l).collect());
                 fields.store_cpu_per_op = pair.store_cpu().map(micros);
                 fields.store_round_trips_per_op = Some(trips);
                 fields.store_commands_per_op = pair.store.commands.map(|n| pair.per_op(n));
@@ -157,6 +161,10 @@ pub(super) struct StoreFields {
     /// Redis row: p50 minus the in-process row's, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) added_p50_ms: Option<f64>,
+    /// Redis row: proxy CPU per exchange added in each round (its Redis window minus its
+    /// in-process window), in µs: the spread shows the machine's noise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) round_added_cpu_per_op_us: Option<Vec<f64>>,
     /// Redis row: p99 minus the in-process row's, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) added_p99_ms: Option<f64>,

@@ -7,8 +7,10 @@
 //!   c's (a new tunnel and one GET per exchange: one admission per tunnel);
 //! - each with 64 connections (the proxy saturated: CPU per request, and latency that is
 //!   queueing) and with 1 (the proxy idle between requests: the latency one request gains);
-//! - each pair measured twice, in the order in-process, Redis, Redis, in-process, so a drift of
-//!   the shared machine during the run weighs on both sides alike.
+//! - each pair measured [`ROUNDS`] times, alternating which side goes first (in-process,
+//!   Redis, Redis, in-process, in-process, Redis), so a drift of the shared machine during the
+//!   run weighs on both sides alike; the report adds the windows up, and gives the CPU added in
+//!   each round too, to show the noise.
 //!
 //! Both proxies run from the start (pinned to CPU 0, the idle one costs nothing), so a window
 //! measures the one the load goes to. Over each Redis window the store's CPU and `INFO
@@ -30,8 +32,8 @@ use crate::scenarios::via_script;
 use crate::settings::Settings;
 use crate::store::{Redis, StoreUse};
 
-/// Windows per side and per load: in-process, Redis, Redis, in-process.
-const ROUNDS: usize = 2;
+/// Windows per side and per load: in-process, Redis, Redis, in-process, in-process, Redis.
+const ROUNDS: usize = 3;
 
 /// One load of scenario r: whose script, and how the report names it.
 struct Load {
@@ -107,8 +109,8 @@ pub(crate) async fn cluster_limits(
     report.notes.push(shared_log.note("r, limits in Redis"));
     report.notes.push(format!(
         "r: redis-server on {} pinned with the load client and origin (CPU 1), in a session of \
-         its own; both proxies on CPU 0; each figure is two windows, in-process and Redis \
-         alternating (in-process, Redis, Redis, in-process)",
+         its own; both proxies on CPU 0; each figure is {ROUNDS} windows, in-process and Redis \
+         alternating (in-process, Redis, Redis, in-process, in-process, Redis)",
         redis.addr
     ));
     Ok(())
@@ -142,8 +144,10 @@ async fn side_by_side(
     let mut in_process: Option<Closed> = None;
     let mut in_redis: Option<Closed> = None;
     let mut store: Option<StoreUse> = None;
+    let mut rounds = Vec::with_capacity(ROUNDS);
     for round in 0..ROUNDS {
-        // Round 0: in-process first; round 1: Redis first.
+        let mut cpu = (f64::NAN, f64::NAN);
+        // Even rounds: in-process first; odd rounds: Redis first.
         for redis_turn in [round % 2 == 1, round % 2 == 0] {
             let id = format!("r-{}-{conns}-{round}", load.script);
             if redis_turn {
@@ -160,9 +164,10 @@ async fn side_by_side(
                 .await;
                 let used = before.until(&after, s.clk_tck);
                 // The store's CPU is no neighbour's.
-                if let (Some(others), Some(cpu)) = (run.spent.others, used.cpu) {
-                    run.spent.others = Some((others - cpu).max(0.0));
+                if let (Some(others), Some(store_cpu)) = (run.spent.others, used.cpu) {
+                    run.spent.others = Some((others - store_cpu).max(0.0));
                 }
+                cpu.1 = run.cpu_per_op().unwrap_or(f64::NAN);
                 in_redis = Some(match in_redis {
                     Some(prev) => prev.merge(run),
                     None => run,
@@ -179,12 +184,14 @@ async fn side_by_side(
                 let (run, (), ()) =
                     closed_loop_watched(local.addr, &script, conns, s, Some(local), &name, || ())
                         .await;
+                cpu.0 = run.cpu_per_op().unwrap_or(f64::NAN);
                 in_process = Some(match in_process {
                     Some(prev) => prev.merge(run),
                     None => run,
                 });
             }
         }
+        rounds.push(cpu);
     }
     StorePair {
         script: load.script,
@@ -193,6 +200,7 @@ async fn side_by_side(
         in_process: in_process.unwrap_or_else(Closed::empty),
         in_redis: in_redis.unwrap_or_else(Closed::empty),
         store: store.unwrap_or_default(),
+        rounds,
     }
 }
 
@@ -219,13 +227,19 @@ fn check(report: &mut Report, load: &Load, loaded: &StorePair, single: &StorePai
         many <= 1.01 && one <= 1.01,
     );
     let cpu = loaded.added_cpu().unwrap_or(f64::NAN);
+    let per_round: Vec<String> = loaded
+        .rounds
+        .iter()
+        .map(|(local, redis)| format!("{:+.1}", redis - local))
+        .collect();
     report.check(
         &format!("r/{id} (#13): ≤ 10 µs proxy CPU added per {per}"),
         format!(
-            "{cpu:+.1} µs ({:.1} vs {:.1} µs, {} conns); {:+.1} µs at 1 conn",
+            "{cpu:+.1} µs ({:.1} vs {:.1} µs, {} conns; rounds {}); {:+.1} µs at 1 conn",
             loaded.in_redis.cpu_per_op().unwrap_or(f64::NAN),
             loaded.in_process.cpu_per_op().unwrap_or(f64::NAN),
             loaded.conns,
+            per_round.join(", "),
             single.added_cpu().unwrap_or(f64::NAN),
         ),
         cpu <= 10.0,
