@@ -107,9 +107,14 @@ pub(crate) async fn cluster_limits(
     let (local_log, shared_log) = (local.stop().await, shared.stop().await);
     report.notes.push(local_log.note("r, in-process limits"));
     report.notes.push(shared_log.note("r, limits in Redis"));
+    let pinning = if s.pinned {
+        "pinned with the load client and origin (CPU 1), in a session of its own; both proxies \
+         on CPU 0"
+    } else {
+        "not pinned, in a session of its own"
+    };
     report.notes.push(format!(
-        "r: redis-server on {} pinned with the load client and origin (CPU 1), in a session of \
-         its own; both proxies on CPU 0; each figure is {ROUNDS} windows, in-process and Redis \
+        "r: redis-server on {} {pinning}; each figure is {ROUNDS} windows, in-process and Redis \
          alternating (in-process, Redis, Redis, in-process, in-process, Redis)",
         redis.addr
     ));
