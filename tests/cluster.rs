@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use chokepoint::limits::cluster::RELEASE_AFTER;
 use support::*;
 
 /// The test store itself: answers, goes away, comes back empty on the same port.
@@ -246,6 +247,63 @@ fn four_gateways_share_one_concurrency_cap() {
     });
     let (_s, head) = tunnel(&gateways[0], &echo);
     assert_eq!(status_of(&head), 429, "{head}");
+}
+
+/// A counter of `INFO stats` (`total_reads_processed`, …).
+fn info_stat(redis: &RedisServer, name: &str) -> u64 {
+    let info = redis.command(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in INFO stats: {info}"))
+}
+
+/// Item 8: a busy agent costs the store one round trip per request. A finished request's lease
+/// goes back inside the agent's next admission on the same gateway, not in a call of its own:
+/// for sequential requests the store reads one message per request (giving each lease back
+/// with a separate ZREM made it two). The last request's lease, which no admission follows,
+/// the release task gives back on its own.
+#[test]
+fn a_finished_requests_lease_goes_back_with_the_next_admission() {
+    const N: u64 = 200;
+    let redis = RedisServer::start();
+    let (origin, echo) = (Origin::http(), Echo::start("127.0.0.1:0"));
+    let port = origin.addr.port();
+    let cfg = config(
+        &redis,
+        &origin,
+        &echo,
+        |l| {
+            l.requests_per_second = Some(100_000.0);
+            l.burst = Some(100_000);
+            l.max_concurrent = Some(1000);
+        },
+        |_| {},
+    );
+    let gateway = fleet(1, &cfg).remove(0);
+    let mut s = raw(&gateway);
+    assert!(get(&mut s, port).starts_with("HTTP/1.1 200"));
+    let before = info_stat(&redis, "total_reads_processed");
+    let started = Instant::now();
+    for i in 0..N {
+        let head = get(&mut s, port);
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+    }
+    let took = started.elapsed();
+    let reads = info_stat(&redis, "total_reads_processed") - before;
+    // Besides the admissions, at most: this test's INFO, a heartbeat a second and a renewal
+    // every 3 s (each one read, rounded up), and a release call per RELEASE_AFTER.
+    let secs = took.as_secs() + 1;
+    let releases = (took.as_millis() / RELEASE_AFTER.as_millis()) as u64 + 1;
+    let bound = N + 1 + 2 * secs + releases;
+    eprintln!("{reads} store reads for {N} requests in {took:?} (at most {bound})");
+    assert!(
+        reads <= bound,
+        "{reads} store reads for {N} requests in {took:?} (at most {bound})"
+    );
+    let leases = "chokepoint:{tester}:leases";
+    wait_until(WAIT, "the last lease is given back", || {
+        redis.command(&["ZCARD", leases]) == ":0\r\n"
+    });
 }
 
 /// Item 7: a gateway killed with SIGKILL while holding 4 leases frees them within the lease

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-pub use store::{AgentKeys, Lease, Store, LEASE_TTL, REPLICA_TTL, TICK};
+pub use store::{AgentKeys, Lease, Store, LEASE_TTL, RELEASE_AFTER, REPLICA_TTL, TICK};
 
 use super::{Gate, Limits, Permit};
 use crate::identity::Agents;

@@ -13,10 +13,12 @@
 /// ms), 3… the agent's byte budget counters that have a limit. ARGV: 1 emission interval T
 /// (µs, ≥ 1), 2 burst, 3 max_concurrent, 4 lease member, 5 lease TTL (ms), 6 `1` in report mode
 /// (the lease is taken whatever the verdict, as the in-process permit is), then per budget key
-/// its limit and its kind number. Returns `{verdict, wait_us, open, kind}`: verdict 0 admitted,
-/// 1 over `max_concurrent`, 2 over the rate, 3 a byte budget (of `kind`) spent; `wait_us` until
-/// a request would conform (the rate), or until the budget's window ends; `open` is the number
-/// of leases held before this one.
+/// its limit and its kind number, then the members of this replica's released leases, removed
+/// before the count (so a release costs no round trip of its own). Returns `0` when admitted
+/// (the common reply, kept the cheapest to parse), else `{verdict, wait_us, kind}`: verdict 1
+/// over `max_concurrent`, 2 over the rate, 3 a byte budget (of `kind`) spent; `wait_us` until
+/// a request would conform (the rate), or until the budget's window ends. In report mode the
+/// lease is taken whatever the verdict.
 ///
 /// GCRA (virtual scheduling): a request at `now` conforms unless `now < TAT - T·(burst-1)`;
 /// then `TAT = max(TAT, now) + T`. The key expires when its TAT has passed: from then on a
@@ -30,6 +32,10 @@ local burst = tonumber(ARGV[2])
 local maxc = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[5])
 local report = ARGV[6] == '1'
+local released = 7 + (#KEYS - 2) * 2
+if #ARGV >= released then
+  redis.call('ZREM', KEYS[2], unpack(ARGV, released))
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowms)
 local open = redis.call('ZCARD', KEYS[2])
 local verdict = 0
@@ -69,7 +75,10 @@ if verdict == 0 or report then
   redis.call('ZADD', KEYS[2], nowms + ttl, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-return {verdict, wait, open, kind}
+if verdict == 0 then
+  return 0
+end
+return {verdict, wait, kind}
 ";
 
 /// Add a request's new bytes to the agent's byte budget counters.
@@ -92,6 +101,13 @@ for i = 1, #KEYS do
   worst = math.max(worst, math.floor(used * 1000 / limit))
 end
 return worst
+";
+
+/// Give back released leases of one agent that no admission took (see `store::RELEASE_AFTER`).
+///
+/// KEYS: 1 the lease set. ARGV: the members. Returns how many were still there.
+pub(super) const RELEASE: &str = r"
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
 ";
 
 /// Renew this replica's leases of one agent (or put them back, after the store lost them).

@@ -2,10 +2,15 @@
 //!
 //! One [`Store`] per `[cluster]` setting (kept across reloads while the section is unchanged).
 //! A background task keeps it usable: it connects (and reconnects after a failure or a password
-//! rotation), sends this replica's heartbeat every second (which also counts the live replicas),
-//! renews the leases this replica holds, and gives back released ones in batches. Requests never
-//! connect: while the store is down they do not call it at all (the `fail_mode` applies at once),
-//! and the task's next successful heartbeat, at most [`TICK`] later, brings it back.
+//! rotation), sends this replica's heartbeat every second (which also counts the live replicas)
+//! and renews the leases this replica holds. Requests never connect: while the store is down they
+//! do not call it at all (the `fail_mode` applies at once), and the task's next successful
+//! heartbeat, at most [`TICK`] later, brings it back.
+//!
+//! A finished request's lease is given back by the agent's next admission on this replica, in
+//! that admission's own round trip (the script removes it before it counts), so a busy agent
+//! costs one round trip per request or tunnel. What no admission took within [`RELEASE_AFTER`]
+//! a second task gives back, in one call per agent.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +21,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult,
+    Script, Value,
+};
 use tokio::sync::mpsc;
 
 use super::scripts;
@@ -41,6 +49,14 @@ const RENEW_EVERY: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the password file is read again.
 const PASSWORD_EVERY: Duration = Duration::from_secs(1);
+/// How long a released lease waits for the agent's next admission to give it back before the
+/// release task does: about the longest other replicas count a finished request as open (a
+/// request's own replica never does: its next admission removes it first). A busy agent's
+/// admissions take every release well within it, so the task sends nothing for it.
+pub const RELEASE_AFTER: Duration = Duration::from_millis(20);
+/// Most released leases one call gives back (Lua's `unpack` has a stack limit); the rest wait
+/// for the next.
+const MAX_RELEASES: usize = 512;
 
 /// The keys of one agent; they share the hash tag `{agent}`, so one slot on a Redis Cluster.
 #[derive(Clone, Debug)]
@@ -69,11 +85,27 @@ pub struct Admitted {
     pub wait: Duration,
     /// The byte budget spent (its index in `budget::KINDS`), for verdict 3.
     pub kind: usize,
-    /// Leases the agent held across the cluster before this one.
-    pub open: i64,
     /// The lease taken, if any (admitted, or report mode).
     pub lease: Option<Lease>,
 }
+
+/// The ADMIT script's reply: `0` when admitted (most calls, and the cheapest reply to parse),
+/// else `{verdict, wait_us, kind}`.
+struct Verdict {
+    verdict: i64,
+    wait_us: i64,
+    kind: i64,
+}
+
+/// A lease's member in the lease set, `REPLICA:SEQ`, written without `format!` (once per
+/// admission).
+struct Member {
+    buf: [u8; MEMBER_MAX],
+    len: usize,
+}
+
+/// Longest member: a replica id (a ULID, 26 characters), `:` and a `u64`.
+const MEMBER_MAX: usize = 26 + 1 + 20;
 
 /// The store could not be asked (down, not connected, an error, or slower than `timeout`).
 #[derive(Debug, Clone, Copy)]
@@ -87,10 +119,21 @@ pub struct Lease {
     seq: u64,
 }
 
-/// A released lease on its way to the batch that removes it.
-struct Release {
-    key: Arc<str>,
-    seq: u64,
+/// This replica's leases: those held (renewed by the upkeep task) and those released but not
+/// given back yet.
+#[derive(Default)]
+struct Leases {
+    /// seq → the lease set it is in.
+    held: HashMap<u64, Arc<str>>,
+    /// Lease set → leases released since the last call that gave that set's leases back.
+    released: HashMap<Arc<str>, Waiting>,
+}
+
+/// Released leases of one lease set, not given back yet.
+struct Waiting {
+    /// When the oldest was released.
+    since: Instant,
+    seqs: Vec<u64>,
 }
 
 /// The shared limit store.
@@ -105,10 +148,12 @@ pub struct Store {
     replicas: AtomicU32,
     metrics: Arc<Metrics>,
     seq: AtomicU64,
-    /// Leases held by this replica (seq → lease set), renewed by the task.
-    held: parking_lot::Mutex<HashMap<u64, Arc<str>>>,
-    releases: mpsc::UnboundedSender<Release>,
+    /// Leases held by this replica, and released ones not given back yet.
+    leases: parking_lot::Mutex<Leases>,
+    /// Wakes the release task (capacity 1: one pending wake is enough).
+    release_due: mpsc::Sender<()>,
     admit: Script,
+    release: Script,
     add_bytes: Script,
     renew: Script,
     heartbeat: Script,
@@ -129,7 +174,7 @@ impl Store {
     /// Make the store and start its background tasks (they end when the store is dropped).
     /// Must run inside the tokio runtime.
     pub fn start(settings: ClusterSettings, metrics: Arc<Metrics>) -> Arc<Store> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(1);
         let replica = ulid::Ulid::new().to_string();
         let replica_key = format!("{}replicas", settings.key_prefix);
         let store = Arc::new(Store {
@@ -140,9 +185,10 @@ impl Store {
             replicas: AtomicU32::new(1),
             metrics,
             seq: AtomicU64::new(0),
-            held: parking_lot::Mutex::new(HashMap::new()),
-            releases: tx,
+            leases: parking_lot::Mutex::new(Leases::default()),
+            release_due: tx,
             admit: Script::new(scripts::ADMIT),
+            release: Script::new(scripts::RELEASE),
             add_bytes: Script::new(scripts::ADD_BYTES),
             renew: Script::new(scripts::RENEW),
             heartbeat: Script::new(scripts::HEARTBEAT),
@@ -182,7 +228,9 @@ impl Store {
     }
 
     /// Ask the store to admit one request or tunnel of the agent with `keys` under `limits`
-    /// (concurrency, then rate), in one round trip bounded by `cluster.timeout`.
+    /// (concurrency, then rate), in one round trip bounded by `cluster.timeout`. The agent's
+    /// leases released on this replica since its last call are given back in the same call,
+    /// before the count.
     pub async fn admit(
         self: &Arc<Self>,
         keys: &AgentKeys,
@@ -195,32 +243,26 @@ impl Store {
         };
         let mut conn = Conn::clone(&conn);
         let seq = self.seq.fetch_add(1, Relaxed);
-        let member = self.member(seq);
-        // The GCRA emission interval in microseconds (validation keeps the rate at most 10⁶/s).
-        let emission = (1e6 / limits.requests_per_second).round().max(1.0) as u64;
-        let mut call = self.admit.prepare_invoke();
-        call.key(&keys.rate)
-            .key(&*keys.leases)
-            .arg(emission)
-            .arg(limits.burst)
-            .arg(limits.max_concurrent)
-            .arg(&member)
-            .arg(LEASE_TTL.as_millis() as u64)
-            .arg(u8::from(report));
-        for (i, key) in keys.bytes.iter().enumerate() {
-            if let Some(max) = limits.budgets.get(i) {
-                call.key(key).arg(max).arg(i);
-            }
-        }
+        let released = self.take_released(&keys.leases);
+        let cmd = self.admit_cmd(keys, limits, report, seq, &released);
         let started = Instant::now();
         let answer = tokio::time::timeout(
             self.settings.timeout,
-            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+            eval::<Verdict>(&self.admit, &cmd, &mut conn),
         )
         .await;
-        let (verdict, wait_us, open, kind) = self.settled(answer, started)?;
+        let settled = self.settled(answer, started);
+        if settled.is_err() && !released.is_empty() {
+            // Not known to be given back: the release task tries again.
+            self.release_later(&keys.leases, &released);
+        }
+        let Verdict {
+            verdict,
+            wait_us,
+            kind,
+        } = settled?;
         let lease = (verdict == 0 || report).then(|| {
-            self.held.lock().insert(seq, keys.leases.clone());
+            self.leases.lock().held.insert(seq, keys.leases.clone());
             Lease {
                 store: self.clone(),
                 seq,
@@ -230,9 +272,49 @@ impl Store {
             verdict,
             wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
             kind: usize::try_from(kind).unwrap_or(0),
-            open,
             lease,
         })
+    }
+
+    /// `EVALSHA` of the ADMIT script (see `scripts::ADMIT` for its keys and arguments), built
+    /// in one buffer: the per-request path does not go through redis-rs's `ScriptInvocation`,
+    /// which allocates every argument on its own and copies them all once more.
+    fn admit_cmd(
+        &self,
+        keys: &AgentKeys,
+        limits: &Limits,
+        report: bool,
+        seq: u64,
+        released: &[u64],
+    ) -> Cmd {
+        let budgets = || (0..keys.bytes.len()).filter_map(|i| Some((i, limits.budgets.get(i)?)));
+        let n_keys = 2 + budgets().count();
+        let n_args = 6 + 2 * (n_keys - 2) + released.len();
+        let mut cmd = Cmd::with_capacity(3 + n_keys + n_args, 256 + MEMBER_MAX * released.len());
+        // The GCRA emission interval in microseconds (validation keeps the rate at most 10⁶/s).
+        let emission = (1e6 / limits.requests_per_second).round().max(1.0) as u64;
+        cmd.arg("EVALSHA")
+            .arg(self.admit.get_hash())
+            .arg(n_keys)
+            .arg(&keys.rate)
+            .arg(&*keys.leases);
+        for (i, _) in budgets() {
+            cmd.arg(&keys.bytes[i]);
+        }
+        cmd.arg(emission)
+            .arg(limits.burst)
+            .arg(limits.max_concurrent)
+            .arg(self.member(seq).as_bytes())
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(u8::from(report));
+        for (i, max) in budgets() {
+            cmd.arg(max).arg(i);
+        }
+        // After the budgets' arguments: the script finds them by the number of keys.
+        for seq in released {
+            cmd.arg(self.member(*seq).as_bytes());
+        }
+        cmd
     }
 
     /// Add a request's new bytes to the agent's byte budgets in the store (a flush, off the
@@ -274,6 +356,40 @@ impl Store {
         }
     }
 
+    /// Up to [`MAX_RELEASES`] of the leases released in lease set `key`, no longer waiting.
+    fn take_released(&self, key: &Arc<str>) -> Vec<u64> {
+        let mut leases = self.leases.lock();
+        let Some(waiting) = leases.released.get_mut(key) else {
+            return Vec::new();
+        };
+        if waiting.seqs.len() <= MAX_RELEASES {
+            return leases
+                .released
+                .remove(key)
+                .map(|w| w.seqs)
+                .unwrap_or_default();
+        }
+        let keep = waiting.seqs.len() - MAX_RELEASES;
+        waiting.seqs.split_off(keep)
+    }
+
+    /// Leases of set `key` to be given back: by the agent's next admission, or by the release
+    /// task about [`RELEASE_AFTER`] later.
+    fn release_later(&self, key: &Arc<str>, seqs: &[u64]) {
+        self.leases
+            .lock()
+            .released
+            .entry(key.clone())
+            .or_insert_with(|| Waiting {
+                since: Instant::now(),
+                seqs: Vec::new(),
+            })
+            .seqs
+            .extend_from_slice(seqs);
+        // Full: a wake is already pending, and the round it starts sees these too.
+        let _ = self.release_due.try_send(());
+    }
+
     /// The connection, if the store is up.
     fn usable(&self) -> Option<Arc<Conn>> {
         if !self.up.load(Relaxed) {
@@ -282,8 +398,8 @@ impl Store {
         self.conn.load_full()
     }
 
-    fn member(&self, seq: u64) -> String {
-        format!("{}:{seq}", self.replica)
+    fn member(&self, seq: u64) -> Member {
+        Member::new(&self.replica, seq)
     }
 
     /// Record a call's result and turn it into the value or `Unavailable`, marking the store
@@ -352,9 +468,10 @@ impl Store {
                 RedisError::from((redis::ErrorKind::InvalidClientConfig, "no URL"))
             })?;
             let client = redis::Client::open(info)?;
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(CONNECT_TIMEOUT)
-                .set_response_timeout(s.timeout.max(TICK));
+            // No response timeout of redis-rs's own: every call is bounded by a
+            // `tokio::time::timeout` here, and a second timer per request would only cost.
+            let config =
+                redis::AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
             Ok(Conn::Single(
                 client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -441,7 +558,7 @@ impl Store {
     /// Renew every lease this replica holds (re-adding any the store lost), one call per agent.
     async fn renew_held(&self) {
         let mut by_key: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
-        for (seq, key) in self.held.lock().iter() {
+        for (seq, key) in self.leases.lock().held.iter() {
             by_key.entry(key.clone()).or_default().push(*seq);
         }
         let Some(conn) = self.conn.load_full() else {
@@ -452,7 +569,7 @@ impl Store {
             let mut call = self.renew.prepare_invoke();
             call.key(&*key).arg(LEASE_TTL.as_millis() as u64);
             for seq in seqs {
-                call.arg(self.member(seq));
+                call.arg(self.member(seq).as_bytes());
             }
             let answer = tokio::time::timeout(
                 TICK.max(self.settings.timeout),
@@ -467,27 +584,41 @@ impl Store {
         }
     }
 
-    /// Give released leases back: one pipeline of ZREMs per agent (a pipeline stays within one
-    /// hash slot on a Redis Cluster).
-    async fn remove(&self, batch: &[Release]) {
+    /// Give back the released leases that waited [`RELEASE_AFTER`] for an admission: one call
+    /// per agent (its keys share one hash slot on a Redis Cluster), at most [`MAX_RELEASES`]
+    /// leases each. Returns whether any are still waiting (for a later round).
+    async fn give_back_released(&self) -> bool {
         let Some(conn) = self.conn.load_full() else {
-            return; // the leases expire on their own
+            // Not connected: no longer renewed, they expire on their own.
+            self.leases.lock().released.clear();
+            return false;
         };
-        let mut by_key: HashMap<&str, Vec<u64>> = HashMap::new();
-        for r in batch {
-            by_key.entry(&*r.key).or_default().push(r.seq);
-        }
-        for (key, seqs) in by_key {
+        let due: Vec<Arc<str>> = self
+            .leases
+            .lock()
+            .released
+            .iter()
+            .filter(|(_, w)| w.since.elapsed() >= RELEASE_AFTER)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let seqs = self.take_released(&key);
+            if seqs.is_empty() {
+                continue; // an admission took them meanwhile
+            }
             let mut conn = Conn::clone(&conn);
-            let members: Vec<String> = seqs.into_iter().map(|s| self.member(s)).collect();
-            let mut cmd = redis::cmd("ZREM");
-            cmd.arg(key).arg(members);
+            let mut call = self.release.prepare_invoke();
+            call.key(&*key);
+            for seq in &seqs {
+                call.arg(self.member(*seq).as_bytes());
+            }
             let bound = TICK.max(self.settings.timeout);
-            let answer = tokio::time::timeout(bound, cmd.query_async::<()>(&mut conn)).await;
-            if let Ok(Err(e)) = &answer {
-                tracing::debug!(error = %e, "giving leases back failed; they expire on their own");
+            let answer = tokio::time::timeout(bound, call.invoke_async::<u64>(&mut conn)).await;
+            if !matches!(answer, Ok(Ok(_))) {
+                tracing::debug!("giving leases back failed; they expire on their own");
             }
         }
+        !self.leases.lock().released.is_empty()
     }
 }
 
@@ -521,14 +652,77 @@ async fn upkeep(store: Weak<Store>) {
     }
 }
 
-/// The release task: takes every lease released since its last round and gives them back in
-/// one pipeline, so a burst of finished requests costs one round trip.
-async fn give_back(store: Weak<Store>, mut rx: mpsc::UnboundedReceiver<Release>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 512).await > 0 {
-        let Some(store) = store.upgrade() else { return };
-        store.remove(&batch).await;
-        batch.clear();
+/// The release task: woken when a lease is released, it looks every [`RELEASE_AFTER`], giving
+/// back the leases that waited that long for an admission of their agent, until none waits.
+/// It ends when the store is dropped (the channel closes).
+async fn give_back(store: Weak<Store>, mut due: mpsc::Receiver<()>) {
+    while due.recv().await.is_some() {
+        // Each round sleeps; a lease that waited RELEASE_AFTER is given back (or, without a
+        // connection, dropped), so the rounds end once releases stop.
+        loop {
+            tokio::time::sleep(RELEASE_AFTER).await;
+            // Wakes sent meanwhile are for leases these rounds see.
+            while due.try_recv().is_ok() {}
+            let Some(store) = store.upgrade() else { return };
+            if !store.give_back_released().await {
+                break;
+            }
+        }
+    }
+}
+
+/// Run `cmd`, an `EVALSHA` of `script`; when the server does not know the script yet (a new
+/// or restarted server), load it and run `cmd` once more.
+async fn eval<T: FromRedisValue>(script: &Script, cmd: &Cmd, conn: &mut Conn) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+// === impl Verdict ===
+
+impl FromRedisValue for Verdict {
+    fn from_redis_value(v: &Value) -> RedisResult<Verdict> {
+        if let Value::Int(0) = v {
+            return Ok(Verdict {
+                verdict: 0,
+                wait_us: 0,
+                kind: -1,
+            });
+        }
+        let (verdict, wait_us, kind) = <(i64, i64, i64)>::from_redis_value(v)?;
+        Ok(Verdict {
+            verdict,
+            wait_us,
+            kind,
+        })
+    }
+}
+
+// === impl Member ===
+
+impl Member {
+    fn new(replica: &str, seq: u64) -> Member {
+        let mut m = Member {
+            buf: [0; MEMBER_MAX],
+            len: 0,
+        };
+        let mut digits = itoa::Buffer::new();
+        for part in [replica.as_bytes(), b":", digits.format(seq).as_bytes()] {
+            // A replica id longer than a ULID would be cut; it is always a ULID.
+            let n = part.len().min(MEMBER_MAX - m.len);
+            m.buf[m.len..m.len + n].copy_from_slice(&part[..n]);
+            m.len += n;
+        }
+        m
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -536,9 +730,9 @@ async fn give_back(store: Weak<Store>, mut rx: mpsc::UnboundedReceiver<Release>)
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let key = self.store.held.lock().remove(&self.seq);
+        let key = self.store.leases.lock().held.remove(&self.seq);
         if let Some(key) = key {
-            let _ = self.store.releases.send(Release { key, seq: self.seq });
+            self.store.release_later(&key, &[self.seq]);
         }
     }
 }
@@ -579,5 +773,35 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_the_replica_a_colon_and_the_sequence_number() {
+        let replica = ulid::Ulid::new().to_string();
+        for seq in [0, 7, 1_000_000, u64::MAX] {
+            let m = Member::new(&replica, seq);
+            assert_eq!(m.as_bytes(), format!("{replica}:{seq}").as_bytes());
+        }
+    }
+
+    /// The ADMIT script answers `0` when it admits, else `{verdict, wait_us, kind}`.
+    #[test]
+    fn the_admit_reply_is_zero_or_verdict_wait_and_kind() {
+        let admitted = Verdict::from_redis_value(&Value::Int(0)).unwrap();
+        assert_eq!(admitted.verdict, 0);
+        let refused = Value::Array(vec![Value::Int(2), Value::Int(1500), Value::Int(-1)]);
+        let refused = Verdict::from_redis_value(&refused).unwrap();
+        assert_eq!(
+            (refused.verdict, refused.wait_us, refused.kind),
+            (2, 1500, -1)
+        );
+        let budget = Value::Array(vec![Value::Int(3), Value::Int(9), Value::Int(1)]);
+        assert_eq!(Verdict::from_redis_value(&budget).unwrap().kind, 1);
+        assert!(Verdict::from_redis_value(&Value::Int(1)).is_err());
     }
 }

@@ -108,6 +108,28 @@ impl Closed {
     pub(crate) fn load_per_op(&self) -> Option<f64> {
         Some(self.spent.own? * 1e6 / self.ops.max(1) as f64)
     }
+
+    /// A run that measured nothing.
+    pub(crate) fn empty() -> Closed {
+        Closed {
+            ops: 0,
+            samples: Vec::new(),
+            spent: Spent::default(),
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    /// The two runs as one: exchanges, latencies, CPU and wall time added up.
+    pub(crate) fn merge(mut self, other: Closed) -> Closed {
+        self.ops += other.ops;
+        self.samples.extend_from_slice(&other.samples);
+        self.samples.sort_unstable();
+        self.spent = self.spent.plus(&other.spent);
+        self.errors += other.errors;
+        self.first_error = self.first_error.or(other.first_error);
+        self
+    }
 }
 
 /// `CONNS` connections to `addr` running `script` back to back: warm-up, then the measured window.
@@ -118,20 +140,40 @@ pub(crate) async fn closed_loop(
     proxy: Option<&Proxy>,
     name: &str,
 ) -> Closed {
+    let (closed, (), ()) = closed_loop_watched(addr, script, CONNS, s, proxy, name, || ()).await;
+    closed
+}
+
+/// `conns` connections to `addr` running `script` back to back: warm-up, then the measured
+/// window; `watch` is called right after the window's CPU counters are read at its start and
+/// at its end (scenario r reads the limit store's counters there), and both its results are
+/// returned.
+pub(crate) async fn closed_loop_watched<T>(
+    addr: SocketAddr,
+    script: &Script,
+    conns: usize,
+    s: &Settings,
+    proxy: Option<&Proxy>,
+    name: &str,
+    mut watch: impl FnMut() -> T,
+) -> (Closed, T, T) {
     let now = Instant::now();
     let window = Window {
         start: now + s.warm,
         end: now + s.warm + s.secs,
     };
-    let cap = MAX_SAMPLES / CONNS;
-    let workers: Vec<_> = (0..CONNS)
+    let conns = conns.max(1);
+    let cap = MAX_SAMPLES / conns;
+    let workers: Vec<_> = (0..conns)
         .map(|_| tokio::spawn(worker(addr, script.clone(), window, cap)))
         .collect();
     sleep_until(window.start).await;
     let perf = start_perf(s, proxy, name);
     let before = Usage::now(proxy);
+    let watched_before = watch();
     sleep_until(window.end).await;
     let spent = before.until(Usage::now(proxy), s.clk_tck);
+    let watched_after = watch();
     stop_perf(perf).await;
     let mut out = Closed {
         ops: 0,
@@ -159,7 +201,7 @@ pub(crate) async fn closed_loop(
         out.tls.resumed += r.tls.resumed;
     }
     out.samples.sort_unstable();
-    out
+    (out, watched_before, watched_after)
 }
 
 impl Outcome {

@@ -189,6 +189,19 @@ impl Usage {
     }
 }
 
+impl Spent {
+    /// Two windows as one: their wall-clock and CPU seconds added up.
+    pub(crate) fn plus(&self, other: &Spent) -> Spent {
+        let add = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        Spent {
+            wall: self.wall + other.wall,
+            proxy: add(self.proxy, other.proxy),
+            own: add(self.own, other.own),
+            others: add(self.others, other.others),
+        }
+    }
+}
+
 /// Busy ticks of all CPUs (the `cpu` line of /proc/stat without idle and iowait).
 fn machine_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

@@ -31,8 +31,9 @@
 //! | [`proxy`] | the chokepoint process, its config and its audit log |
 //! | [`peers`] | Squid and Traffic Server, configured and started the same way |
 //! | [`client`] | the load: closed loops, 1 GiB transfers, idle tunnels |
+//! | [`store`] | scenario r's `redis-server`, its CPU and `INFO commandstats` over a window |
 //! | [`profile`] | `perf record` / callgrind over a measured window |
-//! | [`scenarios`] | a to e, each run without and through the proxy, and the checks |
+//! | [`scenarios`] | a to e, i, j and r, each run without and through the proxy, and the checks |
 //! | [`report`] | the tables, the issue-6 checks, the notes; [`report::json`] writes `LOAD_JSON` |
 
 mod binary;
@@ -47,6 +48,7 @@ mod proxy;
 mod report;
 mod scenarios;
 mod settings;
+mod store;
 mod tls;
 
 use std::process::ExitCode;

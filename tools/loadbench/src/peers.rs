@@ -311,7 +311,7 @@ pub(crate) fn reserve_port() -> io::Result<(TcpSocket, u16)> {
 }
 
 /// The last `n` lines of a file, joined with " | "; "-" if it is empty or unreadable.
-fn tail(file: &Path, n: usize) -> String {
+pub(crate) fn tail(file: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines[lines.len().saturating_sub(n)..].join(" | ");

@@ -25,6 +25,10 @@ use crate::tls::{Pki, SECURE_HOST};
 pub(crate) const PROCESS_WAIT: Duration = Duration::from_secs(20);
 /// Allow rules besides `origin.test:PORT`.
 pub(crate) const FILLER_RULES: usize = 999;
+/// `[cluster] key_prefix` of scenario r (the default, written out for [`REPLICAS_KEY`]).
+const KEY_PREFIX: &str = "chokepoint:";
+/// The key of the live replica set, there once a proxy's first heartbeat reached the store.
+pub(crate) const REPLICAS_KEY: &str = "chokepoint:replicas";
 
 /// A running `chokepoint` (release build) with audit lines going to a file, or a peer with its
 /// access log going to one.
@@ -57,6 +61,36 @@ impl Proxy {
     /// bench is pinned; returns once it has logged where it listens.
     pub(crate) fn start(origin_port: u16, s: &Settings) -> Result<Proxy, Error> {
         Proxy::start_with(&config_toml(origin_port, &[], ""), &[], s)
+    }
+
+    /// The proxy for scenario r: the usual config, whose limits (rate, burst, concurrency, too
+    /// high to refuse) are evaluated in the store at `redis` (`[cluster]`, `fail_mode =
+    /// "closed"`, so a store the proxy stopped using shows as refused requests, never as
+    /// cheaper in-process admissions; the default `timeout`, 50 ms), or in-process without it.
+    pub(crate) fn start_limited(
+        origin_port: u16,
+        redis: Option<&str>,
+        s: &Settings,
+    ) -> Result<Proxy, Error> {
+        // The default timeout (50 ms), except under callgrind: a proxy running some 50x slower
+        // takes longer than that to see an answer, and would stop using the store.
+        let timeout = if s.callgrind_dir.is_some() {
+            "5s"
+        } else {
+            "50ms"
+        };
+        let extra = redis.map_or_else(String::new, |url| {
+            format!(
+                r#"
+[cluster]
+redis = "{url}"
+timeout = "{timeout}"
+fail_mode = "closed"
+key_prefix = "{KEY_PREFIX}"
+"#
+            )
+        });
+        Proxy::start_with(&config_toml(origin_port, &[], &extra), &[], s)
     }
 
     /// The proxy with interception (scenarios i and j): `SECURE_HOST:tls_port` intercepted

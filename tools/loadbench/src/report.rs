@@ -1,7 +1,12 @@
-//! The report: a markdown table of chokepoint's rows, one of the peers' rows, the issue-6
-//! targets met or not, and notes; [`json`] writes the same figures to `LOAD_JSON`.
+//! The report: a markdown table of chokepoint's rows, one of the peers' rows, one of scenario
+//! r's ([`store`]), the targets (issues 6, 13 and 15) met or not, and notes; [`json`] writes
+//! the same figures to `LOAD_JSON`.
 
 mod json;
+mod store;
+
+pub(crate) use store::StorePair;
+use store::{StoreFields, STORE_COLUMNS};
 
 use serde::Serialize;
 
@@ -25,7 +30,8 @@ struct Row {
 #[derive(Serialize, Default)]
 struct Record {
     /// `a`, `a-noproxy`, `b`, `b-noproxy`, `c`, `c-noproxy`, `d-down`, `d-up`, `d3` or `e`;
-    /// a peer's row is the scenario's id, `@` and the peer (`a@squid`).
+    /// a peer's row is the scenario's id, `@` and the peer (`a@squid`); scenario r's are
+    /// `r-a-inprocess`, `r-a-redis`, `r-a-1conn-inprocess`, … (`r-c-…` for c's load).
     id: String,
     label: String,
     throughput: Option<Quantity>,
@@ -65,6 +71,9 @@ struct Record {
     /// A peer's row: chokepoint's `proxy_per_op` in the same scenario of this run ÷ the peer's.
     #[serde(skip_serializing_if = "Option::is_none")]
     chokepoint_per_op_ratio: Option<f64>,
+    /// Scenario r's rows: where the limits were evaluated, the difference, the store's figures.
+    #[serde(flatten)]
+    store: StoreFields,
 }
 
 impl Record {
@@ -131,7 +140,7 @@ struct Quantity {
     unit: &'static str,
 }
 
-/// An issue-6 target next to what was measured.
+/// A target (of issue 6, 13 or 15) next to what was measured.
 #[derive(Serialize)]
 struct Check {
     target: String,
@@ -146,7 +155,9 @@ pub(crate) struct Report {
     rows: Vec<Row>,
     /// The same scenarios against peers, in `PEER_COLUMNS`.
     peer_rows: Vec<Row>,
-    /// The issue-6 targets, met or not.
+    /// Scenario r: limits in-process and in Redis, in `STORE_COLUMNS`.
+    store_rows: Vec<Row>,
+    /// The targets, met or not.
     checks: Vec<Check>,
     /// Said under the tables (and kept in the JSON file).
     pub(crate) notes: Vec<String>,
@@ -575,14 +586,17 @@ impl Report {
             s.warm.as_secs_f64(),
             FILLER_RULES + 1
         );
-        println!();
-        let mut table: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.to_string()).collect()];
-        for r in &self.rows {
-            let mut line = vec![r.name.clone()];
-            line.extend(r.cells.iter().cloned());
-            table.push(line);
+        // Only scenario r selected: its own table, none of the main one's columns.
+        if !self.rows.is_empty() || self.store_rows.is_empty() {
+            println!();
+            let mut table: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.to_string()).collect()];
+            for r in &self.rows {
+                let mut line = vec![r.name.clone()];
+                line.extend(r.cells.iter().cloned());
+                table.push(line);
+            }
+            print_markdown(&table);
         }
-        print_markdown(&table);
         if !self.peer_rows.is_empty() {
             println!();
             println!(
@@ -600,13 +614,29 @@ impl Report {
             }
             print_markdown(&table);
         }
+        if !self.store_rows.is_empty() {
+            println!();
+            println!(
+                "r: cluster-wide limits (issue #13): the same load through a proxy whose limits \
+                 are in-process and one whose limits are in Redis on 127.0.0.1; \"added\" is the \
+                 Redis row minus the in-process row; Redis CPU/op is redis-server's own CPU; a \
+                 round trip is a command a client sent it (not those run inside its scripts); \
+                 reads: socket reads it made for them (fewer when commands come several to a \
+                 write)"
+            );
+            println!();
+            let mut table: Vec<Vec<String>> =
+                vec![STORE_COLUMNS.iter().map(|c| c.to_string()).collect()];
+            for r in &self.store_rows {
+                let mut line = vec![r.name.clone()];
+                line.extend(r.cells.iter().cloned());
+                table.push(line);
+            }
+            print_markdown(&table);
+        }
         if !self.checks.is_empty() {
             println!();
-            let mut checks = vec![vec![
-                "issue-6 target".into(),
-                "measured".into(),
-                "met".into(),
-            ]];
+            let mut checks = vec![vec!["target".into(), "measured".into(), "met".into()]];
             for c in &self.checks {
                 let met = if c.met { "yes" } else { "NO" };
                 checks.push(vec![c.target.clone(), c.measured.clone(), met.into()]);

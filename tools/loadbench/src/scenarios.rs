@@ -7,7 +7,11 @@
 //! - d: one tunnel, 1 GiB down then 1 GiB up; d3: a plain-HTTP GET of 1 GiB;
 //! - e: proxy memory per idle tunnel (`LOAD_IDLE_TUNNELS` of them);
 //! - i, j: TLS interception, per request in an established intercepted connection and per new
-//!   one (only when `LOAD_SCENARIOS` names them).
+//!   one (only when `LOAD_SCENARIOS` names them);
+//! - r: the agent's limits in-process and in Redis, side by side, under a's and c's load (only
+//!   when named; see [`cluster`]).
+
+mod cluster;
 
 use crate::client::{closed_loop, down_and_up, idle_rss, plain_download, Script, GIB};
 use crate::error::Error;
@@ -54,6 +58,9 @@ pub(crate) async fn run(s: &Settings) -> Result<Report, Error> {
     };
     if let Some((pki, tls_origin)) = &tls {
         intercepted(s, &origin, pki, tls_origin, &mut report).await?;
+    }
+    if s.wants('r') {
+        cluster::cluster_limits(s, &origin, &mut report).await?;
     }
     let peers = [
         Peer::Squid,

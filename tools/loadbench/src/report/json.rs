@@ -27,6 +27,7 @@ impl Report {
                 .rows
                 .iter()
                 .chain(&self.peer_rows)
+                .chain(&self.store_rows)
                 .map(|r| &r.record)
                 .collect(),
             checks: &self.checks,
