@@ -117,6 +117,7 @@ impl Closed {
             spent: Spent::default(),
             errors: 0,
             first_error: None,
+            tls: Handshakes::default(),
         }
     }
 
@@ -128,6 +129,8 @@ impl Closed {
         self.spent = self.spent.plus(&other.spent);
         self.errors += other.errors;
         self.first_error = self.first_error.or(other.first_error);
+        self.tls.done += other.tls.done;
+        self.tls.resumed += other.tls.resumed;
         self
     }
 }
