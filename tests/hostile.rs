@@ -592,6 +592,16 @@ fn ipv6_forms_that_embed_a_denied_ipv4_address_are_refused() {
     for (_, addr) in EMBEDDING {
         script.push_str(&format!("; ip -6 addr add {addr}/128 dev lo nodad"));
     }
+    // The kernel finishes an added address (its local route) in a work item after `ip` returns:
+    // on a busy machine a connect right away found no route (ENETUNREACH). Wait until each one
+    // routes as local, for at most 5 s.
+    for (_, addr) in EMBEDDING {
+        script.push_str(&format!(
+            "; n=0; until ip -6 route get {addr} 2>/dev/null | grep -q '^local'; do \
+             n=$((n+1)); [ $n -le 100 ] || {{ echo 'no local route for {addr}' >&2; exit 1; }}; \
+             sleep 0.05; done"
+        ));
+    }
     script.push_str(
         "; exec \"$0\" embedded_ipv4_inside_a_private_netns --exact --ignored --nocapture --test-threads=1",
     );
