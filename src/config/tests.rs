@@ -405,7 +405,7 @@ host = "*.example.com"
 host = "elsewhere.test"
 
 [[policies.p.intercept]]
-host = "10.0.0.1"
+host = "127.0.0.2"
 "#;
     let ConfigError::Invalid(issues) = parse(&dir.path().join("c.toml"), src).unwrap_err() else {
         panic!("expected validation issues");
