@@ -135,19 +135,18 @@ impl Intercepts {
     /// The interception of a CONNECT to `target`, if the policy intercepts it. A host without a
     /// port in the config is intercepted on 443 only.
     pub fn find(&self, target: &Target) -> Option<&Intercept> {
-        let rule = self.matcher.check(Kind::Connect, target).ok()?;
-        let i = self
-            .matcher
-            .rules()
-            .iter()
-            .position(|r| std::ptr::eq(r, rule))?;
-        self.entries.get(i)
+        self.find_for(Kind::Connect, target)
     }
 
     /// The intercepted host whose rules hold for a plain-HTTP request to `target`: a host
     /// without a port in the config covers port 80, one with a port that port (as allow rules).
     pub fn find_http(&self, target: &Target) -> Option<&Intercept> {
-        let rule = self.matcher.check(Kind::Http, target).ok()?;
+        self.find_for(Kind::Http, target)
+    }
+
+    /// The entry of the rule that admits a `kind` request to `target`.
+    fn find_for(&self, kind: Kind, target: &Target) -> Option<&Intercept> {
+        let rule = self.matcher.check(kind, target).ok()?;
         let i = self
             .matcher
             .rules()

@@ -35,10 +35,6 @@ use crate::outcome::{Deny, Reason};
 use crate::target::{self, Target};
 use crate::vet::VettedAddr;
 
-/// How long a pooled connection that hyper has not yet marked ready (its task is still winding
-/// up the previous exchange) may take before it is given up for another one.
-const READY_WAIT: Duration = Duration::from_secs(1);
-
 /// Hop-by-hop headers removed in both directions, besides those the Connection header lists.
 /// `HeaderName`s, not strings: removing by `&str` parses and classifies the name every time.
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -149,37 +145,7 @@ pub async fn send(
                 .map_err(|e| exchange_error(&meter, caps, &e))?
         }
     };
-    if target::check_framing(resp.headers()).is_err() {
-        return Err(Deny::new(
-            Reason::UpstreamError,
-            "upstream used a transfer coding other than chunked",
-        ));
-    }
-    // HEAD answers and 1xx/204/304 carry no body, whatever Content-Length says.
-    let bodiless =
-        is_head || resp.status().is_informational() || matches!(resp.status().as_u16(), 204 | 304);
-    if let Some(len) = target::content_length(resp.headers()).filter(|_| !bodiless) {
-        if len > caps.response.max {
-            let deny = Deny::with_detail(
-                Reason::ResponseCap,
-                format!(
-                    "response body is {len} bytes; the agent's max_response_body_bytes is {}",
-                    caps.response.max
-                ),
-            );
-            // Recorded either way, so a response refused up front and one cut while streaming
-            // are audited alike (decision deny, or would_deny in report mode).
-            meter.cut(Reason::ResponseCap);
-            if caps.response.enforce {
-                return Err(deny);
-            }
-        }
-    }
-    // Read before the hop-by-hop headers go: whether the server keeps the connection open.
-    lease.reusable = keeps_alive(&resp);
-    strip_hop_by_hop(resp.headers_mut());
-    // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
-    *resp.version_mut() = Version::HTTP_11;
+    check_response(&mut resp, is_head, caps, &meter, &mut lease)?;
     Ok(Sent {
         response: resp,
         request_done,
@@ -189,19 +155,14 @@ pub async fn send(
 
 /// An idle pooled connection for `route`, else a new one.
 async fn acquire(route: &Route, shared: &Shared) -> Result<Lease, Deny> {
-    // Bounded: every checkout takes a connection out of the pool.
-    while let Some(mut lease) = shared
+    match shared
         .pool
-        .checkout(&route.agent, &route.target, &route.vetted)
+        .checkout_ready(&route.agent, &route.target, &route.vetted)
+        .await
     {
-        if lease.conn.sender.is_ready() {
-            return Ok(lease);
-        }
-        if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, lease.conn.sender.ready()).await {
-            return Ok(lease);
-        }
+        Some(lease) => Ok(lease),
+        None => fresh(route, shared).await,
     }
-    fresh(route, shared).await
 }
 
 /// Dial one of `route`'s vetted addresses and start an HTTP/1.1 connection on it.
@@ -324,6 +285,51 @@ fn upstream_error(stage: &str, e: &hyper::Error) -> Deny {
     )
 }
 
+/// What every upstream response head gets before it goes to the client: a transfer coding other
+/// than chunked is refused, a `Content-Length` over the response cap is refused (enforce mode)
+/// or recorded (report mode), the connection's reuse is read off it, its hop-by-hop headers go,
+/// and it is sent as HTTP/1.1.
+pub(crate) fn check_response(
+    resp: &mut Response<Incoming>,
+    is_head: bool,
+    caps: Caps,
+    meter: &Meter,
+    lease: &mut Lease,
+) -> Result<(), Deny> {
+    if target::check_framing(resp.headers()).is_err() {
+        return Err(Deny::new(
+            Reason::UpstreamError,
+            "upstream used a transfer coding other than chunked",
+        ));
+    }
+    // HEAD answers and 1xx/204/304 carry no body, whatever Content-Length says.
+    let bodiless =
+        is_head || resp.status().is_informational() || matches!(resp.status().as_u16(), 204 | 304);
+    if let Some(len) = target::content_length(resp.headers()).filter(|_| !bodiless) {
+        if len > caps.response.max {
+            let deny = Deny::with_detail(
+                Reason::ResponseCap,
+                format!(
+                    "response body is {len} bytes; the agent's max_response_body_bytes is {}",
+                    caps.response.max
+                ),
+            );
+            // Recorded either way, so a response refused up front and one cut while streaming
+            // are audited alike (decision deny, or would_deny in report mode).
+            meter.cut(Reason::ResponseCap);
+            if caps.response.enforce {
+                return Err(deny);
+            }
+        }
+    }
+    // Read before the hop-by-hop headers go: whether the server keeps the connection open.
+    lease.reusable = keeps_alive(resp);
+    strip_hop_by_hop(resp.headers_mut());
+    // The client speaks HTTP/1.1 with us, whatever the upstream spoke.
+    *resp.version_mut() = Version::HTTP_11;
+    Ok(())
+}
+
 /// Origin-form URI, HTTP/1.1, Host present, hop-by-hop headers gone, framing unambiguous.
 fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
     let authority = parts
@@ -349,7 +355,7 @@ fn prepare(parts: &mut http::request::Parts) -> Result<(), Deny> {
 /// path-and-query text, which its `as_str` shows as `/` but an origin-form `Uri` built from it
 /// writes as nothing at all: the request line would be `GET  HTTP/1.1`. Whatever the input, the
 /// result's path is checked to be one absolute path.
-fn origin_form(uri: &Uri) -> Result<Uri, Deny> {
+pub(crate) fn origin_form(uri: &Uri) -> Result<Uri, Deny> {
     let invalid = || Deny::new(Reason::MalformedRequest, "invalid request path");
     let origin = match uri.path_and_query() {
         // The parsed path and query, shared rather than parsed again.

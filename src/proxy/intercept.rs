@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -51,9 +51,6 @@ use crate::outcome::{Deny, Mode, Reason};
 use crate::reload::Snapshot;
 use crate::target::{self, Kind, Target};
 use crate::vet::VettedAddr;
-
-/// How long a pooled connection that hyper has not yet marked ready may take.
-const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// What an intercepted tunnel needs beyond a plain one.
 pub struct Session {
@@ -414,10 +411,7 @@ async fn exchange(
     };
     let (mut parts, body) = req.into_parts();
     let is_head = parts.method == Method::HEAD;
-    parts.uri = match parts.uri.path_and_query() {
-        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
-        _ => Uri::from_static("/"),
-    };
+    parts.uri = forward::origin_form(&parts.uri)?;
     parts.version = Version::HTTP_11;
     forward::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(HOST, inner.authority.clone());
@@ -455,31 +449,7 @@ async fn exchange(
                 .map_err(|e| forward::exchange_error(meter, caps, &e))?
         }
     };
-    if target::check_framing(resp.headers()).is_err() {
-        return Err(Deny::new(
-            Reason::UpstreamError,
-            "upstream used a transfer coding other than chunked",
-        ));
-    }
-    let bodiless =
-        is_head || resp.status().is_informational() || matches!(resp.status().as_u16(), 204 | 304);
-    if let Some(len) = target::content_length(resp.headers()).filter(|_| !bodiless) {
-        if len > caps.response.max {
-            meter.cut(Reason::ResponseCap);
-            if caps.response.enforce {
-                return Err(Deny::with_detail(
-                    Reason::ResponseCap,
-                    format!(
-                        "response body is {len} bytes; the agent's max_response_body_bytes is {}",
-                        caps.response.max
-                    ),
-                ));
-            }
-        }
-    }
-    lease.reusable = forward::keeps_alive(&resp);
-    forward::strip_hop_by_hop(resp.headers_mut());
-    *resp.version_mut() = Version::HTTP_11;
+    forward::check_response(&mut resp, is_head, caps, meter, &mut lease)?;
     Ok((resp, caps, request_done, lease))
 }
 
@@ -514,9 +484,9 @@ async fn upgrade(
     let client = hyper::upgrade::on(&mut req);
     let upgrade_value = req.headers().get(http::header::UPGRADE).cloned();
     let (mut parts, _body) = req.into_parts();
-    parts.uri = match parts.uri.path_and_query() {
-        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
-        _ => Uri::from_static("/"),
+    parts.uri = match forward::origin_form(&parts.uri) {
+        Ok(uri) => uri,
+        Err(deny) => return Err((audited, deny)),
     };
     parts.version = Version::HTTP_11;
     forward::strip_hop_by_hop(&mut parts.headers);
@@ -599,15 +569,13 @@ async fn upgrade(
 /// An idle pooled connection for this agent, host and address, else a new one.
 async fn acquire(inner: &Inner, snap: &Snapshot) -> Result<Lease, Deny> {
     let pool = &inner.shared.intercept_pool;
-    while let Some(mut lease) = pool.checkout(&inner.agent, &inner.target, &[inner.peer]) {
-        if lease.conn.sender.is_ready() {
-            return Ok(lease);
-        }
-        if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, lease.conn.sender.ready()).await {
-            return Ok(lease);
-        }
+    match pool
+        .checkout_ready(&inner.agent, &inner.target, &[inner.peer])
+        .await
+    {
+        Some(lease) => Ok(lease),
+        None => fresh(inner, snap).await,
     }
-    fresh(inner, snap).await
 }
 
 /// A new verified TLS connection to the vetted address: on the tunnel's dialled socket the

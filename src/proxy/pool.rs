@@ -42,6 +42,10 @@ use crate::io::{BoxError, Meter, MeteredBody};
 use crate::target::Target;
 use crate::vet::VettedAddr;
 
+/// How long a pooled connection that hyper has not yet marked ready (its task is still winding
+/// up the previous exchange) may take before it is given up for another one.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
 /// Most idle connections kept for one key (agent, target, address). Agents' `max_concurrent`
 /// defaults to 64, so an agent's full concurrency towards one host can be reused.
 pub const MAX_IDLE_PER_KEY: usize = 64;
@@ -234,6 +238,26 @@ impl Pool {
         target.hash(&mut h);
         peer.hash(&mut h);
         h.finish()
+    }
+
+    /// [`Pool::checkout`], skipping connections that hyper has not marked ready within
+    /// [`READY_WAIT`] (dropped): what a request sends on, or `None` for a new connection.
+    pub async fn checkout_ready(
+        self: &Arc<Self>,
+        agent: &str,
+        target: &Target,
+        vetted: &[VettedAddr],
+    ) -> Option<Lease> {
+        // Bounded: every checkout takes a connection out of the pool.
+        while let Some(mut lease) = self.checkout(agent, target, vetted) {
+            if lease.conn.sender.is_ready() {
+                return Some(lease);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, lease.conn.sender.ready()).await {
+                return Some(lease);
+            }
+        }
+        None
     }
 
     /// An idle connection for `agent`'s request to `target` whose peer is one of `vetted` (this
