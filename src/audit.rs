@@ -416,26 +416,39 @@ fn push_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// How many leading bytes of `b` need no JSON escape, counted in whole 8-byte words (the rest
-/// is left to the byte loop): a word passes if it has no byte below 0x20, no `"` and no `\\`.
+/// How many leading bytes of `b` need no JSON escape: all of them, or a count of whole 8-byte
+/// words (the rest is left to the byte loop). A word passes if it has no byte below 0x20, no
+/// `"` and no `\\`; the last, short word is checked padded with a clean byte.
 fn clean_prefix(b: &[u8]) -> usize {
+    let words = b.chunks_exact(8);
+    let tail = words.remainder();
+    let mut n = 0;
+    for w in words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        if !clean_word(u64::from_le_bytes(word)) {
+            return n;
+        }
+        n += 8;
+    }
+    let mut word = [b'a'; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    if clean_word(u64::from_le_bytes(word)) {
+        b.len()
+    } else {
+        n
+    }
+}
+
+/// No byte of `x` needs a JSON escape.
+fn clean_word(x: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Bytes of `x` that are zero get their high bit set (exact when combined with `!x`).
     let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-    let mut n = 0;
-    for w in b.chunks_exact(8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        let x = u64::from_le_bytes(word);
-        // Below 0x20: the byte minus 0x20 borrows; only counted for bytes without the high bit.
-        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-        if control | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) != 0 {
-            break;
-        }
-        n += 8;
-    }
-    n
+    // Below 0x20: the byte minus 0x20 borrows; only counted for bytes without the high bit.
+    let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    control | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) == 0
 }
 
 /// An address as its `Display` writes it, quoted (`1.2.3.4:5`, `[::1]:5`).

@@ -89,9 +89,11 @@ impl RequestCtx {
     /// A fresh context for a request that just arrived. A method longer than
     /// `target::MAX_METHOD_BYTES` is recorded cut to that length (the request is refused).
     pub fn new(client: SocketAddr, method: Option<Method>) -> Self {
+        // One reading of the wall clock for the id's time part and the line's `ts`.
+        let now = std::time::SystemTime::now();
         RequestCtx {
-            request_id: ulid::Ulid::new(),
-            arrived: OffsetDateTime::now_utc(),
+            request_id: ulid::Ulid::from_datetime(now),
+            arrived: OffsetDateTime::from(now),
             start: Instant::now(),
             client,
             method: method.and_then(crate::target::recorded_method),

@@ -409,13 +409,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The upstream response body on its way to the client: counted, and the audit line written
+/// when it ends. The end of the body is held back until the request body has been sent (so
+/// the line counts every byte and the agent's concurrency slot is held for the whole
+/// exchange) and until the audit queue has room (backpressure, never a dropped line). An
+/// exchange that ended cleanly gives its connection back to the pool.
+///
+/// Its state (over a kilobyte: the audit guard, the lease, the meter) lives in one allocation:
+/// the response that carries it is moved from future to future and into hyper's dispatcher on
+/// every request, and a moved pointer costs less than a moved kilobyte.
+pub struct ForwardBody(Pin<Box<Forwarding>>);
+
 pin_project! {
-    /// The upstream response body on its way to the client: counted, and the audit line written
-    /// when it ends. The end of the body is held back until the request body has been sent (so
-    /// the line counts every byte and the agent's concurrency slot is held for the whole
-    /// exchange) and until the audit queue has room (backpressure, never a dropped line). An
-    /// exchange that ended cleanly gives its connection back to the pool.
-    pub struct ForwardBody {
+    /// What [`ForwardBody`] holds.
+    struct Forwarding {
         #[pin]
         inner: MeteredBody<Incoming>,
         audited: Option<Audited>,
@@ -426,7 +433,7 @@ pin_project! {
         lease: Option<Lease>,
     }
 
-    impl PinnedDrop for ForwardBody {
+    impl PinnedDrop for Forwarding {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             let audited = match (this.audited.take(), this.finishing.take()) {
@@ -513,18 +520,38 @@ impl ForwardBody {
         lease: Lease,
     ) -> Self {
         let meter = audited.ctx().meter.clone();
-        ForwardBody {
+        ForwardBody(Box::pin(Forwarding {
             inner: MeteredBody::new(body, meter, Direction::Down).with_cap(cap),
             audited: Some(audited),
             request_done: Some(request_done),
             finishing: None,
             ended: false,
             lease: Some(lease),
-        }
+        }))
     }
 }
 
 impl Body for ForwardBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.get_mut().0.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
+impl Body for Forwarding {
     type Data = bytes::Bytes;
     type Error = BoxError;
 

@@ -177,34 +177,128 @@ impl Session {
     }
 }
 
-/// Run one request inside the session.
+/// Run one request inside the session: check it, inject its credentials, send it upstream and
+/// hand back the response with its streaming body (which finishes the audit line).
+///
+/// One flat future: hyper moves it on every request, and a nested `async fn` is moved into its
+/// caller's state when first polled. The branches off the hot path (a refusal, a WebSocket, a
+/// new upstream connection, a retry) are boxed, so the future holds only what the hot path needs.
 async fn handle(
     req: Request<Incoming>,
     inner: Arc<Inner>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = inner.shared.live.load();
+    let mut audited = Audited::new(request_ctx(&req, &inner), inner.shared.recorder());
+    let plan = match admit(&req, audited.ctx_mut(), &snap, &inner) {
+        Ok(p) => p,
+        Err(deny) => return Ok(Box::pin(super::refuse(audited, &deny, req.uri())).await),
+    };
+    let uri = req.uri().clone();
+    if is_websocket(&req) {
+        return match Box::pin(upgrade(req, plan, audited, &snap, &inner)).await {
+            Ok(resp) => Ok(resp),
+            Err((audited, deny)) => Ok(Box::pin(super::refuse(audited, &deny, &uri)).await),
+        };
+    }
+    let meter = audited.ctx().meter.clone();
+    let deny = 'refused: {
+        let caps = caps(&plan);
+        let (parts, body) = req.into_parts();
+        let is_head = parts.method == Method::HEAD;
+        let parts = match outgoing(parts, plan, &inner) {
+            Ok(parts) => parts,
+            Err(deny) => break 'refused deny,
+        };
+        let pooled = inner
+            .shared
+            .intercept_pool
+            .checkout_ready(&inner.agent, &inner.target, &[inner.peer])
+            .await;
+        let mut lease = match pooled {
+            Some(lease) => lease,
+            None => match Box::pin(fresh(&inner, &snap)).await {
+                Ok(lease) => lease,
+                Err(deny) => break 'refused deny,
+            },
+        };
+        let up = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
+        let (body, request_done) = UpBody::new(Either::Left(up));
+        let sent = lease
+            .conn
+            .sender
+            .try_send_request(Request::from_parts(parts, body))
+            .await;
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => match Box::pin(retry(e, lease, &meter, caps, &snap, &inner)).await {
+                Ok((resp, again)) => {
+                    lease = again;
+                    resp
+                }
+                Err(deny) => break 'refused deny,
+            },
+        };
+        if let Err(deny) = forward::check_response(&mut resp, is_head, caps, &meter, &mut lease) {
+            break 'refused deny;
+        }
+        audited.ctx_mut().outcome.answered(resp.status());
+        return Ok(resp.map(|body| {
+            Either::Right(ForwardBody::new(
+                body,
+                audited,
+                caps.response,
+                request_done,
+                lease,
+            ))
+        }));
+    };
+    Ok(Box::pin(super::refuse(audited, &deny, &uri)).await)
+}
+
+/// The request and response body caps of `plan`.
+fn caps(plan: &Plan) -> forward::Caps {
+    forward::Caps {
+        request: Cap {
+            max: plan.limits.max_request_body_bytes,
+            enforce: plan.enforce,
+            reason: Reason::BodyTooLarge,
+        },
+        response: Cap {
+            max: plan.limits.max_response_body_bytes,
+            enforce: plan.enforce,
+            reason: Reason::ResponseCap,
+        },
+    }
+}
+
+/// The head that goes upstream: origin-form target, HTTP/1.1, no hop-by-hop headers, the
+/// canonical `Host`, and the injected credentials in place of whatever the agent sent under
+/// their names.
+fn outgoing(
+    mut parts: http::request::Parts,
+    plan: Plan,
+    inner: &Inner,
+) -> Result<http::request::Parts, Deny> {
+    parts.uri = forward::origin_form(&parts.uri)?;
+    parts.version = Version::HTTP_11;
+    forward::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(HOST, inner.authority.clone());
+    for (name, value) in plan.inject {
+        // `insert` replaces every value the agent sent under the name.
+        parts.headers.insert(name, value);
+    }
+    Ok(parts)
+}
+
+/// The audit record of a request inside the session, before any check.
+fn request_ctx(req: &Request<Incoming>, inner: &Inner) -> RequestCtx {
     let mut ctx = RequestCtx::new(inner.client, Some(req.method().clone()));
     ctx.kind = Some(Kind::Http);
     ctx.target = Some(inner.target.clone());
     ctx.path = Some(crate::audit::truncate_path(req.uri().path()).into());
     ctx.intercepted = true;
     ctx.upstream = Some(inner.peer.addr());
-    let mut audited = Audited::new(ctx, inner.shared.recorder());
-    let plan = match admit(&req, audited.ctx_mut(), &snap, &inner) {
-        Ok(p) => p,
-        Err(deny) => return Ok(super::refuse(audited, &deny, req.uri()).await),
-    };
-    let uri = req.uri().clone();
-    if is_websocket(&req) {
-        return match upgrade(req, plan, audited, &snap, &inner).await {
-            Ok(resp) => Ok(resp),
-            Err((audited, deny)) => Ok(super::refuse(audited, &deny, &uri).await),
-        };
-    }
-    match send(req, plan, audited, &snap, &inner).await {
-        Ok(resp) => Ok(resp),
-        Err((audited, deny)) => Ok(super::refuse(audited, &deny, &uri).await),
-    }
+    ctx
 }
 
 /// What [`admit`] decided for a request that may go on.
@@ -256,7 +350,7 @@ fn admit(
         }
     };
     ctx.credential = intercept.credential.clone();
-    check_host(req, target)?;
+    check_host(req, target, &inner.authority)?;
     match intercept.rules.check(req.method(), req.uri().path()) {
         Ok(rule) => {
             ctx.rule = Some(rule.map_or_else(|| intercept.host.clone(), |r| (&*r.text).into()));
@@ -328,7 +422,9 @@ fn path_refusal(
 
 /// The request must be for the CONNECT host: a `Host` header (and an absolute-form target)
 /// naming another would let an agent reach another virtual host of the same server.
-fn check_host(req: &Request<Incoming>, target: &Target) -> Result<(), Deny> {
+/// `authority` is the target's canonical `Host` value: a header equal to it (as clients send
+/// it) needs no parse.
+fn check_host<B>(req: &Request<B>, target: &Target, authority: &HeaderValue) -> Result<(), Deny> {
     let mismatch = |what: &str| {
         Deny::with_detail(
             Reason::HostMismatch,
@@ -343,114 +439,44 @@ fn check_host(req: &Request<Incoming>, target: &Target) -> Result<(), Deny> {
     }
     let mut hosts = req.headers().get_all(HOST).iter();
     if let Some(h) = hosts.next() {
-        let named = h
-            .to_str()
-            .ok()
-            .and_then(|h| target::parse_authority(h, Some(target.port)).ok());
-        if named.as_ref() != Some(target) || hosts.next().is_some() {
+        let same = h.as_bytes().eq_ignore_ascii_case(authority.as_bytes())
+            || h.to_str()
+                .ok()
+                .and_then(|h| target::parse_authority(h, Some(target.port)).ok())
+                .is_some_and(|named| named == *target);
+        if !same || hosts.next().is_some() {
             return Err(mismatch("the Host header"));
         }
     }
     Ok(())
 }
 
-/// Inject, send upstream, and hand back the response with its streaming body (which finishes
-/// the audit line); a refusal comes back with the guard, for the refusal's response.
-async fn send(
-    req: Request<Incoming>,
-    plan: Plan,
-    mut audited: Audited,
-    snap: &Snapshot,
-    inner: &Inner,
-) -> Result<Response<ProxyBody>, (Audited, Deny)> {
-    let meter = audited.ctx().meter.clone();
-    match exchange(req, plan, &meter, snap, inner).await {
-        Ok((resp, caps, request_done, lease)) => {
-            audited.ctx_mut().outcome.answered(resp.status());
-            Ok(resp.map(|body| {
-                Either::Right(ForwardBody::new(
-                    body,
-                    audited,
-                    caps.response,
-                    request_done,
-                    lease,
-                ))
-            }))
-        }
-        Err(deny) => Err((audited, deny)),
-    }
-}
-
-/// What [`exchange`] hands back: the response head, the caps, the request-body signal and
-/// the connection.
-type Exchanged = (
-    Response<Incoming>,
-    forward::Caps,
-    tokio::sync::oneshot::Receiver<()>,
-    Lease,
-);
-
-async fn exchange(
-    req: Request<Incoming>,
-    plan: Plan,
+/// A pooled connection the server closed while idle: hyper gives back a request it never
+/// wrote, which is sent once more on a new connection. Anything else is the exchange's error.
+async fn retry(
+    mut e: hyper::client::conn::TrySendError<Request<UpBody>>,
+    lease: Lease,
     meter: &Arc<Meter>,
+    caps: forward::Caps,
     snap: &Snapshot,
     inner: &Inner,
-) -> Result<Exchanged, Deny> {
-    let caps = forward::Caps {
-        request: Cap {
-            max: plan.limits.max_request_body_bytes,
-            enforce: plan.enforce,
-            reason: Reason::BodyTooLarge,
-        },
-        response: Cap {
-            max: plan.limits.max_response_body_bytes,
-            enforce: plan.enforce,
-            reason: Reason::ResponseCap,
-        },
+) -> Result<(Response<Incoming>, Lease), Deny> {
+    let again = if lease.pooled && meter.cut_reason().is_none() {
+        e.take_message()
+    } else {
+        None
     };
-    let (mut parts, body) = req.into_parts();
-    let is_head = parts.method == Method::HEAD;
-    parts.uri = forward::origin_form(&parts.uri)?;
-    parts.version = Version::HTTP_11;
-    forward::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(HOST, inner.authority.clone());
-    for (name, value) in plan.inject {
-        // `insert` replaces every value the agent sent under the name.
-        parts.headers.insert(name, value);
-    }
-    let mut lease = acquire(inner, snap).await?;
-    let up = MeteredBody::new(body, meter.clone(), Direction::Up).with_cap(caps.request);
-    let (body, request_done) = UpBody::new(Either::Left(up));
-    let sent = lease
+    let Some(req) = again else {
+        return Err(forward::exchange_error(meter, caps, e.error()));
+    };
+    let mut lease = fresh(inner, snap).await?;
+    let resp = lease
         .conn
         .sender
-        .try_send_request(Request::from_parts(parts, body))
-        .await;
-    let mut resp = match sent {
-        Ok(resp) => resp,
-        Err(mut e) => {
-            // A pooled connection the server closed while idle: hyper gives back a request it
-            // never wrote, which is sent once more on a new connection.
-            let again = if lease.pooled && meter.cut_reason().is_none() {
-                e.take_message()
-            } else {
-                None
-            };
-            let Some(req) = again else {
-                return Err(forward::exchange_error(meter, caps, e.error()));
-            };
-            lease = fresh(inner, snap).await?;
-            lease
-                .conn
-                .sender
-                .send_request(req)
-                .await
-                .map_err(|e| forward::exchange_error(meter, caps, &e))?
-        }
-    };
-    forward::check_response(&mut resp, is_head, caps, meter, &mut lease)?;
-    Ok((resp, caps, request_done, lease))
+        .send_request(req)
+        .await
+        .map_err(|e| forward::exchange_error(meter, caps, &e))?;
+    Ok((resp, lease))
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): `Connection: upgrade` and `Upgrade:
@@ -564,18 +590,6 @@ async fn upgrade(
     });
     *inner.upgraded.lock() = Some(relay);
     Ok(answer)
-}
-
-/// An idle pooled connection for this agent, host and address, else a new one.
-async fn acquire(inner: &Inner, snap: &Snapshot) -> Result<Lease, Deny> {
-    let pool = &inner.shared.intercept_pool;
-    match pool
-        .checkout_ready(&inner.agent, &inner.target, &[inner.peer])
-        .await
-    {
-        Some(lease) => Ok(lease),
-        None => fresh(inner, snap).await,
-    }
 }
 
 /// A new verified TLS connection to the vetted address: on the tunnel's dialled socket the
@@ -718,5 +732,73 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut req = Request::builder().uri(uri);
+        for h in hosts {
+            req = req.header(HOST, *h);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_host_header_must_name_the_intercepted_host() {
+        let t443 = target::parse_authority("api.example.com", Some(443)).unwrap();
+        let a443 = HeaderValue::from_static("api.example.com");
+        let t8443 = target::parse_authority("api.example.com:8443", None).unwrap();
+        let a8443 = HeaderValue::from_static("api.example.com:8443");
+        for (target, authority, uri, hosts, ok) in [
+            (&t443, &a443, "/v1", &["api.example.com"][..], true),
+            (&t443, &a443, "/v1", &["API.Example.COM"], true),
+            (&t443, &a443, "/v1", &["api.example.com:443"], true),
+            (&t443, &a443, "/v1", &["api.example.com."], true),
+            (&t443, &a443, "/v1", &[], true),
+            (
+                &t443,
+                &a443,
+                "https://api.example.com/v1",
+                &["api.example.com"],
+                true,
+            ),
+            (&t443, &a443, "/v1", &["other.example.com"], false),
+            (&t443, &a443, "/v1", &["api.example.com:444"], false),
+            (
+                &t443,
+                &a443,
+                "/v1",
+                &["api.example.com", "api.example.com"],
+                false,
+            ),
+            (
+                &t443,
+                &a443,
+                "/v1",
+                &["api.example.com", "other.example.com"],
+                false,
+            ),
+            (
+                &t443,
+                &a443,
+                "https://other.example.com/v1",
+                &["api.example.com"],
+                false,
+            ),
+            (&t8443, &a8443, "/v1", &["api.example.com:8443"], true),
+            // Without a port the header means the session's own port.
+            (&t8443, &a8443, "/v1", &["api.example.com"], true),
+            (&t8443, &a8443, "/v1", &["api.example.com:443"], false),
+        ] {
+            let got = check_host(&request(uri, hosts), target, authority);
+            assert_eq!(got.is_ok(), ok, "{target} {uri} {hosts:?}: {got:?}");
+            if let Err(deny) = got {
+                assert_eq!(deny.reason, Reason::HostMismatch);
+            }
+        }
     }
 }
