@@ -368,11 +368,82 @@ async fn intercepted(
                 ),
                 cpu <= 2.0 * tunnel_cpu,
             );
+            let profiled = s.perf_dir.is_some() || s.callgrind_dir.is_some();
+            if s.rounds > 1 && !profiled {
+                intercept_rounds(s, &proxy, origin.addr.port(), &load, report).await;
+            }
         }
     }
     let audit = proxy.stop().await;
     report.notes.push(audit.note("i/j"));
     Ok(())
+}
+
+/// i's check in `LOAD_ROUNDS` alternating rounds. Each round measures, back to back through the
+/// same proxy process, the proxy CPU per request of b's load (plain GETs in plain tunnels), of
+/// TLS GETs in plain tunnels and of GETs in intercepted connections, in reverse order every
+/// other round. The machine's background load moves by more than the margin the check is about
+/// within a minute: each round's ratios are taken within seconds of each other, and the checks
+/// are their medians, against b (the issue's words) and against the TLS tunnel.
+async fn intercept_rounds(
+    s: &Settings,
+    proxy: &Proxy,
+    plain_port: u16,
+    load: &InterceptLoad,
+    report: &mut Report,
+) {
+    let b = via_script('b', plain_port);
+    let windows = [
+        (&b, "i-round-b"),
+        (&load.tunnel, "i-round-tunnel"),
+        (&load.intercepted, "i-round"),
+    ];
+    let mut vs_b = Vec::with_capacity(s.rounds);
+    let mut vs_tunnel = Vec::with_capacity(s.rounds);
+    let mut each = Vec::with_capacity(s.rounds);
+    for round in 0..s.rounds {
+        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let mut cpu = [f64::NAN; 3];
+        for k in order {
+            let (script, name) = windows[k];
+            let window = closed_loop(proxy.addr, script, s, Some(proxy), name).await;
+            cpu[k] = window.cpu_per_op().unwrap_or(f64::NAN);
+        }
+        vs_b.push(cpu[2] / cpu[0]);
+        vs_tunnel.push(cpu[2] / cpu[1]);
+        each.push(format!("{:.1}/{:.1}/{:.1}", cpu[0], cpu[1], cpu[2]));
+    }
+    let (vs_b, vs_tunnel) = (median(vs_b), median(vs_tunnel));
+    let rounds = s.rounds;
+    report.notes.push(format!(
+        "i in {rounds} alternating rounds, proxy CPU/req of b / TLS GETs in a plain tunnel / \
+         intercepted GETs: {} µs",
+        each.join(", ")
+    ));
+    report.check(
+        &format!("i (#15): ≤ 2× CPU/req of b, median of {rounds} rounds"),
+        format!("{vs_b:.2}×"),
+        vs_b <= 2.0,
+    );
+    report.check(
+        &format!("i (#15): ≤ 2× CPU/req of TLS GETs in a plain tunnel, median of {rounds} rounds"),
+        format!("{vs_tunnel:.2}×"),
+        vs_tunnel <= 2.0,
+    );
+}
+
+/// The median of `v` (the mean of the middle two for an even count); NaN if any is NaN.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() || v.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
 }
 
 /// e. Proxy memory per idle tunnel.
@@ -389,4 +460,17 @@ async fn idle_tunnels(s: &Settings, origin: &Origin, report: &mut Report) -> Res
         per <= 10.0,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts_and_nan() {
+        assert_eq!(median(vec![2.1, 1.7, 1.9]), 1.9);
+        assert_eq!(median(vec![2.0, 1.0, 4.0, 3.0]), 2.5);
+        assert!(median(vec![1.0, f64::NAN, 3.0]).is_nan());
+        assert!(median(Vec::new()).is_nan());
+    }
 }

@@ -19,6 +19,8 @@ pub(crate) struct Settings {
     pub(crate) idle_tunnels: usize,
     /// The scenario letters to run (`LOAD_SCENARIOS`).
     pub(crate) scenarios: String,
+    /// Alternating rounds of scenario i's #15 check (`LOAD_ROUNDS`, at least 1).
+    pub(crate) rounds: usize,
     /// `LOAD_PERF_DIR`: record a `perf` profile of the proxy per measured window there.
     pub(crate) perf_dir: Option<PathBuf>,
     /// `LOAD_CALLGRIND_DIR`: run the proxy under callgrind, its output there.
@@ -48,6 +50,7 @@ impl Settings {
         let secs = env_number("LOAD_SECS", 5.0)?.max(0.1);
         let warm = env_number("LOAD_WARM_SECS", 1.0)?;
         let wanted = env_number("LOAD_IDLE_TUNNELS", 9000.0)? as usize;
+        let rounds = (env_number("LOAD_ROUNDS", 1.0)? as usize).max(1);
         // Each idle tunnel costs two descriptors here (client side, origin side) and two in the
         // proxy, which inherits this process's limit.
         let fit = usize::try_from(nofile.saturating_sub(SPARE_FDS) / 2).unwrap_or(usize::MAX);
@@ -66,6 +69,7 @@ impl Settings {
             warm: Duration::from_secs_f64(warm),
             idle_tunnels,
             scenarios: std::env::var("LOAD_SCENARIOS").unwrap_or_else(|_| "abcde".into()),
+            rounds,
             perf_dir: std::env::var_os("LOAD_PERF_DIR").map(PathBuf::from),
             callgrind_dir: std::env::var_os("LOAD_CALLGRIND_DIR").map(PathBuf::from),
             json: json_path(),
