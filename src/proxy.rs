@@ -584,18 +584,13 @@ async fn handle(
                     response,
                     request_done,
                     lease,
-                }) => {
-                    audited.ctx_mut().outcome.answered(response.status());
-                    Ok(response.map(|body| {
-                        Either::Right(ForwardBody::new(
-                            body,
-                            audited,
-                            caps.response,
-                            request_done,
-                            lease,
-                        ))
-                    }))
-                }
+                }) => Ok(ForwardBody::respond(
+                    response,
+                    audited,
+                    caps.response,
+                    request_done,
+                    lease,
+                )),
                 Err(deny) => Ok(refuse(audited, &deny, &uri).await),
             }
         }

@@ -510,6 +510,20 @@ fn finish_at_end(
 // === impl ForwardBody ===
 
 impl ForwardBody {
+    /// `response` on its way to the client: its status recorded for the audit line, its body
+    /// wrapped as [`ForwardBody::new`] does.
+    pub fn respond(
+        response: Response<Incoming>,
+        mut audited: Audited,
+        cap: Cap,
+        request_done: oneshot::Receiver<()>,
+        lease: Lease,
+    ) -> Response<super::ProxyBody> {
+        audited.ctx_mut().outcome.answered(response.status());
+        response
+            .map(|body| Either::Right(ForwardBody::new(body, audited, cap, request_done, lease)))
+    }
+
     /// Wrap `body`, counting into the request's meter against `cap`; `audited` is finished when
     /// it ends, and `lease` goes back to the pool if the exchange ended cleanly.
     pub fn new(

@@ -241,16 +241,13 @@ async fn handle(
         if let Err(deny) = forward::check_response(&mut resp, is_head, caps, &meter, &mut lease) {
             break 'refused deny;
         }
-        audited.ctx_mut().outcome.answered(resp.status());
-        return Ok(resp.map(|body| {
-            Either::Right(ForwardBody::new(
-                body,
-                audited,
-                caps.response,
-                request_done,
-                lease,
-            ))
-        }));
+        return Ok(ForwardBody::respond(
+            resp,
+            audited,
+            caps.response,
+            request_done,
+            lease,
+        ));
     };
     Ok(Box::pin(super::refuse(audited, &deny, &uri)).await)
 }
@@ -564,9 +561,7 @@ async fn upgrade(
                 activity: Arc::new(Meter::default()),
             },
         );
-        return Ok(
-            resp.map(|b| Either::Right(ForwardBody::new(b, audited, cap, never_sent, lease)))
-        );
+        return Ok(ForwardBody::respond(resp, audited, cap, never_sent, lease));
     }
     let upstream = hyper::upgrade::on(&mut resp);
     let mut answer = Response::new(Either::Left(http_body_util::Full::new(Bytes::new())));
