@@ -566,18 +566,7 @@ async fn handle(
                     return Ok(refuse(audited, &deny, &uri).await);
                 }
             }
-            let caps = forward::Caps {
-                request: Cap {
-                    max: admitted.limits.max_request_body_bytes,
-                    enforce,
-                    reason: Reason::BodyTooLarge,
-                },
-                response: Cap {
-                    max: admitted.limits.max_response_body_bytes,
-                    enforce,
-                    reason: Reason::ResponseCap,
-                },
-            };
+            let caps = forward::Caps::new(&admitted.limits, enforce);
             let sent = forward::send(req, &route, audited.ctx_mut(), caps, &shared).await;
             match sent {
                 Ok(forward::Sent {

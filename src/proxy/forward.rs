@@ -85,6 +85,24 @@ pub struct Caps {
     pub response: Cap,
 }
 
+impl Caps {
+    /// The agent's body caps; `enforce` false (report mode) records a cap passed, cuts nothing.
+    pub fn new(limits: &crate::limits::Limits, enforce: bool) -> Caps {
+        Caps {
+            request: Cap {
+                max: limits.max_request_body_bytes,
+                enforce,
+                reason: Reason::BodyTooLarge,
+            },
+            response: Cap {
+                max: limits.max_response_body_bytes,
+                enforce,
+                reason: Reason::ResponseCap,
+            },
+        }
+    }
+}
+
 /// Send the request to one of `route`'s vetted addresses, on an idle pooled connection for this
 /// agent, target and address if there is one, else on a new one; returns the response head with
 /// its streaming body. Records the address used in `ctx.upstream`.

@@ -202,7 +202,7 @@ async fn handle(
     }
     let meter = audited.ctx().meter.clone();
     let deny = 'refused: {
-        let caps = caps(&plan);
+        let caps = forward::Caps::new(&plan.limits, plan.enforce);
         let (parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
         let parts = match outgoing(parts, plan, &inner) {
@@ -250,22 +250,6 @@ async fn handle(
         ));
     };
     Ok(Box::pin(super::refuse(audited, &deny, &uri)).await)
-}
-
-/// The request and response body caps of `plan`.
-fn caps(plan: &Plan) -> forward::Caps {
-    forward::Caps {
-        request: Cap {
-            max: plan.limits.max_request_body_bytes,
-            enforce: plan.enforce,
-            reason: Reason::BodyTooLarge,
-        },
-        response: Cap {
-            max: plan.limits.max_response_body_bytes,
-            enforce: plan.enforce,
-            reason: Reason::ResponseCap,
-        },
-    }
 }
 
 /// The head that goes upstream: origin-form target, HTTP/1.1, no hop-by-hop headers, the
@@ -545,12 +529,7 @@ async fn upgrade(
         // Refused upstream: pass the answer on, as for any request.
         forward::strip_hop_by_hop(resp.headers_mut());
         *resp.version_mut() = Version::HTTP_11;
-        let limit = plan.limits.max_response_body_bytes;
-        let cap = Cap {
-            max: limit,
-            enforce: plan.enforce,
-            reason: Reason::ResponseCap,
-        };
+        let cap = forward::Caps::new(&plan.limits, plan.enforce).response;
         let (_, never_sent) = UpBody::new(Either::Right(http_body_util::Empty::new()));
         let key = Key::new(inner.agent.clone(), inner.target.clone(), inner.peer);
         let lease = Lease::fresh(
